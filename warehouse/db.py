@@ -1,0 +1,117 @@
+"""Connection and write helpers for the DuckDB/Parquet warehouse (DESIGN.md section 3).
+
+Small tables live inside `warehouse.duckdb` (transactional). Large, append-mostly tables live as Parquet
+parts under `data/<table>/...` and are exposed as views, so plain `duckdb warehouse.duckdb` sees them.
+Parquet parts are written atomically (temp file, then rename): a killed writer leaves no half part.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+# Parquet-backed tables: name -> arrow schema. Parts live under <home>/data/<name>/**/*.parquet.
+PARQUET_TABLES: dict[str, pa.Schema] = {
+    "mined_boxes": pa.schema([
+        ("run_id", pa.string()), ("model_id", pa.string()), ("image_id", pa.string()),
+        ("finding", pa.string()), ("rank", pa.int8()),
+        ("x", pa.float32()), ("y", pa.float32()), ("w", pa.float32()), ("h", pa.float32()),
+        ("score", pa.float32()), ("prob", pa.float32()), ("threshold", pa.float32()),
+    ]),
+}
+
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER",
+               pa.int64(): "BIGINT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
+
+
+def schema_sql() -> str:
+    return resources.files("warehouse").joinpath("schema.sql").read_text()
+
+
+def _parquet_view_sql(name: str, data_dir: Path) -> str:
+    part_dir = data_dir / name
+    schema = PARQUET_TABLES[name]
+    if any(part_dir.rglob("*.parquet")):
+        glob = (part_dir / "**" / "*.parquet").as_posix().replace("'", "''")
+        return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+    cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in schema)
+    return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
+
+
+def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path) -> None:
+    """(Re)point the Parquet views at the parts on disk; called after a writer adds parts."""
+    for name in PARQUET_TABLES:
+        con.execute(_parquet_view_sql(name, data_dir))
+
+
+def connect(home, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse of a :class:`pipeline.home.Home` (or its root path).
+
+    Writable connections apply the schema and refresh the Parquet views; read-only ones do neither.
+    """
+    root = Path(getattr(home, "root", home))
+    db = root / "warehouse.duckdb"
+    if read_only:
+        if not db.exists():
+            raise FileNotFoundError(f"no warehouse at {db}; run `harvest ingest ...` or `harvest demo` first")
+        return duckdb.connect(str(db), read_only=True)
+    root.mkdir(parents=True, exist_ok=True)
+    con = _connect_retry(db)
+    con.execute(schema_sql())
+    if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
+        con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
+    refresh_views(con, root / "data")
+    return con
+
+
+def _connect_retry(db: Path, attempts: int = 50) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writing process; wait briefly for another writer to finish."""
+    for i in range(attempts):
+        try:
+            return duckdb.connect(str(db))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection):
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    else:
+        con.execute("COMMIT")
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` to `path` so that readers see either no file or the whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # not *.parquet: views skip it
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def add_reject(con: duckdb.DuckDBPyConnection, stage: str, source: str, path: str | None,
+               reason: str, detail: str) -> None:
+    con.execute("INSERT INTO rejects VALUES (?, ?, ?, ?, ?, now())", [stage, source, path, reason, detail])

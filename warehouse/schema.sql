@@ -1,0 +1,87 @@
+-- cxr-harvest warehouse schema, version 1. Applied by warehouse.db.connect(); readable with plain duckdb.
+-- Coordinates: x, y, w, h in pixels, top-left origin, in the frame of the original image (images.width/height).
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL);
+
+CREATE TABLE IF NOT EXISTS images (
+    image_id      VARCHAR PRIMARY KEY,   -- NIH file name, or a pseudonymous id for DICOM
+    patient_id    VARCHAR NOT NULL,      -- NIH patient id, or a pseudonym for DICOM
+    follow_up     INTEGER,
+    age           INTEGER,
+    sex           VARCHAR,               -- 'M' | 'F' | NULL
+    view          VARCHAR,               -- 'PA' | 'AP' | ...
+    width         INTEGER NOT NULL,      -- of the original image
+    height        INTEGER NOT NULL,
+    spacing_x     DOUBLE,                -- mm per pixel
+    spacing_y     DOUBLE,
+    split         VARCHAR NOT NULL,      -- 'train' | 'val' | 'test'
+    source        VARCHAR NOT NULL,      -- 'nih' | 'dicom' | 'phantom'
+    source_sha256 VARCHAR,               -- NULL when ingested with --metadata-only
+    ingested_at   TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS labels (
+    image_id VARCHAR NOT NULL,
+    finding  VARCHAR NOT NULL,           -- one of the 14 findings; 'No Finding' is the absence of rows
+    PRIMARY KEY (image_id, finding)
+);
+
+CREATE TABLE IF NOT EXISTS gt_boxes (
+    image_id VARCHAR NOT NULL,
+    finding  VARCHAR NOT NULL,
+    x DOUBLE NOT NULL, y DOUBLE NOT NULL, w DOUBLE NOT NULL, h DOUBLE NOT NULL,
+    source   VARCHAR NOT NULL            -- 'nih' | 'phantom' | 'export'
+);
+
+-- Decode-once image cache: one row per (source file content, input size).
+CREATE TABLE IF NOT EXISTS cache_entries (
+    source_sha256 VARCHAR NOT NULL,
+    size          INTEGER NOT NULL,      -- square side of the cached image
+    shard         INTEGER NOT NULL,
+    row           INTEGER NOT NULL,
+    PRIMARY KEY (source_sha256, size)
+);
+
+CREATE TABLE IF NOT EXISTS models (
+    model_id          VARCHAR PRIMARY KEY,
+    parent_id         VARCHAR,
+    stage             VARCHAR NOT NULL,
+    arch              VARCHAR NOT NULL,
+    neck              VARCHAR NOT NULL,
+    config            JSON,
+    checkpoint        VARCHAR NOT NULL,  -- path relative to the home folder
+    checkpoint_sha256 VARCHAR NOT NULL,
+    metrics           JSON,
+    created_at        TIMESTAMP NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       VARCHAR PRIMARY KEY,
+    flow         VARCHAR NOT NULL,
+    params       JSON,
+    model_id     VARCHAR,
+    code_version VARCHAR,
+    started_at   TIMESTAMP NOT NULL,
+    finished_at  TIMESTAMP,
+    status       VARCHAR NOT NULL        -- 'running' | 'completed' | 'failed'
+);
+
+CREATE TABLE IF NOT EXISTS eval_results (
+    run_id    VARCHAR NOT NULL,
+    protocol  VARCHAR NOT NULL,          -- e.g. 'bounded/iou', 'all/iobb'; tuned on evaluation boxes -> contains 'oracle'
+    metric    VARCHAR NOT NULL,          -- 'acc', 'maxboxacc', ...
+    finding   VARCHAR NOT NULL,
+    t         DOUBLE NOT NULL,
+    acc       DOUBLE,
+    afp       DOUBLE,
+    n_gt      INTEGER,
+    n_images  INTEGER
+);
+
+CREATE TABLE IF NOT EXISTS rejects (
+    stage  VARCHAR NOT NULL,             -- 'ingest.nih', 'ingest.dicom', 'cache', ...
+    source VARCHAR NOT NULL,             -- dataset root or file it came from
+    path   VARCHAR,                      -- offending file or CSV row, relative to the source
+    reason VARCHAR NOT NULL,             -- short machine-groupable cause
+    detail VARCHAR,                      -- human sentence naming the cause and the fix
+    at     TIMESTAMP NOT NULL
+);
