@@ -58,12 +58,12 @@ def connect(home, read_only: bool = False) -> duckdb.DuckDBPyConnection:
 
     Writable connections apply the schema and refresh the Parquet views; read-only ones do neither.
     """
-    root = Path(getattr(home, "root", home))
+    root = Path(home.root if hasattr(home, "warehouse") else home)  # a pipeline.home.Home, or its root path
     db = root / "warehouse.duckdb"
     if read_only:
         if not db.exists():
             raise FileNotFoundError(f"no warehouse at {db}; run `harvest ingest ...` or `harvest demo` first")
-        return duckdb.connect(str(db), read_only=True)
+        return _connect_retry(db, read_only=True)
     root.mkdir(parents=True, exist_ok=True)
     con = _connect_retry(db)
     con.execute(schema_sql())
@@ -73,11 +73,11 @@ def connect(home, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _connect_retry(db: Path, attempts: int = 50) -> duckdb.DuckDBPyConnection:
+def _connect_retry(db: Path, read_only: bool = False, attempts: int = 100) -> duckdb.DuckDBPyConnection:
     """DuckDB allows one writing process; wait briefly for another writer to finish."""
     for i in range(attempts):
         try:
-            return duckdb.connect(str(db))
+            return duckdb.connect(str(db), read_only=read_only)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or i == attempts - 1:
                 raise

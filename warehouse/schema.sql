@@ -83,5 +83,5 @@ CREATE TABLE IF NOT EXISTS rejects (
     path   VARCHAR,                      -- offending file or CSV row, relative to the source
     reason VARCHAR NOT NULL,             -- short machine-groupable cause
     detail VARCHAR,                      -- human sentence naming the cause and the fix
-    at     TIMESTAMP NOT NULL
+    "at"   TIMESTAMP NOT NULL
 );

@@ -1,0 +1,218 @@
+"""Shared ingestion machinery: decode in worker processes, write cache shards, commit rows per chunk.
+
+Each chunk is committed in one transaction after its cache shards exist, so killing ingestion at any point
+and re-running it loses nothing and duplicates nothing: finished files are recognised by their sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import cache
+from pipeline.rejects import Reject
+from warehouse import db
+
+CHUNK = 256  # images per transaction and per cache shard
+
+IMAGE_COLUMNS = ["image_id", "patient_id", "follow_up", "age", "sex", "view", "width", "height",
+                 "spacing_x", "spacing_y", "split", "source", "source_sha256", "ingested_at"]
+
+
+@dataclass
+class Item:
+    """One file to ingest. `row` holds the `images` columns known before decoding."""
+    path: str                       # absolute path of the source file
+    rel: str                        # path relative to the dataset root, used in rejects
+    row: dict = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Decoded:
+    item: Item
+    sha256: str | None = None
+    pixels: dict[int, np.ndarray] | None = None   # size -> uint8 [S,S]; None when already cached
+    meta: dict = field(default_factory=dict)      # columns learnt from the file (width, height, ids, ...)
+    reject: Reject | None = None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG/other raster bytes -> uint8 gray `[H, W]`.
+
+    Conversion rules (documented in the README): 8-bit gray is taken as is; RGB/RGBA/palette images are
+    converted to gray with ITU-R 601-2 luma (alpha dropped: real NIH has a few RGBA files); 16-bit and 32-bit
+    gray are min-max stretched to 8 bits; bilevel (mode '1') and other modes are rejected.
+    """
+    if not data:
+        raise Reject("empty_file", "the file has zero bytes; re-copy it from the source archive")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {exc}); "
+                                         "the file is truncated or not an image") from None
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in ("RGB", "RGBA", "P", "LA", "PA"):
+        return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            raise Reject("constant_image", f"{img.mode} image has a single value {lo}; nothing to see")
+        return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    raise Reject("bad_mode", f"unsupported image mode {img.mode!r}; expected 8-bit gray, RGB(A) or 16-bit gray")
+
+
+def _decode_item(args) -> Decoded:
+    item, sizes, cached, decoder = args
+    out = Decoded(item)
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read()
+        out.sha256 = sha256_bytes(data) if data else None
+        if out.sha256 in cached:          # decoded before: reuse the stored frame, skip the decode
+            out.meta = dict(zip(("width", "height"), cached[out.sha256]))
+            return out
+        pixels, out.meta = decoder(data)
+        if pixels.ndim != 2 or min(pixels.shape) < 16:
+            raise Reject("bad_shape", f"image shape {pixels.shape} is not a 2-D image of at least 16x16")
+        out.meta.setdefault("height", pixels.shape[0])
+        out.meta.setdefault("width", pixels.shape[1])
+        out.pixels = {s: cache.resize(pixels, s) for s in sizes}
+    except Reject as rej:
+        out.reject = rej
+    except FileNotFoundError:
+        out.reject = Reject("missing_image", "the file listed in the metadata does not exist under the dataset root")
+    return out
+
+
+def decode_all(items: list[Item], sizes, cached: dict, decoder: Callable, workers: int | None) -> Iterator[Decoded]:
+    """Decode in worker processes (spawned: safe beside Prefect's and torch's threads), in input order."""
+    jobs = ((it, tuple(sizes), cached, decoder) for it in items)
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(items) < 64:
+        yield from map(_decode_item, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        yield from pool.map(_decode_item, jobs, chunksize=16)
+
+
+def cached_shas(con, sizes) -> dict:
+    """sha256 -> (width, height) of sources already ingested and cached at every requested size."""
+    rows = con.execute("""
+        SELECT c.source_sha256, any_value(i.width), any_value(i.height)
+        FROM cache_entries c JOIN images i USING (source_sha256)
+        WHERE c.size IN (SELECT unnest(?)) GROUP BY 1 HAVING count(DISTINCT c.size) = ?""",
+                       [list(sizes), len(sizes)]).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def next_shard(con, home) -> int:
+    used = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM cache_entries").fetchone()[0]
+    on_disk = [int(p.stem.split("-")[1]) + 1 for p in Path(home.cache).glob("size=*/shard-*.u8")]
+    return max([used, *on_disk])
+
+
+def reject_rows(con, stage: str, source: str, rejects: Iterable[tuple[str, Reject]]) -> int:
+    """Insert rejects not already recorded for (stage, source, path, reason): re-runs add no duplicates."""
+    df = pd.DataFrame([(stage, source, p, r.reason, r.detail) for p, r in rejects],
+                      columns=["stage", "source", "path", "reason", "detail"])
+    if df.empty:
+        return 0
+    con.register("_rej", df)
+    con.execute("""INSERT INTO rejects SELECT r.*, now() FROM _rej r WHERE NOT EXISTS (
+        SELECT 1 FROM rejects o WHERE o.stage = r.stage AND o.source = r.source
+          AND o.path IS NOT DISTINCT FROM r.path AND o.reason = r.reason)""")
+    con.unregister("_rej")
+    return len(df)
+
+
+def clear_rejects(con, stage: str, source: str, paths: list[str]) -> None:
+    """A file that now ingests cleanly drops its old rejects."""
+    if paths:
+        con.execute("DELETE FROM rejects WHERE stage = ? AND source = ? AND path IN (SELECT unnest(?))",
+                    [stage, source, paths])
+
+
+def upsert_images(con, rows: list[dict], labels: dict[str, list[str]]) -> None:
+    """Insert or replace `images` rows and replace their `labels`."""
+    if not rows:
+        return
+    df = pd.DataFrame(rows).reindex(columns=IMAGE_COLUMNS)
+    df["ingested_at"] = pd.Timestamp.now()
+    con.register("_img", df)
+    con.execute(f"INSERT OR REPLACE INTO images SELECT {', '.join(IMAGE_COLUMNS)} FROM _img")
+    con.unregister("_img")
+    con.execute("DELETE FROM labels WHERE image_id IN (SELECT unnest(?))", [[r["image_id"] for r in rows]])
+    lab = pd.DataFrame([(iid, f) for iid, fs in labels.items() for f in fs], columns=["image_id", "finding"])
+    if not lab.empty:
+        con.register("_lab", lab)
+        con.execute("INSERT INTO labels SELECT image_id, finding FROM _lab")
+        con.unregister("_lab")
+
+
+def ingest_images(con, home, items: list[Item], sizes, stage: str, source: str,
+                  decoder: Callable, workers: int | None = None, desc: str = "ingest") -> dict:
+    """Decode `items`, cache them at `sizes` and commit `images`/`labels`/`cache_entries`, chunk by chunk."""
+    counts = {"images": 0, "decoded": 0, "skipped_cached": 0, "rejects": 0}
+    cached = cached_shas(con, sizes)
+    shard = next_shard(con, home)
+    chunk: list[Decoded] = []
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=len(items) < 64)
+
+    def commit(chunk: list[Decoded]) -> None:
+        nonlocal shard
+        fresh = [d for d in chunk if d.reject is None and d.pixels is not None]
+        for size in sizes:
+            if fresh:
+                cache.write_shard(home.cache, size, shard, np.stack([d.pixels[size] for d in fresh]))
+        ok = [d for d in chunk if d.reject is None]
+        rows, labels = [], {}
+        for d in ok:
+            row = {**d.item.row, **{k: v for k, v in d.meta.items() if k in IMAGE_COLUMNS}, "source_sha256": d.sha256}
+            if not row.get("image_id"):   # a DICOM whose content is already ingested: nothing new
+                continue
+            rows.append(row)
+            labels[row["image_id"]] = d.item.labels
+        with db.transaction(con):
+            upsert_images(con, rows, labels)
+            if fresh:
+                entries = pd.DataFrame([(d.sha256, s, shard, k) for s in sizes for k, d in enumerate(fresh)],
+                                       columns=["source_sha256", "size", "shard", "row"])
+                con.register("_ce", entries)
+                con.execute("INSERT OR REPLACE INTO cache_entries SELECT * FROM _ce")
+                con.unregister("_ce")
+            clear_rejects(con, stage, source, [d.item.rel for d in ok])
+            counts["rejects"] += reject_rows(con, stage, source, [(d.item.rel, d.reject) for d in chunk if d.reject])
+        if fresh:
+            shard += 1
+        counts["images"] += len(rows)
+        counts["decoded"] += len(fresh)
+        counts["skipped_cached"] += len(ok) - len(fresh)
+
+    for d in decode_all(items, sizes, cached, decoder, workers):
+        chunk.append(d)
+        bar.update(1)
+        if len(chunk) >= CHUNK:
+            commit(chunk)
+            chunk = []
+    if chunk:
+        commit(chunk)
+    bar.close()
+    return counts
