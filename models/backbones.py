@@ -38,7 +38,6 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
         self.channels = {"layer3": _out_channels(self.layer3), "layer4": _out_channels(self.layer4)}
-        self.strides = {"layer3": 16, "layer4": 32}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

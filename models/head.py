@@ -33,7 +33,8 @@ class ClassWiseHead(nn.Linear):
         if masks.shape[1] != self.out_features or masks.shape[-2:] != X.shape[-2:]:
             raise ValueError(f"masks must be [B,{self.out_features},{X.shape[-2]},{X.shape[-1]}], "
                              f"got {list(masks.shape)}")
-        erased = self.cam(X) * masks.to(X.dtype)
+        cams = self.cam(X)
+        erased = cams * masks.to(cams.dtype)
         return erased.mean(dim=(2, 3)) + self.bias.to(erased.dtype)
 
 

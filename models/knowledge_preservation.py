@@ -28,8 +28,7 @@ KP_LAYERS: tuple[str, ...] = ("layer3", "layer4", "msa", "logits")
 
 def gap_features(t: torch.Tensor) -> torch.Tensor:
     """g(.): GAP over h x w for [N,D,h,w] maps, identity for [N,C] logits; computed in float32."""
-    t = t.float()
-    return t.mean(dim=(2, 3)) if t.dim() == 4 else t
+    return t.mean(dim=(2, 3), dtype=torch.float32) if t.dim() == 4 else t.float()
 
 
 def kp_loss(feats_a: dict[str, torch.Tensor], feats_b: dict[str, torch.Tensor],

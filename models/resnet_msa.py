@@ -44,7 +44,14 @@ class ResNetMSA(nn.Module):
         """X -> logits [B,C]; masks [B,C,h,w] (1 keep, 0 erased) apply eq. 1 per class."""
         return self.head(X, masks, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, intermediates: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits [B,C]; intermediates=True returns `forward_intermediates(x)` instead.
+
+        The switch exists for DistributedDataParallel, which syncs gradients only for work started in
+        `forward`: call `ddp(x, intermediates=True)`, then `ddp.module.forward_head(X[:n], masks)` for AM.
+        """
+        if intermediates:
+            return self.forward_intermediates(x)
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

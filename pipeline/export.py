@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.home import Home
+from pipeline.runs import code_version
 from pipeline.vocab import FINDINGS, INDEX, normalize_finding
 from warehouse.db import connect
 
@@ -60,7 +60,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    home = Home.resolve(home)
+    home = home if isinstance(home, Home) else Home.resolve(home)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_replaceable(out_dir)
     filters = {"min_score": None if min_score is None else float(min_score),
@@ -93,15 +93,15 @@ def _read_run(home: Home, run_id: str, filters: dict) -> tuple[list[dict], list[
         run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
                         "FROM runs WHERE run_id = ?", run_id)
         if run is None:
-            raise LookupError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
+            raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
                               "list runs with `SELECT * FROM runs` and pass one that mined boxes")
         images = _dicts(con.execute(_IMAGES_SQL, {"run_id": run_id}))
         if not images:
-            raise LookupError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
+            raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
                               "run `harvest mine` first or pass a mining run")
         missing = [im["image_id"] for im in images if im["width"] is None]
         if missing:
-            raise LookupError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
+            raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
                               "re-ingest them so their frame (width, height) is known")
         boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **filters}))
         model_ids = [r[0] for r in con.execute(
@@ -203,22 +203,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def code_version() -> str:
-    """`git describe` of the checkout this code runs from, else the installed package version."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return f"cxr-harvest {version('cxr-harvest')}"
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -1,0 +1,170 @@
+"""Shared runtime of the flows: one Prefect API server and a Dask cluster sized to the machine.
+
+Why one real server: without `PREFECT_API_URL` every Python process that runs a Prefect task starts an
+ephemeral server of its own, so each Dask worker process would start one. Distributed runs therefore point
+the flow process and every worker at ONE `prefect server start` on loopback (DESIGN.md section 4).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Offline and quiet: no analytics, no telemetry. Applied to this process and to every child it starts.
+OFFLINE_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class PrefectServer:
+    """A `prefect server start` subprocess on loopback; `api_url` is what PREFECT_API_URL must hold."""
+    api_url: str
+    prefect_home: Path
+    process: subprocess.Popen
+    log: Path
+    _own_home: bool = field(default=False, repr=False)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for any process (flow, Dask worker) that should report to this server."""
+        return {**OFFLINE_ENV, "PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.prefect_home)}
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()   # uvicorn shuts down on SIGTERM
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._own_home:
+            shutil.rmtree(self.prefect_home, ignore_errors=True)
+
+
+def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
+                         port: int | None = None, timeout: float = 180) -> PrefectServer:
+    """Start `prefect server start` (API only, no UI, no schedulers) and wait for `/api/health`.
+
+    `prefect_home` (default: a fresh temp folder, removed by `stop()`) holds the server's SQLite database.
+    """
+    own = prefect_home is None
+    home = Path(prefect_home or tempfile.mkdtemp(prefix="harvest-prefect-"))
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)   # the server must not talk to another server
+    log = home / "server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
+             "--no-ui", "--analytics-off", "--no-scheduler", "--no-late-runs"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    server = PrefectServer(api_url, home, proc, log, own)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log}:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    server.stop()
+    raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout:.0f}s; see {log}")
+
+
+@contextmanager
+def prefect_server(prefect_home=None, **kwargs):
+    server = start_prefect_server(prefect_home, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def use_prefect_api(api_url: str):
+    """Point this process (settings context) and the processes it spawns (environment) at `api_url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+@contextmanager
+def prefect_api():
+    """Use `$PREFECT_API_URL` when set (e.g. `harvest serve`, docker compose); else run a loopback server
+    for the duration, so that flow and Dask workers share it."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield url
+        return
+    with prefect_server() as server, use_prefect_api(server.api_url):
+        yield server.api_url
+
+
+def local_cluster_kwargs(n_workers: int | None = None) -> dict:
+    """`distributed.LocalCluster` kwargs sized to the machine's devices: one single-threaded worker process
+    per GPU; on CPU, up to 2 single-threaded worker processes (Dask's nanny sets OMP_NUM_THREADS=1, so
+    torch uses one thread each)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = n_workers or gpus or max(1, min(2, os.cpu_count() or 1))
+    env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_") or k in OFFLINE_ENV}
+    return dict(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, env=env)
+
+
+def dask_task_runner(address: str | None = None, n_workers: int | None = None):
+    """prefect-dask runner on the scheduler at `address`, or on a fresh LocalCluster sized to the devices."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(n_workers))
+
+
+def worker_device() -> str:
+    """The torch device of this Dask worker: GPU number = worker name modulo the visible GPUs (LocalCluster
+    names workers 0..n-1), so one worker per GPU; else CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except (ValueError, ImportError):   # not inside a worker
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"

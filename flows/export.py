@@ -1,0 +1,70 @@
+"""Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.export`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.export import FORMATS, MANIFEST, export
+from pipeline.home import Home
+from pipeline.runs import recorded_run
+
+
+@task(name="export")
+def export_task(home: str, run_id: str, fmt: str, out_dir: str, min_score: float | None,
+                ranks: list[int] | None, findings: list[str] | None) -> str:
+    return str(export(home, run_id, fmt, out_dir, min_score=min_score, ranks=ranks, findings=findings))
+
+
+@flow(name="export", log_prints=True)
+def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, min_score: float | None = None,
+                ranks: list[int] | None = (1,), findings: list[str] | None = None) -> dict:
+    """Export run `run_id` as `fmt` (coco | yolo | nih-csv) to `out_dir` (default `<home>/exports/<run>/<fmt>`)."""
+    out_dir = str(out_dir or Home.resolve(home).exports / run_id / fmt)
+    ranks = None if ranks is None else list(ranks)
+    params = {"run_id": run_id, "format": fmt, "out_dir": out_dir, "min_score": min_score, "ranks": ranks,
+              "findings": findings}
+    with recorded_run(home, "export", params) as export_run:
+        path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings))
+    manifest = json.loads((path / MANIFEST).read_text())
+    counts = manifest["counts"]
+    per_finding = "".join(f"| {name} | {n} |\n" for name, n in counts["per_finding"].items())
+    create_markdown_artifact(
+        key="export-summary", description=f"{fmt} export of run {run_id}",
+        markdown=f"# Export of run `{run_id}` ({fmt})\n\n"
+                 f"- folder: `{path}`\n- model: `{manifest['model_id']}`\n- images: {counts['images']}\n"
+                 f"- boxes: {counts['boxes']}\n- filters: `{json.dumps(manifest['filters'])}`\n"
+                 f"- manifest: `{path / MANIFEST}`\n\n| finding | boxes |\n|---|---|\n{per_finding}")
+    print(f"export {fmt}: {counts['boxes']} boxes on {counts['images']} images -> {path}")
+    return {"path": str(path), "export_run_id": export_run, **counts}
+
+
+def parse_ranks(tokens: list[str]) -> list[int] | None:
+    """`--ranks 1 2` -> [1, 2]; `--ranks all` -> None (every rank)."""
+    return None if [t.lower() for t in tokens] == ["all"] else [int(t) for t in tokens]
+
+
+def _run(args) -> int:
+    home = str(Home.resolve(args.home).make().root)
+    export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels",
+                       description="Write the boxes of one mining run as pseudo-labels, with manifest.json "
+                                   "tracing them to the run, model, filters and code. Only image ids, findings, "
+                                   "boxes and scores are written (no patient data). An earlier export in the "
+                                   "same folder is replaced atomically.")
+    p.add_argument("--run", dest="run_id", required=True, help="run_id of a mining run (see `harvest status`)")
+    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="export format")
+    p.add_argument("--min-score", type=float, default=None, help="keep boxes with score >= this")
+    p.add_argument("--ranks", nargs="+", default=["1"], metavar="RANK",
+                   help="box ranks to keep (default 1: the top box per image and finding); 'all' keeps every rank")
+    p.add_argument("--findings", nargs="+", default=None, metavar="FINDING",
+                   help="findings to keep, e.g. Mass Nodule (default: all 14)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="export folder (default <home>/exports/<run>/<format>)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,228 @@
+"""`harvest mine`: mine boxes for a split, one Prefect task per shard on Dask (DESIGN.md section 4).
+
+Each shard is a task run on prefect-dask's DaskTaskRunner: a LocalCluster sized to the devices, or the
+scheduler at `--dask-address`. A task loads the model once per worker process, calls
+`pipeline.mining.mine_shard` and writes one Parquet part atomically to
+`data/mined_boxes/run_id=<run_id>/part-<shard:05d>.parquet`. The run id is a function of (model, mining
+config, split), so a rerun finds the parts of the killed run and mines only what they do not cover: no
+duplicate, no hole. A worker lost mid-shard costs a retry: Dask reschedules the task on another worker, and
+the task skips its part if the lost attempt had already written it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from flows._runtime import dask_task_runner, prefect_api, worker_device
+from pipeline.home import Home
+from pipeline.runs import finish_run, start_run
+from warehouse import db
+
+DEFAULT_SHARD_SIZE = 2048
+SPLITS = ("train", "val", "test", "all")
+IMAGE_IDS_KEY = b"cxr_harvest.image_ids"   # Parquet key-value metadata: the images a part covers
+_WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> (model, meta)
+
+
+# ---- plan: pure functions, testable without Prefect or Dask ------------------------------------------
+
+def mining_run_id(model_id: str, config_hash: str, split: str) -> str:
+    """Deterministic in (model, mining config, split): a rerun of the same mining resumes the same run."""
+    digest = hashlib.sha256(f"{model_id}\0{config_hash}\0{split}".encode()).hexdigest()[:12]
+    return f"mine-{split}-{digest}"
+
+
+def part_path(home: Home, run_id: str, shard: int) -> Path:
+    return home.data / "mined_boxes" / f"run_id={run_id}" / f"part-{shard:05d}.parquet"
+
+
+def finished_parts(run_dir: Path) -> dict[int, list[str]]:
+    """Shard index -> image ids covered, from the parts already on disk (temp files are not `*.parquet`)."""
+    done = {}
+    for path in sorted(run_dir.glob("part-*.parquet")):
+        meta = pq.read_schema(path).metadata or {}
+        done[int(path.stem.split("-")[1])] = json.loads(meta.get(IMAGE_IDS_KEY, b"[]"))
+    return done
+
+
+def plan_shards(image_ids: list[str], shard_size: int, done: dict[int, list[str]]) -> list[tuple[int, list[str]]]:
+    """Shards still to mine, as (index, image ids).
+
+    Shard i is images[i*size:(i+1)*size] of the sorted ids; it is skipped when its images are covered by
+    existing parts. Images whose shard index is taken by a part covering other images (the image list or the
+    shard size changed since that part was written) go to new indices after the last one, so a rerun never
+    duplicates or drops an image whatever changed.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    ids = sorted(set(image_ids))
+    covered = {i for part in done.values() for i in part}
+    jobs, moved = [], []
+    for index in range(0, (len(ids) + shard_size - 1) // shard_size):
+        todo = [i for i in ids[index * shard_size:(index + 1) * shard_size] if i not in covered]
+        if todo:
+            (moved.extend(todo) if index in done else jobs.append((index, todo)))
+    start = max([*done, *(j for j, _ in jobs), -1]) + 1
+    jobs += [(start + k, moved[k * shard_size:(k + 1) * shard_size])
+             for k in range((len(moved) + shard_size - 1) // shard_size)]
+    return jobs
+
+
+def list_images(home: Home, split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    con = db.connect(home, read_only=True)
+    try:
+        sql = "SELECT image_id FROM images" + ("" if split == "all" else " WHERE split = ?")
+        return sorted(r[0] for r in con.execute(sql, [] if split == "all" else [split]).fetchall())
+    finally:
+        con.close()
+
+
+def mining_config(config=None):
+    """None -> defaults; a dict (e.g. from YAML or a deployment parameter) or a MiningConfig."""
+    from pipeline.mining import MiningConfig
+
+    if config is None:
+        return MiningConfig()
+    return config if isinstance(config, MiningConfig) else MiningConfig(**config)
+
+
+# ---- the task: thin, one pipeline call plus the atomic write -------------------------------------------
+
+def _worker_model(home: Home, model_id: str, sha256: str):
+    """Load the model once per worker process; keyed by checkpoint sha so a retrained id never goes stale."""
+    from pipeline.training.checkpoint import load_model
+
+    key = (str(home.root), model_id, sha256)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()   # one model per worker: bounded memory across runs on a long-lived cluster
+        _WORKER_MODEL[key] = load_model(home, model_id, device=worker_device())
+    return _WORKER_MODEL[key]
+
+
+@task(name="mine-shard", task_run_name="mine-shard-{shard:05d}", retries=2, retry_delay_seconds=1,
+      cache_policy=NO_CACHE, persist_result=False)
+def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, sha256: str,
+                    config) -> dict:
+    """Mine one shard into its part. A part already present (written by an attempt on a lost worker, or by
+    the killed run) is final: parts are written whole or not at all."""
+    from pipeline.mining import mine_shard
+
+    home = Home.resolve(home)
+    path = part_path(home, run_id, shard)
+    out = {"shard": shard, "images": len(image_ids), "pid": os.getpid()}
+    if path.exists():
+        return {**out, "rows": pq.read_metadata(path).num_rows, "seconds": 0.0, "skipped": True}
+    t0 = time.perf_counter()
+    model, _meta = _worker_model(home, model_id, sha256)
+    table = mine_shard(home, model_id, image_ids, config, run_id, model=model)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), IMAGE_IDS_KEY: json.dumps(image_ids)})
+    db.write_parquet_atomic(table, path)
+    return {**out, "rows": table.num_rows, "seconds": round(time.perf_counter() - t0, 3), "skipped": False}
+
+
+# ---- the flow ------------------------------------------------------------------------------------------
+
+@flow(name="mine")
+def mine_flow(home: str | None = None, model: str = "latest", split: str = "train",
+              shard_size: int = DEFAULT_SHARD_SIZE, dask_address: str | None = None, config=None,
+              run_id: str | None = None, n_workers: int | None = None) -> dict:
+    """Mine every image of `split` ("all": every image) with `model` (an id or "latest"); returns a summary.
+
+    `dask_address`: an existing scheduler (tcp://host:8786); default a LocalCluster sized to the devices
+    (`n_workers` overrides its size). Rerunning with the same model, config and split resumes.
+    """
+    from pipeline.training.checkpoint import model_row
+
+    t0 = time.perf_counter()
+    home = Home.resolve(home)
+    cfg = mining_config(config)
+    row = model_row(home, model)
+    model_id, sha256 = row["model_id"], row["checkpoint_sha256"]
+    run_id = run_id or mining_run_id(model_id, cfg.config_hash(), split)
+    image_ids = list_images(home, split)
+    done = finished_parts(part_path(home, run_id, 0).parent)
+    jobs = plan_shards(image_ids, shard_size, done)
+    params = {"model": model, "split": split, "shard_size": shard_size, "dask_address": dask_address,
+              "config": cfg, "config_hash": cfg.config_hash()}
+    start_run(home, "mine", params, model_id, run_id)
+    progress = create_progress_artifact(0.0 if jobs else 100.0, key=f"{run_id}-progress",
+                                        description=f"mining {len(image_ids)} {split} images with {model_id}")
+    results, failures = [], []
+    try:
+        if jobs:
+            with dask_task_runner(dask_address, n_workers) as runner:
+                futures = [runner.submit(mine_shard_task, dict(
+                    home=str(home.root), run_id=run_id, shard=index, image_ids=ids, model_id=model_id,
+                    sha256=sha256, config=cfg)) for index, ids in jobs]
+                bar = tqdm(as_completed(futures), total=len(futures), unit="shard", desc=f"mine {run_id}")
+                for fut in bar:
+                    try:   # one failed shard must not stop the others: their parts make the rerun shorter
+                        results.append(fut.result())
+                    except Exception as exc:
+                        failures.append(exc)
+                    update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {len(jobs)} shard(s) of {run_id} failed (first: "
+                               f"{failures[0]!r}); rerun the same command to mine only what is missing")
+    except BaseException:
+        finish_run(home, run_id, "failed")
+        raise
+    finish_run(home, run_id, "completed")   # a writable connect also refreshes the Parquet views
+    summary = _summary(home, run_id, model_id, split, image_ids, done, results, time.perf_counter() - t0)
+    create_table_artifact([summary], key=f"{run_id}-summary", description=f"harvest mine {split} with {model_id}")
+    return summary
+
+
+def _summary(home: Home, run_id, model_id, split, image_ids, done, results, seconds) -> dict:
+    mined = [r for r in results if not r["skipped"]]
+    con = db.connect(home, read_only=True)
+    try:
+        rows, images_with_boxes = con.execute(
+            "SELECT count(*), count(DISTINCT image_id) FROM mined_boxes WHERE run_id = ?", [run_id]).fetchone()
+    finally:
+        con.close()
+    return {"run_id": run_id, "model_id": model_id, "split": split, "images": len(image_ids),
+            "shards_total": len(finished_parts(part_path(home, run_id, 0).parent)),
+            "shards_mined": len(mined), "shards_skipped": len(done) + len(results) - len(mined),
+            "images_mined": sum(r["images"] for r in mined), "rows": rows, "images_with_boxes": images_with_boxes,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(sum(r["images"] for r in mined) / seconds, 2) if seconds > 0 else None}
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mine", help="mine boxes with a trained model, sharded on Dask",
+        description="Mine ranked boxes (eq. 7-8, sec. 3.2) for every image of a split into "
+                    "data/mined_boxes/run_id=<run>/. Rerunning the same command resumes a killed run.")
+    p.add_argument("--model", default="latest", help="model id from the `models` table, or 'latest' (default)")
+    p.add_argument("--split", default="train", choices=SPLITS, help="images to mine ('all': every image)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"images per shard, one Prefect task and one Parquet part each (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                   help="use this Dask scheduler; default: a LocalCluster, one worker per GPU or 2 on CPU")
+    p.add_argument("--workers", type=int, metavar="N", help="LocalCluster size (default: sized to the devices)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Run the flow against $PREFECT_API_URL, or a loopback Prefect server shared with the Dask workers."""
+    with prefect_api():
+        summary = mine_flow(home=getattr(args, "home", None), model=args.model, split=args.split,
+                            shard_size=args.shard_size, dask_address=args.dask_address, n_workers=args.workers)
+    width = max(map(len, summary))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
+    return 0

@@ -1,0 +1,61 @@
+"""DICOM folder ingestion: every `*.dcm` (or extension-less DICOM) file under a root, decoded once.
+
+Identifiers become pseudonyms in `pipeline.dicom.read_dicom`; nothing else from the header is kept
+beyond sex, age, view position and pixel spacing. Rejects name the file by its path relative to the root.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+from pipeline.home import Home
+from pipeline.ingest.common import Item, ingest_images
+from warehouse import db
+
+STAGE = "ingest.dicom"
+
+
+def home_salt(home: Home) -> bytes:
+    """A per-home secret for pseudonyms, created once; keep it private to keep pseudonyms unlinkable."""
+    path = home.root / ".pseudonym-salt"
+    if not path.exists():
+        import secrets
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def _decode(data: bytes, salt: bytes):
+    import io
+
+    from pipeline.dicom import read_dicom
+    img = read_dicom(io.BytesIO(data), salt=salt)
+    meta = {k: img.meta.get(k) for k in ("image_id", "patient_id", "follow_up", "sex", "age", "view",
+                                         "spacing_x", "spacing_y")}
+    return img.pixels, meta
+
+
+def dicom_files(root: Path) -> list[Path]:
+    files = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith(".") and (p.suffix.lower() in (".dcm", ".dicom", "")):
+            files.append(p)
+    return files
+
+
+def ingest_dicom(home, root, sizes=(256,), split: str = "train", workers: int | None = None) -> dict:
+    home = (home if isinstance(home, Home) else Home.resolve(home)).make()
+    root = Path(root).resolve()
+    items = []
+    for p in dicom_files(root):
+        # The file name itself may carry PHI (e.g. a patient name): rejects name it by a digest of its path.
+        rel = p.relative_to(root).as_posix()
+        items.append(Item(path=str(p), rel=f"file-{hashlib.sha256(rel.encode()).hexdigest()[:16]}",
+                          row={"split": split, "source": "dicom"}))
+    con = db.connect(home)
+    try:
+        decoder = functools.partial(_decode, salt=home_salt(home))
+        return ingest_images(con, home, items, sizes, STAGE, str(root), decoder, workers, desc="ingest dicom")
+    finally:
+        con.close()

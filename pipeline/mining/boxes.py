@@ -1,0 +1,119 @@
+"""Boxes from fused heatmaps (Cai et al. 2018, sec. 3.2), batched torch on the model's device.
+
+Our reading of "3 bboxs generated from each H_f by adjusting the intensity threshold":
+- H_f is bilinearly upsampled to the image frame (``align_corners=False``: cell i of the CAM grid covers
+  [i, i+1), as in ``pipeline.coords``);
+- at each threshold τ, the box is the bounding box of the 8-connected component of ``H_f >= τ`` that holds
+  H_f's maximum (its first maximal pixel). H_f's maximum is 1 (eq. 8), so τ is absolute and relative at once;
+- a box equal to one from an earlier threshold (config order) is a duplicate and collapses, so fewer than 3
+  boxes can come out (Fig. 2a);
+- boxes are ranked by the mean of H_f inside the box, which is also their ``score``.
+
+The fast path never builds the full-size map. It thresholds H_f upsampled ``upsample``x on the device, takes the
+component there (flood fill), then places each box edge at sub-cell precision: along a row, the upsampled map is
+linear between neighbouring fine cells (exactly so for an odd factor, whose fine cells are centred on the CAM
+grid's nodes), so the crossing of τ between the component's first cell and its outside neighbour is
+interpolated, and the edge pixel is the first frame pixel whose centre lies past that crossing. The mean of H_f
+inside the box is exact, from separable sums of bilinear weights. ``pipeline.mining.reference.boxes_reference``
+does it the obvious way on the full-size map; tests hold the two within 1 pixel of each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.erasure import argmax_seed, connected_component
+
+
+@dataclass
+class Boxes:
+    """Per map n and rank k (best first): `xywh` `[N,K,4]` frame pixels, `score`, `threshold` `[N,K]`,
+    `valid` `[N,K]` (False past the last box of a map)."""
+    xywh: torch.Tensor
+    score: torch.Tensor
+    threshold: torch.Tensor
+    valid: torch.Tensor
+
+
+def _edges(component: torch.Tensor, fine: torch.Tensor, tau: torch.Tensor):
+    """Sub-cell first and last crossing of τ along the last axis, in fine-cell-centre units (min/max over rows).
+
+    -inf / +inf where the component touches the map's border (the frame edge is the box edge there).
+    """
+    n = component.shape[-1]
+    rows = component.any(-1)
+    first = component.to(torch.uint8).argmax(-1, keepdim=True)            # first True along the row
+    last = n - 1 - component.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+
+    def crossing(idx, step):
+        inside = fine.gather(-1, idx)
+        outside = fine.gather(-1, (idx + step).clamp(0, n - 1))
+        # inside >= τ > outside (an outside neighbour >= τ would belong to the component), so this is in (0, 1].
+        frac = (inside - tau) / (inside - outside).clamp_min(1e-12)
+        at_border = (idx + step < 0) | (idx + step > n - 1)
+        return torch.where(at_border, float("inf") * step, idx + step * frac).squeeze(-1)
+
+    lo = crossing(first, -1).masked_fill(~rows, float("inf")).amin(-1)
+    hi = crossing(last, 1).masked_fill(~rows, float("-inf")).amax(-1)
+    return lo, hi
+
+
+def _pixel_range(lo, hi, cells: int, length: torch.Tensor):
+    """Fine-centre crossings -> first and last frame pixel (inclusive) whose centre lies inside."""
+    scale = length / cells
+    first = torch.ceil((lo + 0.5) * scale - 0.5).clamp(min=0)
+    last = torch.floor((hi + 0.5) * scale - 0.5)
+    last = torch.minimum(last, length - 1)
+    return first, torch.maximum(last, first)
+
+
+def _axis_weights(first, last, nodes: int, length: torch.Tensor):
+    """Σ over frame pixels first..last of their bilinear weights on the `nodes` grid nodes: `[N,K,nodes]`."""
+    pixels = torch.arange(int(length.max()), device=length.device, dtype=torch.float32)
+    src = ((pixels + 0.5) * nodes / length[:, None] - 0.5)                    # [N, L]
+    src = torch.minimum(src.clamp(min=0), torch.full_like(src, nodes - 1))  # edge pixels repeat the border node
+    grid = torch.arange(nodes, device=length.device, dtype=torch.float32)
+    weights = (1 - (src[..., None] - grid).abs()).clamp(min=0)               # [N, L, nodes]
+    inside = (pixels >= first[..., None]) & (pixels <= last[..., None])      # [N, K, L]
+    inside &= pixels < length[:, None, None]
+    return torch.bmm(inside.float(), weights)
+
+
+@torch.no_grad()
+def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0.5, 0.35, 0.2),
+                        upsample: int = 3) -> Boxes:
+    """Sec. 3.2 boxes for `[N, h, w]` fused heatmaps on frames `[N, 2]` = (width, height) in pixels."""
+    fused = fused.float()
+    N, h, w = fused.shape
+    K = len(thresholds)
+    device = fused.device
+    frames = torch.as_tensor(frames, dtype=torch.float32, device=device).reshape(N, 2).round()
+    tau = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    if N == 0:
+        z = fused.new_zeros((0, K))
+        return Boxes(fused.new_zeros((0, K, 4)), z, z, z.bool())
+
+    fine = F.interpolate(fused[:, None], scale_factor=upsample, mode="bilinear", align_corners=False)[:, 0]
+    fine = fine[:, None].expand(N, K, *fine.shape[-2:])                       # [N, K, hk, wk]
+    component = connected_component(fine >= tau[:, None, None], argmax_seed(fine))
+    t = tau[:, None, None]
+    x_lo, x_hi = _edges(component, fine, t)
+    y_lo, y_hi = _edges(component.transpose(-1, -2), fine.transpose(-1, -2), t)
+    width, height = frames[:, :1], frames[:, 1:]
+    x0, x1 = _pixel_range(x_lo, x_hi, fine.shape[-1], width)
+    y0, y1 = _pixel_range(y_lo, y_hi, fine.shape[-2], height)
+    valid = component.flatten(-2).any(-1)                                     # False: τ above the fine max
+    xywh = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], -1)                # [N, K, 4]
+    xywh = xywh.masked_fill(~valid[..., None], 0.0)
+
+    ax = _axis_weights(x0, x1, w, frames[:, 0])
+    ay = _axis_weights(y0, y1, h, frames[:, 1])
+    score = torch.einsum("nki,nij,nkj->nk", ay, fused, ax) / (xywh[..., 2] * xywh[..., 3]).clamp(min=1)
+
+    same = (xywh[:, :, None] == xywh[:, None, :]).all(-1) & valid[:, None, :]  # [N, k, k'] box k == box k'
+    valid &= ~torch.tril(same, diagonal=-1).any(-1)                           # a copy of an earlier threshold
+    order = score.masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    take = lambda v: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v))  # noqa: E731
+    return Boxes(take(xywh), take(score), take(tau.expand(N, K)), take(valid))

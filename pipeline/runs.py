@@ -1,0 +1,60 @@
+"""The `runs` table: one row per flow run, with its params, model and code version."""
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from warehouse import db
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """`git describe` of the checkout when there is one, else the package version."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cxr-harvest")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def start_run(home, flow: str, params: dict, model_id: str | None = None, run_id: str | None = None) -> str:
+    run_id = run_id or f"{flow}-{uuid.uuid4().hex[:12]}"
+    con = db.connect(home)
+    try:
+        con.execute("""INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, now(), NULL, 'running')""",
+                    [run_id, flow, json.dumps(params, default=str, sort_keys=True), model_id, code_version()])
+    finally:
+        con.close()
+    return run_id
+
+
+def finish_run(home, run_id: str, status: str = "completed", model_id: str | None = None) -> None:
+    con = db.connect(home)
+    try:
+        con.execute("UPDATE runs SET finished_at = now(), status = ?, model_id = coalesce(?, model_id) "
+                    "WHERE run_id = ?", [status, model_id, run_id])
+    finally:
+        con.close()
+
+
+@contextmanager
+def recorded_run(home, flow: str, params: dict, model_id: str | None = None, run_id: str | None = None):
+    """Record a run as running, then completed or failed."""
+    run_id = start_run(home, flow, params, model_id, run_id)
+    try:
+        yield run_id
+    except BaseException:
+        finish_run(home, run_id, "failed")
+        raise
+    finish_run(home, run_id, "completed")

@@ -1,0 +1,120 @@
+"""Checkpoints: atomic files that load with `torch.load(weights_only=True)`, registered in `models`.
+
+A checkpoint is a dict of tensors and plain values only (no pickled classes):
+    model, optimizer, scheduler      state dicts (optimizer/scheduler None in a stage's final file)
+    epoch, step                      epochs completed; steps done inside the current epoch (mid-epoch saves)
+    trainer                          early-stopping state and per-epoch history
+    meta                             model_id, parent_id, stage, arch, neck, num_classes, input_size,
+                                     normalization, vocabulary, config (resolved, plain dict), fingerprint,
+                                     metrics
+Each stage directory `checkpoints/<model_id>/` holds `last.pt` (resume state, rewritten as training goes)
+and `final.pt` (the stage's result; its sha256 is recorded in the warehouse `models` table).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from models import create_model
+from pipeline.dataset import NORM_MEAN, NORM_STD
+from pipeline.home import Home
+from pipeline.vocab import FINDINGS
+from warehouse import db
+
+FORMAT = "cxr-harvest/checkpoint-v1"
+LAST, FINAL = "last.pt", "final.pt"
+
+
+def model_meta(**fields) -> dict:
+    """The metadata every checkpoint carries (timm-style: weight metadata is data)."""
+    return {"normalization": {"mean": NORM_MEAN, "std": NORM_STD, "scale": 255.0},
+            "vocabulary": list(FINDINGS), **fields}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
+    """Write `state` atomically (temp file in the same folder, fsync, rename); returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha256_file(path)
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
+    """Safe load (weights_only=True); raises with the cause when the file is not one of ours."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cxr-harvest checkpoint (expected format {FORMAT!r})")
+    return state
+
+
+def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str | None = None) -> str:
+    """Insert (or replace) the `models` row for a stage's final checkpoint; returns model_id."""
+    home = Home.resolve(home) if not isinstance(home, Home) else home
+    checkpoint = Path(checkpoint)
+    rel = checkpoint.resolve().relative_to(home.root).as_posix()
+    sha256 = sha256 or sha256_file(checkpoint)
+    con = db.connect(home)
+    try:
+        with db.transaction(con):
+            con.execute("DELETE FROM models WHERE model_id = ?", [meta["model_id"]])
+            con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                meta["model_id"], meta.get("parent_id"), meta["stage"], meta["arch"], meta["neck"],
+                json.dumps(meta.get("config")), rel, sha256, json.dumps(meta.get("metrics")),
+                datetime.now(timezone.utc).replace(tzinfo=None)])
+    finally:
+        con.close()
+    return meta["model_id"]
+
+
+def model_row(home, model_id: str = "latest") -> dict:
+    """The `models` row of `model_id` ("latest": the most recently created) as a dict."""
+    home = Home.resolve(home) if not isinstance(home, Home) else home
+    con = db.connect(home, read_only=True)
+    try:
+        query = "SELECT * FROM models " + ("ORDER BY created_at DESC LIMIT 1" if model_id == "latest"
+                                           else "WHERE model_id = ?")
+        cur = con.execute(query, [] if model_id == "latest" else [model_id])
+        row, cols = cur.fetchone(), [d[0] for d in cur.description]
+    finally:
+        con.close()
+    if row is None:
+        raise KeyError(f"no model {model_id!r} in {home.warehouse}; run `harvest train --config ...` first")
+    return dict(zip(cols, row))
+
+
+def load_model(home, model_id: str = "latest", device="cpu"):
+    """-> (model in eval mode on `device`, meta). Verifies the checkpoint's sha256 against the warehouse."""
+    home = Home.resolve(home) if not isinstance(home, Home) else home
+    row = model_row(home, model_id)
+    path = home.root / row["checkpoint"]
+    if sha256_file(path) != row["checkpoint_sha256"]:
+        raise ValueError(f"checkpoint {path} does not match the sha256 recorded for model {row['model_id']}; "
+                         "it was modified or truncated: retrain with `harvest train` (finished stages are reused)")
+    state = load_checkpoint(path, device="cpu")
+    meta = state["meta"]
+    model = create_model(meta["arch"], meta["neck"], meta["num_classes"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), meta

@@ -1,0 +1,302 @@
+"""The staged schedule of sec. 3.1, each stage a resumable step whose checkpoint records its parent.
+
+    base        ResNet with the `baseline` neck (X = layer4), fine-tuned end to end ("fine-tune the base
+                network ResNet-50 with a learning rate of 0.1 for 50 epochs")
+    msa_init    ResNet-MSA: the backbone's weights come from `base`; neck and head are new. The backbone is
+                frozen, BatchNorm included ("fix the network parameters below MSA ... 10 epochs")
+    end_to_end  everything trains until the validation loss plateaus (early stopping, `patience`)
+    am1..amT    attention mining with knowledge preservation (eq. 1-6); stage t trains with t-1 erasure steps
+                (eq. 7: H_t uses M_{t-1}; t = 1 is the paper's "baseline"), on the AM image set (the training
+                images plus the images to be mined, labels only). N_A is the frozen pre-AM network (the
+                parent of am1) for every t.
+With the `baseline` neck, `msa_init` does not exist (nothing new to initialise). A stage with 0 epochs is
+skipped and its parent passes through.
+
+A stage's identity is a fingerprint of its own config and its parent's fingerprint, so a rerun with the
+same resolved config skips finished stages (their `final.pt`) and resumes an unfinished one from `last.pt`.
+New images in the warehouse do not invalidate finished stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models import create_model, freeze_batchnorm, frozen_copy
+from pipeline.dataset import CacheDataset
+from pipeline.home import Home
+from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
+                                          save_checkpoint)
+from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load_config
+from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
+                                      init_distributed, seed_of, train_one_epoch)
+from pipeline.weights import load_imagenet
+from warehouse import db
+
+log = logging.getLogger("pipeline.training")
+
+
+@dataclass
+class StagePlan:
+    name: str                  # base | msa_init | end_to_end | am<t>
+    index: int                 # position in the schedule (seeds its randomness)
+    neck: str
+    cfg: StageConfig
+    fingerprint: str
+    parent: "StagePlan | None"
+    t: int = 0                 # AM stage t (0: plain classification)
+    reference: "StagePlan | None" = None   # N_A for KP
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}-{self.fingerprint[:12]}"
+
+
+def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
+    """The stages to run, in order, with fingerprints chained through their parents."""
+    shared = {"seed": cfg.seed, "arch": cfg.model.arch, "imagenet": cfg.model.imagenet,
+              "input_size": cfg.data.input_size, "val_fraction": cfg.data.val_fraction,
+              "augment": asdict(cfg.data.augment), "batch_size": cfg.runtime.batch_size, "amp": cfg.runtime.amp}
+    steps: list[tuple[str, str, StageConfig, int, dict]] = [
+        ("base", "baseline", cfg.stages.base, 0, {"splits": cfg.data.train_splits})]
+    if cfg.model.neck != "baseline":
+        steps.append(("msa_init", cfg.model.neck, cfg.stages.msa_init, 0, {"splits": cfg.data.train_splits}))
+    steps.append(("end_to_end", cfg.model.neck, cfg.stages.end_to_end, 0, {"splits": cfg.data.train_splits}))
+    am = {k: v for k, v in asdict(cfg.am).items() if k not in ("stage", "steps")}
+    steps += [(f"am{t}", cfg.model.neck, cfg.am.stage, t, {"splits": cfg.data.am_splits, "am": am})
+              for t in range(1, cfg.am.steps + 1)]
+    plans: list[StagePlan] = []
+    parent, reference = None, None
+    for index, (name, neck, st, t, extra) in enumerate(steps):
+        if st.epochs <= 0:
+            continue
+        if t == 1:
+            reference = parent
+        fp = fingerprint(parent.fingerprint if parent else None, name, neck, asdict(st), shared, extra)
+        parent = StagePlan(name, index, neck, st, fp, parent, t, reference if t else None)
+        plans.append(parent)
+    if not plans:
+        raise ValueError("every stage has 0 epochs: nothing to train")
+    return plans
+
+
+# ------------------------------------------------------------------ data
+
+def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
+    """Image ids of the train, validation and AM sets (only images cached at the input size).
+
+    Validation: the warehouse's `val` split when there is one, else patients carved from `train` by a
+    seeded hash of the patient id (NIH lists only train_val and test): deterministic, never splitting a
+    patient, and stable when new images arrive.
+    """
+    con = db.connect(home, read_only=True)
+    try:
+        rows = con.execute("""SELECT DISTINCT i.image_id, i.patient_id, i.split FROM images i
+            JOIN cache_entries c ON c.source_sha256 = i.source_sha256 WHERE c.size = ? ORDER BY 1""",
+                           [cfg.data.input_size]).fetchall()
+    finally:
+        con.close()
+    has_val = any(r[2] == "val" for r in rows)
+
+    def is_val(patient: str, split: str) -> bool:
+        if has_val:
+            return split == "val"
+        h = int(hashlib.sha256(f"{cfg.seed}:{patient}".encode()).hexdigest()[:8], 16) / 2 ** 32
+        return split == "train" and h < cfg.data.val_fraction
+
+    val = {r[0] for r in rows if is_val(r[1], r[2])}
+    out = {"val": sorted(val),
+           "train": [r[0] for r in rows if r[2] in cfg.data.train_splits and r[0] not in val],
+           "am": [r[0] for r in rows if r[2] in cfg.data.am_splits and r[0] not in val]}
+    if not out["train"]:
+        raise ValueError(f"no {cfg.data.input_size}px cached images in splits {cfg.data.train_splits}; "
+                         f"ingest with size {cfg.data.input_size} first (`harvest ingest ...`)")
+    return out
+
+
+# ------------------------------------------------------------------ one stage
+
+def _build(cfg: TrainConfig, plan: StagePlan, home: Home) -> nn.Module:
+    """The stage's model: the parent's weights (backbone only when the neck changes), else ImageNet."""
+    torch.manual_seed(seed_of(cfg.seed, plan.index))
+    model = create_model(cfg.model.arch, plan.neck)
+    if plan.parent is None:
+        if cfg.model.imagenet:
+            load_imagenet(model, cfg.model.arch)
+        return model
+    state = load_checkpoint(home.checkpoints / plan.parent.model_id / FINAL)["model"]
+    if plan.parent.neck != plan.neck:   # base -> msa_init: backbone carried over, neck and head new
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        model.backbone.load_state_dict(state)
+    else:
+        model.load_state_dict(state)
+    return model
+
+
+def _schedule(optimizer, st: StageConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < st.warmup_steps:
+            return (step + 1) / st.warmup_steps
+        if st.schedule == "constant":
+            return 1.0
+        progress = (step - st.warmup_steps) / max(1, total_steps - st.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _set_train_mode(model: nn.Module, st: StageConfig) -> None:
+    model.train()
+    if st.freeze_backbone:
+        model.backbone.eval()           # frozen below MSA: BatchNorm statistics too
+    if st.freeze_bn:
+        freeze_batchnorm(model)
+
+
+def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist, device: torch.device,
+              resume: bool = True, on_step=None) -> dict:
+    """Train one stage to its `final.pt` (or reuse it); returns the stage's meta."""
+    stage_dir = home.checkpoints / plan.model_id
+    final_path = stage_dir / FINAL
+    if resume and final_path.exists():
+        meta = load_checkpoint(final_path)["meta"]
+        if meta.get("fingerprint") == plan.fingerprint:
+            log.info("stage %s: reusing %s", plan.name, plan.model_id)
+            if d.main:
+                register_model(home, meta, final_path)   # idempotent: heals a kill between save and register
+            d.barrier()
+            return meta
+    st = plan.cfg
+    model = _build(cfg, plan, home)
+    if st.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if d.world > 1 and device.type == "cuda" and cfg.runtime.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    set_name = "am" if plan.t else "train"
+    train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
+    val_set = CacheDataset(home, cfg.data.input_size, image_ids=ids["val"])
+    if st.patience and not len(val_set):
+        raise ValueError(f"stage {plan.name} stops early on the validation loss but the validation split is "
+                         "empty; raise data.val_fraction or set patience: 0")
+    steps_per_epoch = len(train_set) // cfg.runtime.batch_size
+
+    if plan.t:
+        reference = None
+        if cfg.am.mode == "kp":     # N_A: the pre-AM network (or this model's start when AM runs alone)
+            reference = frozen_copy(model)
+            if plan.reference is not None:
+                reference.net.load_state_dict(
+                    load_checkpoint(home.checkpoints / plan.reference.model_id / FINAL)["model"])
+        step_module: nn.Module = AttentionMiningLoss(model, cfg.am, plan.t, reference)
+    else:
+        step_module = ClassificationLoss(model)
+    if d.world > 1:
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda"
+                                              else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
+                                nesterov=st.nesterov)
+    scheduler = _schedule(optimizer, st, st.epochs * steps_per_epoch)
+    meta = model_meta(model_id=plan.model_id, parent_id=plan.parent.model_id if plan.parent else None,
+                      reference_id=plan.reference.model_id if plan.reference else None, stage=plan.name,
+                      t=plan.t, arch=cfg.model.arch, neck=plan.neck, num_classes=model.num_classes,
+                      input_size=cfg.data.input_size, config=cfg.to_dict(), fingerprint=plan.fingerprint)
+    epoch, start_step = 0, 0
+    trainer = {"history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
+    if resume and (stage_dir / LAST).exists():
+        state = load_checkpoint(stage_dir / LAST, device="cpu")
+        if state["meta"].get("fingerprint") == plan.fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            epoch, start_step, trainer = state["epoch"], state["step"], state["trainer"]
+            log.info("stage %s: resuming at epoch %d step %d", plan.name, epoch, start_step)
+
+    def save_last(ep: int, step: int) -> None:
+        if d.main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": ep, "step": step,
+                             "trainer": trainer, "meta": meta}, stage_dir / LAST)
+        d.barrier()
+
+    while epoch < st.epochs and not trainer["stopped"]:
+        ep = epoch                      # bound now: the hook below must see this epoch
+
+        def hook(step: int) -> None:
+            every = cfg.runtime.save_every_steps
+            if every and step % every == 0 and step < steps_per_epoch:
+                save_last(ep, step)
+            if on_step is not None:
+                on_step(plan.model_id, ep, step)
+
+        _set_train_mode(model, st)
+        batches = epoch_batches(len(train_set), cfg.runtime.batch_size, seed_of(cfg.seed, plan.index, ep))
+        train_stats = train_one_epoch(step_module, optimizer, scheduler, train_set, batches, device=device,
+                                      runtime=cfg.runtime, augment=cfg.data.augment,
+                                      seed=seed_of(cfg.seed, plan.index, ep, 1), d=d, start_step=start_step,
+                                      on_step=hook, desc=f"{plan.name} epoch {ep + 1}/{st.epochs}")
+        metrics = evaluate(model, val_set, device=device, runtime=cfg.runtime, d=d) if len(val_set) else {}
+        record = {"epoch": ep + 1, "train": {k: float(v) for k, v in train_stats.items()}, **metrics}
+        trainer["history"].append(record)
+        _early_stopping(trainer, record, st)
+        if d.main:
+            log.info("stage %s epoch %d: train loss %.4f, val loss %s, AUROC mean %s (boxed %s)", plan.name,
+                     ep + 1, train_stats.get("loss", math.nan), metrics.get("val_loss"),
+                     metrics.get("auroc_mean"), metrics.get("auroc_boxed_mean"))
+            if trainer["best_epoch"] == ep + 1 and st.patience:
+                save_checkpoint({"model": model.state_dict(), "meta": meta}, stage_dir / "best.pt")
+        epoch, start_step = epoch + 1, 0
+        save_last(epoch, 0)
+
+    if st.patience and trainer["best_epoch"] is not None and trainer["best_epoch"] != epoch:
+        model.load_state_dict(load_checkpoint(stage_dir / "best.pt")["model"])
+    chosen = trainer["best_epoch"] if st.patience and trainer["best_epoch"] else len(trainer["history"])
+    record = trainer["history"][chosen - 1] if trainer["history"] else {}
+    meta["metrics"] = {**record, "epochs_run": len(trainer["history"]), "stopped_early": trainer["stopped"]}
+    if d.main:
+        sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
+                               "epoch": epoch, "step": 0, "trainer": trainer, "meta": meta}, final_path)
+        register_model(home, meta, final_path, sha)
+    d.barrier()
+    return meta
+
+
+def _early_stopping(trainer: dict, record: dict, st: StageConfig) -> None:
+    """Track the best validation loss; stop after `patience` epochs without an improvement of min_delta."""
+    loss = record.get("val_loss")
+    if loss is None or (isinstance(loss, float) and math.isnan(loss)):
+        return
+    if trainer["best_loss"] is None or loss < trainer["best_loss"] - st.min_delta:
+        trainer.update(best_loss=loss, best_epoch=record["epoch"], bad_epochs=0)
+    else:
+        trainer["bad_epochs"] += 1
+        trainer["stopped"] = bool(st.patience) and trainer["bad_epochs"] >= st.patience
+
+
+# ------------------------------------------------------------------ all stages
+
+def train(home, config, resume: bool = True, on_step=None) -> str:
+    """Run every stage of `config` (a YAML path, dict or TrainConfig); returns the final model_id.
+
+    Finished stages with the same fingerprint are reused; an unfinished one resumes from its last
+    checkpoint (`resume=False` retrains everything). Under torchrun, each process calls this; rank 0 writes.
+    `on_step(model_id, epoch, step)` runs after every optimizer step (progress, tests).
+    """
+    home = (home if isinstance(home, Home) else Home.resolve(home)).make()
+    cfg = load_config(config)
+    d, device = init_distributed(cfg.runtime)
+    ids = split_ids(home, cfg)
+    log.info("training %s on %s: %d train, %d val, %d AM images, world size %d", cfg.name, device,
+             len(ids["train"]), len(ids["val"]), len(ids["am"]), d.world)
+    meta = None
+    for plan in plan_stages(cfg):
+        meta = run_stage(home, cfg, plan, ids, d, device, resume=resume, on_step=on_step)
+    return meta["model_id"]
