@@ -36,24 +36,49 @@ def normalize_unerased(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return norm.masked_fill(~keep, 0.0)
 
 
-def connected_component(foreground: torch.Tensor, seed: torch.Tensor, check_every: int = 4) -> torch.Tensor:
+def connected_component(foreground: torch.Tensor, seed: torch.Tensor, diagonals=None,
+                        check_every: int = 4) -> torch.Tensor:
     """8-connected component of `foreground` that holds `seed`, for a batch of `[..., h, w]` bool maps.
 
-    Grows the seed by one 3x3 max-pool (one ring of 8-neighbours) per iteration, keeps only foreground pixels,
-    and stops when no map changes. Convergence is checked every `check_every` rings: the fill is monotone, so
-    extra rings past the fixed point are harmless, and fewer checks mean fewer device syncs.
+    Grows the seed by one ring of neighbours per iteration (a 3x3 max-pool), keeps only foreground pixels, and
+    stops when no map changes. Convergence is checked every `check_every` rings: the fill is monotone, so extra
+    rings past the fixed point are harmless, and fewer checks mean fewer device syncs.
+
+    `diagonals=(down_right, down_left)`, bool `[..., h-1, w-1]`, makes diagonal steps conditional instead: cell
+    (i, j) joins (i+1, j+1) only where `down_right[i, j]`, and (i, j+1) joins (i+1, j) only where
+    `down_left[i, j]` (used for the saddles of a bilinear surface, see `pipeline.mining.boxes`).
     """
     shape = foreground.shape
-    fg = foreground.reshape(-1, 1, *shape[-2:]).float()
-    region = seed.reshape(fg.shape).float() * fg
+    fg = foreground.reshape(-1, 1, *shape[-2:])
+    region = seed.reshape(fg.shape) & fg
+    if diagonals is None:
+        fg, region = fg.float(), region.float()
+        grow = lambda r: F.max_pool2d(r, 3, stride=1, padding=1) * fg  # noqa: E731
+    else:
+        down_right, down_left = (d.reshape(-1, 1, *d.shape[-2:]) for d in diagonals)
+        grow = lambda r: _grow_4_and_diagonals(r, fg, down_right, down_left)  # noqa: E731
     count = region.sum()
     while True:
         for _ in range(check_every):
-            region = F.max_pool2d(region, 3, stride=1, padding=1) * fg
+            region = grow(region)
         new_count = region.sum()
         if bool(new_count == count):
             return region.reshape(shape) > 0
         count = new_count
+
+
+def _grow_4_and_diagonals(region, fg, down_right, down_left):
+    out = region.clone()
+    out[..., 1:, :] |= region[..., :-1, :]
+    out[..., :-1, :] |= region[..., 1:, :]
+    out[..., :, 1:] |= region[..., :, :-1]
+    out[..., :, :-1] |= region[..., :, 1:]
+    out &= fg
+    out[..., 1:, 1:] |= region[..., :-1, :-1] & down_right
+    out[..., :-1, :-1] |= region[..., 1:, 1:] & down_right
+    out[..., 1:, :-1] |= region[..., :-1, 1:] & down_left
+    out[..., :-1, 1:] |= region[..., 1:, :-1] & down_left
+    return out
 
 
 def argmax_seed(maps: torch.Tensor) -> torch.Tensor:

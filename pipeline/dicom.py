@@ -65,6 +65,7 @@ DECODER_PACKAGES = {
 }
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_OTHER_PHOTOMETRIC = ("PALETTE COLOR", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK", "XYB")
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
 _AGE_UNIT_DAYS = {"D": 1, "W": 7, "M": 365.25 / 12, "Y": 365.25}
@@ -173,8 +174,9 @@ def _first_frame(ds) -> np.ndarray:
                      "only 8- or 16-bit radiographs are supported")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in _MONO + _COLOUR:
-        raise Reject("unsupported_photometric", f"Photometric Interpretation '{photometric[:16]}' is not "
-                     "supported (MONOCHROME1/2, RGB or YBR only)")
+        named = photometric if photometric in _OTHER_PHOTOMETRIC else "an unknown value"  # never echo free text
+        raise Reject("unsupported_photometric", f"Photometric Interpretation {named} is not supported "
+                     "(MONOCHROME1/2, RGB or YBR only)")
     try:
         frame = pixel_array(ds, index=0)
     except Exception as exc:

@@ -8,6 +8,7 @@ the old export or the new one, never a mix.
 """
 from __future__ import annotations
 
+import csv
 import ctypes
 import hashlib
 import json
@@ -72,8 +73,6 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         counts = _WRITERS[fmt](tmp, images, boxes)
-        counts["per_finding"] = dict(sorted(Counter(b["finding"] for b in boxes).items(),
-                                            key=lambda kv: INDEX[kv[0]]))
         manifest = {"format": fmt, **trace, "filters": filters, "counts": counts,
                     "code_version": code_version(),
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -94,15 +93,15 @@ def _read_run(home: Home, run_id: str, filters: dict) -> tuple[list[dict], list[
                         "FROM runs WHERE run_id = ?", run_id)
         if run is None:
             raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
-                              "list runs with `SELECT * FROM runs` and pass one that mined boxes")
+                             "list runs with `SELECT * FROM runs` and pass one that mined boxes")
         images = _dicts(con.execute(_IMAGES_SQL, {"run_id": run_id}))
         if not images:
             raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
-                              "run `harvest mine` first or pass a mining run")
+                             "run `harvest mine` first or pass a mining run")
         missing = [im["image_id"] for im in images if im["width"] is None]
         if missing:
             raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
-                              "re-ingest them so their frame (width, height) is known")
+                             "re-ingest them so their frame (width, height) is known")
         boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **filters}))
         model_ids = [r[0] for r in con.execute(
             "SELECT DISTINCT model_id FROM mined_boxes WHERE run_id = ? ORDER BY 1", [run_id]).fetchall()]
@@ -129,6 +128,12 @@ def _row(con, sql: str, key) -> dict | None:
     return rows[0] if rows else None
 
 
+def _counts(images: int, written: list[dict], **extra) -> dict:
+    per_finding = Counter(b["finding"] for b in written)
+    return {"images": images, "boxes": len(written), **extra,
+            "per_finding": {name: per_finding[name] for name in FINDINGS if per_finding[name]}}
+
+
 def _short(v: float) -> float:
     """Shortest decimal that reads back as the same float32 (boxes are stored as float32)."""
     return float(str(np.float32(v)))
@@ -152,7 +157,7 @@ def write_coco(out: Path, images: list[dict], boxes: list[dict]) -> dict:
                            for i, name in enumerate(FINDINGS, start=1)]}
     (out / "annotations.json").write_text(json.dumps(coco))
     (out / "detections.json").write_text(json.dumps(detections))
-    return {"images": len(images), "boxes": len(annotations)}
+    return _counts(len(images), boxes)
 
 
 def write_yolo(out: Path, images: list[dict], boxes: list[dict]) -> dict:
@@ -167,14 +172,14 @@ def write_yolo(out: Path, images: list[dict], boxes: list[dict]) -> dict:
     if clash:
         raise ValueError(f"image ids share the file stem {clash[0]!r}; YOLO label files would collide")
     lines = {image_id: [] for image_id in frames}
-    dropped = 0
+    kept = []
     for b in boxes:
         W, H = frames[b["image_id"]]
         x0, x1 = np.clip([b["x"], b["x"] + b["w"]], 0, W)
         y0, y1 = np.clip([b["y"], b["y"] + b["h"]], 0, H)
         if x1 <= x0 or y1 <= y0:
-            dropped += 1
             continue
+        kept.append(b)
         lines[b["image_id"]].append(f"{INDEX[b['finding']]} {(x0 + x1) / 2 / W:.6f} {(y0 + y1) / 2 / H:.6f} "
                                     f"{(x1 - x0) / W:.6f} {(y1 - y0) / H:.6f}")
     (out / "labels").mkdir()
@@ -183,15 +188,18 @@ def write_yolo(out: Path, images: list[dict], boxes: list[dict]) -> dict:
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(FINDINGS))
     (out / "data.yaml").write_text(f"# cxr-harvest pseudo-labels; images are not copied.\n"
                                    f"nc: {len(FINDINGS)}\nnames:\n{names}")
-    return {"images": len(images), "boxes": len(boxes) - dropped, "dropped_outside_frame": dropped}
+    return _counts(len(images), kept, dropped_outside_frame=len(boxes) - len(kept))
 
 
 def write_nih_csv(out: Path, images: list[dict], boxes: list[dict]) -> dict:
     """`BBox_List_2017.csv` in NIH's own layout, so `pipeline.ingest.nih.read_bbox_csv` re-ingests it."""
-    rows = [f"{b['image_id']},{NIH_SPELLING.get(b['finding'], b['finding'])},"
-            + ",".join(repr(_short(b[c])) for c in "xywh") for b in boxes]
-    (out / "BBox_List_2017.csv").write_text("".join(line + "\n" for line in [NIH_HEADER, *rows]))
-    return {"images": len({b["image_id"] for b in boxes}), "boxes": len(rows)}
+    with open(out / "BBox_List_2017.csv", "w", newline="") as f:
+        f.write(NIH_HEADER + "\n")  # verbatim: the csv module would quote `Bbox [x,y,w,h]`
+        rows = csv.writer(f, lineterminator="\n")
+        for b in boxes:
+            rows.writerow([b["image_id"], NIH_SPELLING.get(b["finding"], b["finding"]),
+                           *(repr(_short(b[c])) for c in "xywh")])
+    return _counts(len({b["image_id"] for b in boxes}), boxes)
 
 
 _WRITERS = {"coco": write_coco, "yolo": write_yolo, "nih-csv": write_nih_csv}

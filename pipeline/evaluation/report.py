@@ -15,7 +15,7 @@ import base64
 import html
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -47,7 +47,7 @@ class Case:
     frame: tuple[float, float] | None = None
     label: str = ""                   # e.g. "best" / "worst"
     best_iou: float = math.nan
-    caption: str = field(default="")
+    caption: str = ""
 
 
 def select_cases(boxes: pd.DataFrame, gt: pd.DataFrame, n: int = 1, findings=BOXED_FINDINGS) -> pd.DataFrame:
@@ -143,12 +143,16 @@ def _img_tag(path: Path, alt: str) -> str:
 
 
 def results_tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per protocol, a finding x T table of cells "Acc-AFP" (Cai Table 2 style; AFP omitted where undefined)."""
+    """Per protocol, a T x finding table of cells "Acc-AFP" (Cai Table 2 style; AFP omitted where undefined);
+    MaxBoxAcc tables end with the V2 mean over IoU thresholds."""
     out = {}
     for (protocol, metric), r in results.groupby(["protocol", "metric"], sort=False):
         cell = r["acc"].map(lambda a: "–" if pd.isna(a) else f"{a:.2f}")
         cell = cell + r["afp"].map(lambda a: "" if pd.isna(a) else f"-{a:.2f}")
         wide = r.assign(cell=cell).pivot(index="t", columns="finding", values="cell")
+        if metric == "maxboxacc":   # MaxBoxAccV2 headline: the mean over the IoU thresholds
+            mean = r.pivot(index="t", columns="finding", values="acc").mean()
+            wide.loc["V2 mean"] = mean.map(lambda a: "–" if pd.isna(a) else f"{a:.2f}")
         out[f"{protocol} ({metric})"] = wide.reindex(columns=[c for c in BOXED_FINDINGS if c in wide.columns])
     return out
 
@@ -171,6 +175,8 @@ def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Ca
     curves = plot_acc_curves(results, out_dir / "acc_vs_t.png")
     parts.append(_img_tag(curves, "Acc vs T(IoU) per finding; dashed: Wang 2017 Table 7; dotted: Cai 2018 "
                                   "Table 3 (KP, t=3)"))
+    counts = results.drop_duplicates("finding").set_index("finding")[["n_gt", "n_images"]]
+    parts += ["<h2>Evaluation set</h2>", counts.T.to_html(border=0)]
     for name, table in results_tables(results).items():
         parts += [f"<h2>{html.escape(name)}</h2>", table.to_html(na_rep="–", border=0)]
     if cases:

@@ -33,6 +33,8 @@ def _decode(data: bytes, salt: bytes):
     img = read_dicom(io.BytesIO(data), salt=salt)
     meta = {k: img.meta.get(k) for k in ("image_id", "patient_id", "follow_up", "sex", "age", "view",
                                          "spacing_x", "spacing_y")}
+    if meta["age"] is not None:
+        meta["age"] = min(meta["age"], 90)   # HIPAA safe harbour: ages over 89 are one group, stored as 90
     return img.pixels, meta
 
 

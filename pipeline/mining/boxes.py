@@ -9,20 +9,26 @@ Our reading of "3 bboxs generated from each H_f by adjusting the intensity thres
   boxes can come out (Fig. 2a);
 - boxes are ranked by the mean of H_f inside the box, which is also their ``score``.
 
-The fast path never builds the full-size map. It thresholds H_f upsampled ``upsample``x on the device, takes the
-component there (flood fill), then places each box edge at sub-cell precision: along a row, the upsampled map is
-linear between neighbouring fine cells (exactly so for an odd factor, whose fine cells are centred on the CAM
-grid's nodes), so the crossing of τ between the component's first cell and its outside neighbour is
-interpolated, and the edge pixel is the first frame pixel whose centre lies past that crossing. The mean of H_f
-inside the box is exact, from separable sums of bilinear weights. ``pipeline.mining.reference.boxes_reference``
-does it the obvious way on the full-size map; tests hold the two within 1 pixel of each other.
+The fast path never builds the full-size map: it works on the CAM grid itself, exactly, because the upsampled
+map is (up to sampling at the frame's pixel centres) the bilinear surface through the grid's nodes:
+- components: two nodes >= τ that are 4-neighbours are joined by the straight edge between them; two diagonal
+  nodes >= τ whose cell's other corners are < τ are joined iff the cell's saddle value, (ad - bc)/(a + d - b - c),
+  is >= τ (the asymptotic decider of marching squares); a bilinear patch has no interior maximum, so every
+  piece of ``{H_f >= τ}`` holds a node, and this node graph has the surface's components. A flood fill
+  (``models.erasure.connected_component`` with conditional diagonals) finds the one of the maximum;
+- edges: for a fixed column, a bilinear patch is linear along y, so a piece's leftmost point lies on a node row
+  (likewise for the other edges); along a node row the surface is linear between nodes, so the edge is the
+  interpolated crossing of τ just outside the component's first node, and the edge pixel is the first frame
+  pixel whose centre lies past it;
+- the score, the mean of H_f over the box's frame pixels, is exact, from separable sums of bilinear weights.
+``pipeline.mining.reference.boxes_reference`` does it the obvious way on the full-size map; tests hold the two
+within 1 pixel of each other.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.erasure import argmax_seed, connected_component
 
@@ -37,8 +43,8 @@ class Boxes:
     valid: torch.Tensor
 
 
-def _edges(component: torch.Tensor, fine: torch.Tensor, tau: torch.Tensor):
-    """Sub-cell first and last crossing of τ along the last axis, in fine-cell-centre units (min/max over rows).
+def _edges(component: torch.Tensor, nodes: torch.Tensor, tau: torch.Tensor):
+    """Sub-cell first and last crossing of τ along the last axis, in node units (min/max over node rows).
 
     -inf / +inf where the component touches the map's border (the frame edge is the box edge there).
     """
@@ -48,8 +54,8 @@ def _edges(component: torch.Tensor, fine: torch.Tensor, tau: torch.Tensor):
     last = n - 1 - component.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
 
     def crossing(idx, step):
-        inside = fine.gather(-1, idx)
-        outside = fine.gather(-1, (idx + step).clamp(0, n - 1))
+        inside = nodes.gather(-1, idx)
+        outside = nodes.gather(-1, (idx + step).clamp(0, n - 1))
         # inside >= τ > outside (an outside neighbour >= τ would belong to the component), so this is in (0, 1].
         frac = (inside - tau) / (inside - outside).clamp_min(1e-12)
         at_border = (idx + step < 0) | (idx + step > n - 1)
@@ -61,7 +67,8 @@ def _edges(component: torch.Tensor, fine: torch.Tensor, tau: torch.Tensor):
 
 
 def _pixel_range(lo, hi, cells: int, length: torch.Tensor):
-    """Fine-centre crossings -> first and last frame pixel (inclusive) whose centre lies inside."""
+    """Crossings in node units (node i is the centre of grid cell i, at i + 0.5 in `pipeline.coords`'s cells)
+    -> first and last frame pixel (inclusive) whose centre lies inside."""
     scale = length / cells
     first = torch.ceil((lo + 0.5) * scale - 0.5).clamp(min=0)
     last = torch.floor((hi + 0.5) * scale - 0.5)
@@ -81,9 +88,20 @@ def _axis_weights(first, last, nodes: int, length: torch.Tensor):
     return torch.bmm(inside.float(), weights)
 
 
+def surface_component(nodes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Bool `[..., h, w]`: nodes of the component of `{bilinear surface >= tau}` holding the first maximum node."""
+    fg = nodes >= tau
+    a, b = nodes[..., :-1, :-1], nodes[..., :-1, 1:]
+    c, d = nodes[..., 1:, :-1], nodes[..., 1:, 1:]
+    saddle = (a * d - b * c) / (a + d - b - c)   # only read where a, d and b, c fall on opposite sides of tau
+    joined = saddle >= tau
+    down_right = fg[..., :-1, :-1] & fg[..., 1:, 1:] & joined
+    down_left = fg[..., :-1, 1:] & fg[..., 1:, :-1] & joined
+    return connected_component(fg, argmax_seed(nodes), diagonals=(down_right, down_left))
+
+
 @torch.no_grad()
-def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0.5, 0.35, 0.2),
-                        upsample: int = 3) -> Boxes:
+def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0.5, 0.35, 0.2)) -> Boxes:
     """Sec. 3.2 boxes for `[N, h, w]` fused heatmaps on frames `[N, 2]` = (width, height) in pixels."""
     fused = fused.float()
     N, h, w = fused.shape
@@ -95,16 +113,15 @@ def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0
         z = fused.new_zeros((0, K))
         return Boxes(fused.new_zeros((0, K, 4)), z, z, z.bool())
 
-    fine = F.interpolate(fused[:, None], scale_factor=upsample, mode="bilinear", align_corners=False)[:, 0]
-    fine = fine[:, None].expand(N, K, *fine.shape[-2:])                       # [N, K, hk, wk]
-    component = connected_component(fine >= tau[:, None, None], argmax_seed(fine))
     t = tau[:, None, None]
+    fine = fused[:, None].expand(N, K, h, w)                                  # one map per threshold
+    component = surface_component(fine, t)
     x_lo, x_hi = _edges(component, fine, t)
     y_lo, y_hi = _edges(component.transpose(-1, -2), fine.transpose(-1, -2), t)
     width, height = frames[:, :1], frames[:, 1:]
     x0, x1 = _pixel_range(x_lo, x_hi, fine.shape[-1], width)
     y0, y1 = _pixel_range(y_lo, y_hi, fine.shape[-2], height)
-    valid = component.flatten(-2).any(-1)                                     # False: τ above the fine max
+    valid = component.flatten(-2).any(-1)                                     # False: τ above the max
     xywh = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], -1)                # [N, K, 4]
     xywh = xywh.masked_fill(~valid[..., None], 0.0)
 

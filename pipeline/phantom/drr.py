@@ -30,6 +30,8 @@ MU_HEART_MINUS_LUNG = MU_WATER * (1.04 - 0.15)
 DETECTOR_BLUR = 0.9                   # px at 1024
 ENHANCE_GAIN, ENHANCE_RADIUS = 0.7, 10   # unsharp mask: L + g (L - box^3(L)), radius in px at 1024
 SCATTER = 0.12
+FIELD_ZOOM = 1.1                      # the output field covers NATIVE / FIELD_ZOOM native px...
+FIELD_CENTER_ROW = 236.0              # ...centred here: neck to upper abdomen, like a chest radiograph
 FOOTPRINT = 0.1                       # a finding's footprint: |dP| >= FOOTPRINT * max |dP|
 
 
@@ -119,9 +121,9 @@ def output_coords(variant: Variant, size: int, atlas_apex_row: float) -> np.ndar
     rr, cc = np.meshgrid(g, g, indexing="ij")
     th = np.radians(variant.rotation)
     ct, st = np.float32(np.cos(th)), np.float32(np.sin(th))
-    f = np.float32(k / variant.scale)
+    f = np.float32(k / (variant.scale * FIELD_ZOOM))
     c = (NATIVE - 1) / 2
-    row = c + f * (ct * rr - st * cc) + variant.shift[0]
+    row = FIELD_CENTER_ROW + f * (ct * rr - st * cc) + variant.shift[0]
     col = c + f * (st * rr + ct * cc) + variant.shift[1]
     ctrl = np.asarray(variant.elastic, np.float32).reshape(2, 4, 4)
     field = np.stack([ndimage.zoom(ctrl[i], size / 4, order=3, mode="nearest", grid_mode=True) for i in range(2)])
@@ -206,7 +208,7 @@ def make_base(atlas: Atlas, variant: Variant, view: str, size: int = 1024) -> Ba
     sigma = (0.006 / np.sqrt(variant.exposure * total[::2, ::2])).clip(0, 0.08).astype(np.float32)
     body = P > 0.5
     lo, hi = np.percentile(L[body], [2.0, 99.7]) if body.any() else (0.0, 1.0)
-    spacing = PIX * float(np.interp(geom.y_ref, atlas.slab_y, geom.mag)) * (NATIVE / size) / variant.scale
+    spacing = PIX * float(np.interp(geom.y_ref, atlas.slab_y, geom.mag)) * (NATIVE / size) / (variant.scale * FIELD_ZOOM)
     return Base(variant=variant, view=view, size=size, geom=geom, coords=coords, P=P, L=L, gain=gain,
                 sigma=sigma, window=(float(lo), float(hi)), t_heart=t_heart, t_lung=t_lung,
                 ctr=cardiothoracic_ratio(t_heart, t_lung), spacing=spacing)

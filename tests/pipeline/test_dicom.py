@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from pipeline.dicom import DECODER_PACKAGES, PROJECT_SALT, parse_age, pseudonym, read_dicom
+from pipeline.home import Home
 from pipeline.rejects import Reject
 from tests.pipeline.dicom_fixtures import (MARK, MARKER, MARKER_UID, chest, patch_bytes, phi_elements, with_voi_lut,
                                           write_dicom)
@@ -34,7 +35,7 @@ def bundled(name: str) -> Path:
 
 # name -> what it exercises. All ship in the pydicom 3 wheel; none is skipped.
 BUNDLED = {
-    "CT_small.dcm": "explicit LE, signed 16-bit, rescale, window",
+    "CT_small.dcm": "explicit LE, signed 16-bit, rescale, no window: min-max",
     "MR_small_bigendian.dcm": "explicit big endian",
     "image_dfl.dcm": "deflated explicit LE",
     "6154": "CR, MONOCHROME1, 12 of 16 bits",
@@ -113,6 +114,15 @@ def test_rescale_and_first_window_give_hand_computed_intensities(tmp_path):
     px = read_dicom(path).pixels
     # -1000: below -> 0; -100: 64.07 -> 64; 0: 127.82 -> 128; 50: 159.69 -> 160; 100: 191.57 -> 192; 200: above
     assert px[0, :6].tolist() == [0, 64, 128, 160, 192, 255]
+
+
+def test_sigmoid_window(tmp_path):
+    """VOI LUT Function SIGMOID (PS3.3 C.11.2.1.3.1): y = 255 / (1 + exp(-4 (x - c) / w))."""
+    stored = np.zeros((16, 16), np.uint16)
+    stored[0, :3] = [900, 1000, 1100]  # c - w/4, c + w/4 and far above
+    path = write_dicom(tmp_path / "sig.dcm", stored, WindowCenter=950, WindowWidth=200, VOILUTFunction="SIGMOID")
+    # 255 / (1 + e) = 68.6 -> 69; 255 / (1 + 1/e) = 186.4 -> 186; 255 / (1 + e**-3) = 242.6 -> 243
+    assert read_dicom(path).pixels[0, :3].tolist() == [69, 186, 243]
 
 
 def test_voi_lut_sequence_beats_window(tmp_path):
@@ -287,3 +297,54 @@ def test_no_phi_in_result_exceptions_warnings_or_logs(tmp_path, caplog):
     texts += [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     _phi_free("\n".join(texts))
     assert MARKER.encode() not in img.pixels.tobytes()
+
+
+def test_ingest_dicom_end_to_end_keeps_display_and_leaks_no_phi(tmp_path):
+    """Real ingestion into a home: cache orientation and intensity hold; no byte of PHI lands in the home."""
+    from pipeline.cache import gather
+    from pipeline.ingest.dicom import home_salt, ingest_dicom
+    from warehouse.db import connect
+
+    root, home = tmp_path / "dicoms", tmp_path / "home"
+    (root / "sub").mkdir(parents=True)
+    phi, anatomy = phi_elements(), chest(64, 64)
+    mono1 = write_dicom(root / f"{MARKER}_chest.dcm", 4095 - anatomy, photometric="MONOCHROME1", **phi)
+    rle = write_dicom(root / "sub" / "rle.dcm", anatomy[::-1], transfer_syntax=RLELossless,
+                      **{**phi, "SOPInstanceUID": MARKER_UID + ".9"})
+    write_dicom(root / f"{MARKER}_nopix.dcm", None, **phi)
+    data = mono1.read_bytes()
+    (root / "sub" / "cut.dcm").write_bytes(data[:len(data) // 2])
+    (root / "notes.dcm").write_bytes(f"{MARKER} Doe^Jane notes".encode())
+
+    summary = ingest_dicom(home, root, sizes=(256,))
+    assert summary["images"] == 2 and summary["rejects"] == 3
+
+    con = connect(home)
+    try:
+        rows = con.execute("SELECT image_id, patient_id, width, height, view, source_sha256 FROM images "
+                           "ORDER BY image_id").fetchall()
+        reasons = sorted(r[0] for r in con.execute("SELECT reason FROM rejects").fetchall())
+        entries = dict(con.execute("SELECT source_sha256, shard FROM cache_entries WHERE size = 256").fetchall())
+        rows_of = dict(con.execute("SELECT source_sha256, row FROM cache_entries WHERE size = 256").fetchall())
+    finally:
+        con.close()
+    assert reasons == ["no_pixel_data", "not_dicom", "truncated"]
+    salt = home_salt(Home.resolve(home))
+    expected = read_dicom(mono1, salt=salt).meta
+    by_id = {r[0]: r for r in rows}
+    assert expected["image_id"] in by_id and read_dicom(rle, salt=salt).meta["image_id"] in by_id
+    _, patient, width, height, view, sha = by_id[expected["image_id"]]
+    assert (patient, width, height, view) == (expected["patient_id"], 64, 64, "PA")
+
+    cached = gather(home / "cache", 256, np.array([entries[sha]]), np.array([rows_of[sha]]))[0]
+    scale = 256 // 64  # the 6x6 marker at rows/cols 2..7 covers 8..31 in the 256 cache
+    assert cached[8 + scale:32 - scale, 8 + scale:32 - scale].min() >= 250, "marker must stay top-left, bright"
+    assert cached[-3 * scale + 3:, :].max() <= 5, "the 3-row air strip at the bottom must stay dark"
+    np.testing.assert_allclose(cached.astype(float).mean(), read_dicom(mono1).pixels.mean(), atol=2)
+
+    files = [p for p in home.rglob("*") if p.is_file()]
+    assert any(p.name == "warehouse.duckdb" for p in files) and any(p.suffix == ".u8" for p in files)
+    for path in files:
+        blob = path.read_bytes()
+        for needle in (MARKER, MARKER_UID, "Doe^Jane", "19450102"):
+            assert needle.encode() not in blob, f"PHI {needle!r} found in {path.relative_to(home)}"

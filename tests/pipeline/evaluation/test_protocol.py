@@ -4,8 +4,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from pipeline.evaluation.iou import box_overlap, box_overlap_reference
+from pipeline.evaluation.maxboxacc import (CAM_THRESHOLDS, Heatmap, component_boxes, component_boxes_reference,
+                                           max_box_acc)
 from pipeline.evaluation.protocol import (IOBB_THRESHOLDS, IOU_THRESHOLDS, RESULT_COLUMNS, evaluate,
                                           evaluate_reference, protocol_name, ranked_list)
 from pipeline.evaluation.references import cai_table3, wang_afp_bound, wang_table
@@ -173,8 +176,6 @@ def test_shifting_boxes_monotonically_lowers_acc():
 
 
 # --- MaxBoxAccV2-style summary (Choe et al. 2020) ---
-from pipeline.evaluation.maxboxacc import (CAM_THRESHOLDS, Heatmap, component_boxes,  # noqa: E402
-                                           component_boxes_reference, max_box_acc)
 
 
 def test_component_boxes_match_skimage_reference():
@@ -188,7 +189,6 @@ def test_component_boxes_match_skimage_reference():
 
 
 def ndimage_smooth(a):
-    from scipy import ndimage
     a = ndimage.gaussian_filter(a, 2)
     return (a - a.min()) / (a.max() - a.min())
 

@@ -107,7 +107,8 @@ def test_report_is_self_contained_and_figures_show_boxes(tmp_path):
     assert len(pngs) == 1 + len(cases)
     # self-contained: every figure inline, nothing linked
     assert text.count('src="data:image/png;base64,') == len(pngs) and not re.search(r'src="(?!data:)', text)
-    for name in ("bounded/iou (acc)", "all/iou (acc)", "all/iobb (acc)", "maxboxacc/oracle (maxboxacc)"):
+    for name in ("bounded/iou (acc)", "all/iou (acc)", "all/iobb (acc)", "maxboxacc/oracle (maxboxacc)", "V2 mean",
+                 "n_images"):
         assert name in text
     first = re.search(r'base64,([^"]+)"', text).group(1)
     assert base64.b64decode(first) == (html_path.parent / "acc_vs_t.png").read_bytes()

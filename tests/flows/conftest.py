@@ -1,0 +1,56 @@
+"""Fixtures of the flow tests: one real Prefect server per session, a real Dask cluster (scheduler + 2 worker
+processes on loopback) per module, and a small ingested home with a tiny registered model."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.flows.prefect_server import session_server
+
+N_IMAGES, CACHE_SIZE = 40, 64
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    with session_server(tmp_path_factory.mktemp("prefect")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(prefect_api):
+    """Scheduler and 2 single-threaded worker processes; they inherit PREFECT_API_URL from the environment."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def base_home(tmp_path_factory):
+    """Phantom images ingested into a 64 px cache, and a tiny ResNet-18 checkpoint registered as a model."""
+    import torch
+
+    from models import create_model
+    from pipeline.ingest.nih import ingest_nih
+    from pipeline.phantom import generate
+    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
+
+    base = tmp_path_factory.mktemp("mine")
+    root = generate(base / "phantom", n_images=N_IMAGES, seed=0)
+    home = base / "home"
+    ingest_nih(home, root, sizes=(CACHE_SIZE,))
+    torch.manual_seed(0)
+    model = create_model("resnet18", "baseline", 14)
+    meta = model_meta(model_id="tiny-r18", parent_id=None, stage="base", arch="resnet18", neck="baseline",
+                      num_classes=14, input_size=CACHE_SIZE, config={})
+    path = home / "checkpoints" / "tiny-r18" / "final.pt"
+    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    return home
+
+
+@pytest.fixture
+def home(base_home, tmp_path):
+    """A fresh copy of the base home, so each test mines from nothing."""
+    return shutil.copytree(base_home, tmp_path / "home")
