@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"harvest {args.verb}: error: {exc}", file=sys.stderr)
         return 1
     return int(result or 0)

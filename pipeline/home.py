@@ -13,8 +13,10 @@ class Home:
     root: Path
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike | None = None) -> "Home":
-        """`--home` wins, then `$HARVEST_HOME`, then `./harvest-data`."""
+    def resolve(cls, home: "str | os.PathLike | Home | None" = None) -> "Home":
+        """`--home` wins, then `$HARVEST_HOME`, then `./harvest-data`. A Home passes through."""
+        if isinstance(home, Home):
+            return home
         path = home or os.environ.get("HARVEST_HOME") or DEFAULT_HOME
         return cls(Path(path).expanduser().resolve())
 
