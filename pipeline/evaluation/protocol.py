@@ -143,30 +143,33 @@ def evaluate(boxes: pd.DataFrame, gt: pd.DataFrame, run_id: str, *, findings=BOX
     return _evaluate(boxes, gt, run_id, lambda kind: overlap_pairs(boxes, gt, kind), findings, protocols, oracle)
 
 
-def load_eval_inputs(con, run_id: str, split: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list | None]:
+def load_eval_inputs(con, run_id: str, split: str | None = None,
+                     gt_table: str = "gt_boxes") -> tuple[pd.DataFrame, pd.DataFrame, list | None]:
     """(boxes of `run_id`, GT boxes of the evaluation images, their image_ids or None for all) from the warehouse.
 
     `split` (e.g. 'test') restricts the evaluation images to `images.split`; None takes every image with a GT box.
+    `gt_table` names the ground truth (a table or view, e.g. `gt_boxes` filtered to one `source`).
     """
     image_ids = None
     if split is not None:
         image_ids = [r[0] for r in con.execute(
-            "SELECT DISTINCT g.image_id FROM gt_boxes g JOIN images i USING (image_id) WHERE i.split = ?",
+            f"SELECT DISTINCT g.image_id FROM {gt_table} g JOIN images i USING (image_id) WHERE i.split = ?",
             [split]).fetchall()]
     boxes = con.execute(f"SELECT {', '.join(BOX_COLUMNS)} FROM mined_boxes WHERE run_id = ?", [run_id]).df()
-    gt = con.execute(f"SELECT {', '.join(GT_COLUMNS)} FROM gt_boxes").df()
+    gt = con.execute(f"SELECT {', '.join(GT_COLUMNS)} FROM {gt_table}").df()
     if image_ids is not None:
         gt = gt[gt["image_id"].isin(set(image_ids))]
     return boxes, gt, image_ids
 
 
 def evaluate_warehouse(con, run_id: str, *, split: str | None = None, findings=BOXED_FINDINGS,
-                       protocols=DEFAULT_PROTOCOLS, oracle: bool = False) -> pd.DataFrame:
+                       protocols=DEFAULT_PROTOCOLS, oracle: bool = False, gt_table: str = "gt_boxes") -> pd.DataFrame:
     """Run the protocol on the warehouse, overlaps computed in DuckDB (:func:`iou.overlap_pairs_sql`)."""
-    boxes, gt, image_ids = load_eval_inputs(con, run_id, split)
+    boxes, gt, image_ids = load_eval_inputs(con, run_id, split, gt_table)
     _check_inputs(boxes, gt)
     gt = number_gt(gt)   # same order as the SQL row_number(), so gt_ids agree
-    return _evaluate(boxes, gt, run_id, lambda kind: overlap_pairs_sql(con, kind, run_id, image_ids),
+    return _evaluate(boxes, gt, run_id,
+                     lambda kind: overlap_pairs_sql(con, kind, run_id, image_ids, gt_table=gt_table),
                      findings, protocols, oracle)
 
 
