@@ -43,20 +43,45 @@ class Boxes:
     valid: torch.Tensor
 
 
-def _edges(component: torch.Tensor, nodes: torch.Tensor, tau: torch.Tensor):
-    """Sub-cell first and last crossing of τ along the last axis, in node units (min/max over node rows).
+def _pixel_lines(component: torch.Tensor, nodes: torch.Tensor, tau: torch.Tensor, length: torch.Tensor):
+    """The frame pixel rows on which a box's left and right edges can lie, and which of their nodes are in it.
 
-    -inf / +inf where the component touches the map's border (the frame edge is the box edge there).
+    Between node rows r and r+1 the surface is linear along y at every x, so over the pixel rows sampled there
+    the x-extremes sit on the first and the last of them; above node row 0 and below the last one the surface is
+    flat in y (edge clamping), equal to those node rows. A point on such a row at node column j is in the
+    component iff it is >= τ and node (r, j) or (r+1, j) is in it (the vertical segment between them joins it).
+    Returns values and membership, `[..., 2h, w]`; `length` `[N]` is the frame's height in pixels.
     """
-    n = component.shape[-1]
-    rows = component.any(-1)
-    first = component.to(torch.uint8).argmax(-1, keepdim=True)            # first True along the row
-    last = n - 1 - component.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+    h = nodes.shape[-2]
+    scale = (length / h)[:, None, None, None]                               # pixels per grid cell, [N,1,1,1]
+    r = torch.arange(h - 1, device=nodes.device, dtype=torch.float32)[:, None]
+    first = torch.ceil((r + 0.5) * scale - 0.5)                             # first pixel centre >= node row r
+    last = torch.ceil((r + 1.5) * scale - 0.5) - 1                          # last pixel centre < node row r+1
+    lam = torch.cat([(first + 0.5) / scale - 0.5 - r, (last + 0.5) / scale - 0.5 - r], -2)  # [N,1,2h-2,1]
+    top, bottom = nodes[..., :-1, :].repeat(1, 1, 2, 1), nodes[..., 1:, :].repeat(1, 1, 2, 1)
+    values = (1 - lam) * top + lam * bottom
+    member = (values >= tau) & (component[..., :-1, :] | component[..., 1:, :]).repeat(1, 1, 2, 1)
+    ends = [0, h - 1]
+    return torch.cat([values, nodes[..., ends, :]], -2), torch.cat([member, component[..., ends, :]], -2)
+
+
+def _edges(component: torch.Tensor, nodes: torch.Tensor, tau: torch.Tensor, across: torch.Tensor):
+    """Sub-cell first and last crossing of τ along the last axis, in node units, over the pixel lines that
+    can hold them (`_pixel_lines`, `across` = the frame's length along the other axis).
+
+    Along a line the surface is linear between nodes, so the crossing just outside the component's first
+    (last) node is interpolated. -inf / +inf where the component touches the border (the frame edge is the edge).
+    """
+    values, member = _pixel_lines(component, nodes, tau, across)
+    n = member.shape[-1]
+    rows = member.any(-1)
+    first = member.to(torch.uint8).argmax(-1, keepdim=True)                # first True along the line
+    last = n - 1 - member.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
 
     def crossing(idx, step):
-        inside = nodes.gather(-1, idx)
-        outside = nodes.gather(-1, (idx + step).clamp(0, n - 1))
-        # inside >= τ > outside (an outside neighbour >= τ would belong to the component), so this is in (0, 1].
+        inside = values.gather(-1, idx)
+        outside = values.gather(-1, (idx + step).clamp(0, n - 1))
+        # inside >= τ > outside (an outside neighbour >= τ would be joined to the component), so frac is in [0, 1).
         frac = (inside - tau) / (inside - outside).clamp_min(1e-12)
         at_border = (idx + step < 0) | (idx + step > n - 1)
         return torch.where(at_border, float("inf") * step, idx + step * frac).squeeze(-1)
@@ -116,8 +141,8 @@ def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0
     t = tau[:, None, None]
     fine = fused[:, None].expand(N, K, h, w)                                  # one map per threshold
     component = surface_component(fine, t)
-    x_lo, x_hi = _edges(component, fine, t)
-    y_lo, y_hi = _edges(component.transpose(-1, -2), fine.transpose(-1, -2), t)
+    x_lo, x_hi = _edges(component, fine, t, frames[:, 1])
+    y_lo, y_hi = _edges(component.transpose(-1, -2), fine.transpose(-1, -2), t, frames[:, 0])
     width, height = frames[:, :1], frames[:, 1:]
     x0, x1 = _pixel_range(x_lo, x_hi, fine.shape[-1], width)
     y0, y1 = _pixel_range(y_lo, y_hi, fine.shape[-2], height)

@@ -81,7 +81,7 @@ def structures(path: Path) -> dict[str, int]:
         return {row["structure"]: int(row["id"]) for row in csv.DictReader(f)}
 
 
-@dataclass
+@dataclass(eq=False)   # hashed by identity: per-process caches key on it
 class Atlas:
     """Per-process precomputation from the CT (see module docstring). Arrays are float32 unless noted."""
     slab_soft: np.ndarray    # [S, NATIVE, NATIVE] line integral of soft-tissue mu through each slab

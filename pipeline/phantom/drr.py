@@ -249,7 +249,14 @@ def lesion_from_volume(atlas: Atlas, geom: ViewGeometry, finding: str, dmu: np.n
 
 
 def lesion_from_native(finding: str, dp: np.ndarray, box_from: np.ndarray | None = None) -> Lesion:
-    return Lesion(finding=finding, dp=dp.astype(np.float32), A=np.eye(2), t=np.zeros(2), box_from=box_from)
+    """A lesion given in the native view frame, cropped to where it (or its footprint map) is non-zero."""
+    support = (dp != 0) if box_from is None else (dp != 0) | (box_from > 0)
+    rows, cols = np.flatnonzero(support.any(1)), np.flatnonzero(support.any(0))
+    r0, r1 = max(rows[0] - 2, 0), rows[-1] + 3
+    c0, c1 = max(cols[0] - 2, 0), cols[-1] + 3
+    crop = (slice(r0, r1), slice(c0, c1))
+    return Lesion(finding=finding, dp=dp[crop].astype(np.float32), A=np.eye(2), t=-np.array([r0, c0], float),
+                  box_from=None if box_from is None else box_from[crop].astype(np.float32))
 
 
 def project_lesion(base: Base, lesion: Lesion):

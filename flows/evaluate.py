@@ -1,0 +1,80 @@
+"""Flow 5: score a mining run against ground truth (DESIGN.md section 6) and write the report."""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
+
+from flows.query import print_table
+from pipeline.evaluation.run import evaluate_run
+from pipeline.home import Home
+from pipeline.runs import recorded_run
+from warehouse import db
+
+
+@task(name="evaluate-run")
+def evaluate_task(home: str, run_id: str, report: bool) -> dict:
+    out = evaluate_run(home, run_id, report=report)
+    return {"model_id": out["model_id"], "rows": len(out["results"]),
+            "report": str(out["report"]) if out["report"] else None}
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(home: str, run_id: str, report: bool = True) -> dict:
+    with recorded_run(home, "evaluate", {"mining_run": run_id, "report": report}) as eval_id:
+        out = evaluate_task(home, run_id, report)
+    summary = headline(home, run_id)
+    create_table_artifact(key="evaluation-summary", table=summary.to_dict("records"),
+                          description=f"Acc per finding for mining run {run_id} (evaluation {eval_id})")
+    if out["report"]:
+        create_link_artifact(key="evaluation-report", link=f"file://{out['report']}",
+                             description=f"HTML report of mining run {run_id}")
+    return {"evaluation_id": eval_id, **out}
+
+
+def headline(home, run_id: str, protocol: str = "all/iou", family_t=(0.1, 0.3, 0.5)):
+    """Acc per finding at a few T for one protocol: the table the CLI and the demo print."""
+    con = db.connect(Home.resolve(home), read_only=True)
+    try:
+        return con.execute(f"""
+            PIVOT (SELECT protocol, finding, 'T=' || t AS t, round(acc, 3) AS acc FROM eval_results
+                   WHERE run_id = ? AND metric = 'acc' AND protocol LIKE ? AND t IN ({','.join(map(str, family_t))}))
+            ON t USING first(acc) ORDER BY protocol, finding""", [run_id, protocol + "%"]).df()
+    finally:
+        con.close()
+
+
+def print_results(home, run_id: str, protocol: str, family: str) -> None:
+    con = db.connect(Home.resolve(home), read_only=True)
+    try:
+        like = f"{protocol}/{family}%"
+        print_table(con, """
+            SELECT protocol, finding, t, round(acc, 3) AS acc, round(afp, 3) AS afp, n_gt, n_images
+            FROM eval_results WHERE run_id = ? AND metric = 'acc' AND protocol LIKE ?
+            ORDER BY protocol, finding, t""", [run_id, like], max_rows=1000)
+        print()
+        print_table(con, """
+            SELECT protocol, finding, t AS iou, round(acc, 3) AS maxboxacc FROM eval_results
+            WHERE run_id = ? AND metric = 'maxboxacc' ORDER BY protocol, finding, t""", [run_id])
+    finally:
+        con.close()
+
+
+def _run(args) -> int:
+    home = str(Home.resolve(args.home).root)
+    out = evaluate_flow(home, args.run, report=not args.no_report)
+    print_results(home, args.run, args.protocol, args.family)
+    if out["report"]:
+        print(f"\nreport: {out['report']}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a mining run against ground-truth boxes (Wang/Cai protocol)",
+                       description="Score the mined boxes of one run: Acc and AFP per finding and T, bounded by "
+                                   "Wang's AFP or with all boxes, IoU and IoBB families, MaxBoxAccV2; write "
+                                   "eval_results and an HTML report.")
+    p.add_argument("--run", required=True, help="mining run id (see `harvest sql \"SELECT * FROM runs\"`)")
+    p.add_argument("--protocol", choices=["bounded", "all"], default="all", help="which table to print")
+    p.add_argument("--family", choices=["iou", "iobb"], default="iou", help="overlap family to print")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.set_defaults(func=_run)

@@ -1,0 +1,155 @@
+"""The whole chain, `ingest -> train -> mine -> evaluate -> export`, as one flow; and `harvest demo`.
+
+The scheduled deployment (prefect.yaml) runs this flow with `incremental=True`: it ingests what was added to
+the source folder since the last run and mines only those images, with the current model.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows._runtime import prefect_api
+from flows.evaluate import evaluate_flow, headline
+from flows.export import export_flow
+from flows.ingest import ingest_flow
+from flows.mine import mine_flow
+from pipeline.harvest_config import input_size, load_sections
+from pipeline.home import Home
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def resolve_config(path) -> Path:
+    """A config path as given, else relative to the repository (so `configs/demo.yaml` works anywhere)."""
+    p = Path(path)
+    return p if p.exists() else REPO / p
+
+
+@task(name="train")
+def train_task(home: str, config: str) -> str:
+    from pipeline.training.stages import train
+    return train(home, config)
+
+
+def current_model(home: Home) -> str | None:
+    from warehouse import db
+    if not home.warehouse.exists():
+        return None
+    con = db.connect(home, read_only=True)
+    try:
+        row = con.execute("SELECT model_id FROM models ORDER BY created_at DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
+    return row[0] if row else None
+
+
+@task(name="has-ground-truth")
+def has_ground_truth(home: str) -> bool:
+    from warehouse import db
+    con = db.connect(Home.resolve(home), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM gt_boxes").fetchone()[0] > 0
+    finally:
+        con.close()
+
+
+@flow(name="harvest", log_prints=True)
+def harvest_flow(home: str | None = None, source: str | None = None, config: str = "configs/demo.yaml",
+                 incremental: bool = False, dask_address: str | None = None) -> dict:
+    """Ingest `source` (NIH layout), train (or reuse) a model, mine, evaluate where truth exists, export."""
+    t0 = time.perf_counter()
+    home_ = Home.resolve(home).make()
+    home = str(home_.root)
+    config = str(resolve_config(config))
+    sections = load_sections(config)
+    timings = {}
+    if source:
+        ingest = ingest_flow(home, "nih", str(source), sizes=[input_size(config)])
+        timings["ingest"] = time.perf_counter() - t0
+    else:
+        ingest = None
+    model_id = current_model(home_) if incremental else None
+    if model_id is None:
+        model_id = train_task(home, config)
+    timings["train"] = time.perf_counter() - t0 - sum(timings.values())
+    mining = sections["mining"]
+    mine_cfg = {k: v for k, v in mining.items() if k not in ("split", "shard_size")}
+    mined = mine_flow(home, model=model_id, split=mining["split"], shard_size=int(mining["shard_size"]),
+                      dask_address=dask_address, config=mine_cfg or None)
+    timings["mine"] = time.perf_counter() - t0 - sum(timings.values())
+    run_id = mined["run_id"]
+    evaluation = evaluate_flow(home, run_id) if has_ground_truth(home) else None
+    timings["evaluate"] = time.perf_counter() - t0 - sum(timings.values())
+    exp = sections["export"]
+    exports = {fmt: export_flow(home, run_id, fmt, None, exp.get("min_score"), tuple(exp.get("ranks") or []) or None)
+               for fmt in exp["formats"]}
+    timings["export"] = time.perf_counter() - t0 - sum(timings.values())
+    summary = {"home": home, "model_id": model_id, "run_id": run_id, "ingest": ingest, "mine": mined,
+               "report": evaluation and evaluation.get("report"),
+               "exports": {k: v.get("path") if isinstance(v, dict) else str(v) for k, v in exports.items()},
+               "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    create_markdown_artifact(key="harvest-summary", markdown="\n".join(
+        ["# Harvest", f"- model: `{model_id}`", f"- mining run: `{run_id}` ({mined['images_mined']} images mined "
+         f"this run, {mined['rows']} boxes in all)", f"- report: {summary['report']}"]
+        + [f"- export {k}: {v}" for k, v in summary["exports"].items()]))
+    return summary
+
+
+def ensure_phantom(home: Home, config) -> Path:
+    """Generate the demo's phantom dataset under the home folder once; reuse it afterwards."""
+    from pipeline.phantom import generate
+    spec = load_sections(config)["phantom"]
+    out = home.root / "phantom"
+    entry = out / "Data_Entry_2017_v2020.csv"
+    if entry.exists() and sum(1 for _ in entry.open()) - 1 == int(spec["n"]) and (out / "truth.csv").exists():
+        return out
+    generate(out, **spec)
+    return out
+
+
+def _demo(args) -> int:
+    t0 = time.perf_counter()
+    home = Home.resolve(args.home).make()
+    config = resolve_config(args.config)
+    source = ensure_phantom(home, config)
+    print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")
+    with prefect_api():
+        summary = harvest_flow(str(home.root), str(source), str(config))
+    print("\nAcc per finding (protocol all/iou: every mined box counts; @truth: every instance on every mined "
+          "image):")
+    print(headline(home.root, summary["run_id"]).to_string(index=False))
+    print(f"\nwarehouse: {home.warehouse}   (try: harvest sql \"SELECT finding, count(*) FROM mined_boxes "
+          f"GROUP BY 1\")")
+    print(f"report:    {summary['report']}")
+    for fmt, path in summary["exports"].items():
+        print(f"export:    {fmt:8s} {path}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; stage seconds: {summary['seconds']}")
+    return 0
+
+
+def _harvest(args) -> int:
+    with prefect_api():
+        summary = harvest_flow(str(Home.resolve(args.home).make().root), args.source, args.config,
+                               args.incremental, args.dask_address)
+    for k in ("model_id", "run_id", "report"):
+        print(f"{k}: {summary[k]}")
+    return 0
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded phantom data (about 20 min on 2 cores)",
+                       description="Generate the phantom ChestX-ray14 (size from the config), ingest, train, "
+                                   "mine, evaluate, export and report. A second run reuses what is done.")
+    d.add_argument("--config", default=str(DEMO_CONFIG), help="config (default configs/demo.yaml)")
+    d.set_defaults(func=_demo)
+    h = sub.add_parser("run", help="the harvest flow: ingest a folder, train, mine, evaluate, export",
+                       description="Run the chained harvest flow on an NIH-layout folder.")
+    h.add_argument("--source", required=True, help="NIH-layout folder to ingest")
+    h.add_argument("--config", default=str(DEMO_CONFIG), help="training/mining/export config")
+    h.add_argument("--incremental", action="store_true", help="reuse the current model; mine only new images")
+    h.add_argument("--dask-address", default=None, help="existing Dask scheduler, tcp://host:8786")
+    h.set_defaults(func=_harvest)

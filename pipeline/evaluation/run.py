@@ -1,0 +1,144 @@
+"""Evaluate one mining run from the warehouse: protocol tables, MaxBoxAccV2, and the visual report.
+
+Ground-truth sets (`gt_boxes.source`):
+- `bbox_list`: the boxes of `BBox_List_2017.csv`; on NIH the 880 boxed images, the paper's evaluation set.
+  Protocol names are the plain ones (`bounded/iou`, `all/iou`, `all/iobb`).
+- `truth`: a phantom's exact box of every finding instance, scored over every image the run mined. This is the
+  harvest quality users get. Protocol names carry `@truth` (`all/iou@truth`).
+MaxBoxAccV2 picks its CAM threshold on validation images: mined images with `truth` boxes that are not
+evaluation images (phantom only). Without them the summary is labeled oracle (`maxboxacc/oracle`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.dataset import CacheDataset, normalize
+from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
+from pipeline.evaluation.protocol import evaluate_warehouse, write_results
+from pipeline.evaluation.report import Case, select_cases, write_report
+from pipeline.home import Home
+from pipeline.vocab import BOXED_FINDINGS, INDEX
+from warehouse import db
+
+GT_SETS = ("bbox_list", "truth")
+MAX_VAL_MAPS = 400   # validation heatmaps for the MaxBoxAcc threshold choice
+
+
+def run_info(con, run_id: str) -> dict:
+    row = con.execute("SELECT params, model_id FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        model = con.execute("SELECT any_value(model_id) FROM mined_boxes WHERE run_id = ?", [run_id]).fetchone()
+        if model is None or model[0] is None:
+            raise KeyError(f"no mining run {run_id!r} in the warehouse (see `harvest sql \"SELECT * FROM runs\"`)")
+        return {"params": {}, "model_id": model[0]}
+    return {"params": json.loads(row[0] or "{}"), "model_id": row[1]}
+
+
+def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, device: str = "cpu") -> dict:
+    """Score `run_id` on every ground-truth set present; write `eval_results` and the report."""
+    home = Home.resolve(home)
+    con = db.connect(home)
+    try:
+        info = run_info(con, run_id)
+        mined = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
+                                           [run_id]).fetchall()]
+        results, gts = [], {}
+        for gt_set in GT_SETS:
+            view = f"gt_{gt_set}"
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM gt_boxes WHERE source = '{gt_set}'"
+                        + (" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = $run)"
+                           if gt_set == "truth" else ""), {"run": run_id} if gt_set == "truth" else {})
+            gt = con.execute(f"SELECT image_id, finding, x, y, w, h FROM {view}").df()
+            if gt.empty:
+                continue
+            gts[gt_set] = gt
+            rows = evaluate_warehouse(con, run_id, gt_table=view)
+            if gt_set != "bbox_list":
+                rows["protocol"] = rows["protocol"] + f"@{gt_set}"
+            results.append(rows)
+        if not results:
+            raise ValueError(f"no ground-truth boxes in {home.warehouse}: nothing to evaluate run {run_id} on")
+        boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
+                            [run_id]).df()
+        eval_gt = gts.get("bbox_list", gts.get("truth"))
+        results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
+        table = pd.concat(results, ignore_index=True)
+        write_results(con, table)
+    finally:
+        con.close()
+    out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "report": None}
+    if report:
+        cases = _cases(home, info, boxes, eval_gt, n_cases, device)
+        out["report"] = write_report(home.reports / run_id, run_id, table, cases)
+    return out
+
+
+def _model(home: Home, model_id: str, device: str):
+    from pipeline.training.checkpoint import load_model
+    model, meta = load_model(home, model_id, device=device)
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def heatmaps(model, ds: CacheDataset, indices, findings: list[str], steps: int = 3, device: str = "cpu"):
+    """H_1..H_T and H_f `[T+1, h, w]` for (image index, finding) pairs, one forward per image (eq. 7-8)."""
+    from pipeline.mining.heatmap_fusion import attention_mining, fuse
+    out = []
+    for k in range(0, len(indices), 32):
+        idx, fs = indices[k:k + 32], findings[k:k + 32]
+        X = model.forward_features(normalize(ds.get_batch(idx)["image"], device))
+        cams = model.cam(X.float())
+        cam = cams[torch.arange(len(idx)), torch.tensor([INDEX[f] for f in fs])]
+        H, M = attention_mining(cam, steps)
+        stack = torch.cat([H, fuse(H, M)[None]]).permute(1, 0, 2, 3)   # [n, T+1, h, w]
+        out.extend(stack.cpu().numpy())
+    return out
+
+
+def _max_box_acc(home, info, run_id, eval_gt, truth, mined, device) -> pd.DataFrame:
+    model, meta = _model(home, info["model_id"], device)
+    size = int(meta.get("input_size", 256))
+    steps = int(info["params"].get("config", {}).get("steps", 3)) if isinstance(info["params"].get("config"), dict) else 3
+
+    def maps(gt: pd.DataFrame) -> list[Heatmap]:
+        pairs = gt[["image_id", "finding"]].drop_duplicates()
+        ds = CacheDataset(home, size=size, image_ids=sorted(set(pairs["image_id"])))
+        pos = {iid: i for i, iid in enumerate(ds.image_ids)}
+        hm = heatmaps(model, ds, [pos[i] for i in pairs["image_id"]], list(pairs["finding"]), steps, device)
+        return [Heatmap(i, f, h[-1], *ds.frames[pos[i]]) for (i, f), h in zip(pairs.itertuples(index=False), hm)]
+
+    val_gt = None
+    if truth is not None and eval_gt is not truth:
+        val_gt = truth[~truth["image_id"].isin(set(eval_gt["image_id"])) & truth["image_id"].isin(set(mined))]
+        keep = sorted(set(val_gt["image_id"]))[:MAX_VAL_MAPS]
+        val_gt = val_gt[val_gt["image_id"].isin(keep)]
+    eval_gt = eval_gt[eval_gt["finding"].isin(BOXED_FINDINGS)]
+    if val_gt is not None and not val_gt.empty:
+        return max_box_acc(maps(eval_gt), eval_gt, run_id, val_maps=maps(val_gt), val_gt=val_gt)
+    return max_box_acc(maps(eval_gt), eval_gt, run_id)
+
+
+def _cases(home, info, boxes, gt, n, device) -> list[Case]:
+    picks = select_cases(boxes, gt, n=n)
+    if picks.empty:
+        return []
+    model, meta = _model(home, info["model_id"], device)
+    size = int(meta.get("input_size", 256))
+    ds = CacheDataset(home, size=size, image_ids=sorted(set(picks["image_id"])))
+    pos = {iid: i for i, iid in enumerate(ds.image_ids)}
+    hms = heatmaps(model, ds, [pos[i] for i in picks["image_id"]], list(picks["finding"]), device=device)
+    cases = []
+    for p, hm in zip(picks.itertuples(index=False), hms):
+        i = pos[p.image_id]
+        sel = (boxes["image_id"] == p.image_id) & (boxes["finding"] == p.finding)
+        g = (gt["image_id"] == p.image_id) & (gt["finding"] == p.finding)
+        cases.append(Case(p.image_id, p.finding, ds.get_batch([i])["image"][0, 0].numpy(), list(hm),
+                          gt.loc[g, list("xywh")].to_numpy(float),
+                          boxes.loc[sel].sort_values("rank")[list("xywh")].to_numpy(float),
+                          frame=tuple(ds.frames[i]), label=p.label, best_iou=float(p.best_iou)))
+    return cases
