@@ -31,6 +31,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# Exec the given `python ...` command after asking Linux to SIGTERM it when its parent dies, so a SIGKILLed
+# flow or test run leaves no server behind (elsewhere the server simply outlives a killed parent).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (AttributeError, OSError):\n"
+    "    pass\n"
+    "if os.getppid() == 1:\n"
+    "    sys.exit(0)  # the parent is already gone\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+
+
 @dataclass
 class PrefectServer:
     """A `prefect server start` subprocess on loopback; `api_url` is what PREFECT_API_URL must hold."""
@@ -39,11 +52,6 @@ class PrefectServer:
     process: subprocess.Popen
     log: Path
     _own_home: bool = field(default=False, repr=False)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment for any process (flow, Dask worker) that should report to this server."""
-        return {**OFFLINE_ENV, "PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.prefect_home)}
 
     def stop(self, timeout: float = 20) -> None:
         if self.process.poll() is None:
@@ -73,8 +81,8 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
     log = home / "server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
-             "--no-ui", "--analytics-off", "--no-scheduler", "--no-late-runs"],
+            [sys.executable, "-c", _DIE_WITH_PARENT, "-m", "prefect", "server", "start", "--host", host,
+             "--port", str(port), "--no-ui", "--analytics-off", "--no-scheduler", "--no-late-runs"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     server = PrefectServer(api_url, home, proc, log, own)
     deadline = time.monotonic() + timeout
@@ -112,12 +120,25 @@ def use_prefect_api(api_url: str):
     os.environ["PREFECT_API_URL"] = api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield api_url
+            try:
+                yield api_url
+            finally:
+                drain_prefect_clients()
     finally:
         if old is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = old
+
+
+def drain_prefect_clients(timeout: float = 10) -> None:
+    """Send this process's queued Prefect logs and events now, while their server is still up (else they
+    are retried against a stopped server at interpreter exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout, at_exit=False)
 
 
 @contextmanager
@@ -132,26 +153,33 @@ def prefect_api():
         yield server.api_url
 
 
-def local_cluster_kwargs(n_workers: int | None = None) -> dict:
-    """`distributed.LocalCluster` kwargs sized to the machine's devices: one single-threaded worker process
-    per GPU; on CPU, up to 2 single-threaded worker processes (Dask's nanny sets OMP_NUM_THREADS=1, so
-    torch uses one thread each)."""
+def local_cluster_kwargs(n_workers: int | None = None, api_url: str | None = None) -> dict:
+    """`distributed.LocalCluster` kwargs sized to the machine's devices: one worker process per GPU, else 2
+    (1 on a one-core machine). Each worker runs one task at a time; torch gets the cores divided among the
+    workers (OMP_NUM_THREADS, which overrides the nanny's default of 1). Workers report to `api_url`."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    n = n_workers or gpus or max(1, min(2, os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    n = n_workers or gpus or min(2, cores)
+    threads = str(max(1, cores // n))
     env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_") or k in OFFLINE_ENV}
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **({"PREFECT_API_URL": api_url} if api_url else {}))
     return dict(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, env=env)
+                dashboard_address=":0", env=env)   # dashboard on any free port: no clash with other clusters
 
 
-def dask_task_runner(address: str | None = None, n_workers: int | None = None):
-    """prefect-dask runner on the scheduler at `address`, or on a fresh LocalCluster sized to the devices."""
+def dask_task_runner(address: str | None = None, n_workers: int | None = None, api_url: str | None = None):
+    """prefect-dask runner on the scheduler at `address`, or on a fresh LocalCluster sized to the devices
+    whose workers report to `api_url`. Workers of an existing cluster need no Prefect environment: each task
+    carries the flow's settings, PREFECT_API_URL included, so run the flow against a real server
+    (`prefect_api()`), never an ephemeral one."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(n_workers))
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs=local_cluster_kwargs(n_workers, api_url))
 
 
 def worker_device() -> str:

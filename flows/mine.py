@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import dask_task_runner, prefect_api, worker_device
@@ -31,7 +33,7 @@ from warehouse import db
 DEFAULT_SHARD_SIZE = 2048
 SPLITS = ("train", "val", "test", "all")
 IMAGE_IDS_KEY = b"cxr_harvest.image_ids"   # Parquet key-value metadata: the images a part covers
-_WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> (model, meta)
+_WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> model
 
 
 # ---- plan: pure functions, testable without Prefect or Dask ------------------------------------------
@@ -42,14 +44,18 @@ def mining_run_id(model_id: str, config_hash: str, split: str) -> str:
     return f"mine-{split}-{digest}"
 
 
+def run_dir(home: Home, run_id: str) -> Path:
+    return home.data / "mined_boxes" / f"run_id={run_id}"
+
+
 def part_path(home: Home, run_id: str, shard: int) -> Path:
-    return home.data / "mined_boxes" / f"run_id={run_id}" / f"part-{shard:05d}.parquet"
+    return run_dir(home, run_id) / f"part-{shard:05d}.parquet"
 
 
-def finished_parts(run_dir: Path) -> dict[int, list[str]]:
+def finished_parts(folder: Path) -> dict[int, list[str]]:
     """Shard index -> image ids covered, from the parts already on disk (temp files are not `*.parquet`)."""
     done = {}
-    for path in sorted(run_dir.glob("part-*.parquet")):
+    for path in sorted(folder.glob("part-*.parquet")):
         meta = pq.read_schema(path).metadata or {}
         done[int(path.stem.split("-")[1])] = json.loads(meta.get(IMAGE_IDS_KEY, b"[]"))
     return done
@@ -70,8 +76,10 @@ def plan_shards(image_ids: list[str], shard_size: int, done: dict[int, list[str]
     jobs, moved = [], []
     for index in range(0, (len(ids) + shard_size - 1) // shard_size):
         todo = [i for i in ids[index * shard_size:(index + 1) * shard_size] if i not in covered]
-        if todo:
-            (moved.extend(todo) if index in done else jobs.append((index, todo)))
+        if todo and index in done:
+            moved.extend(todo)
+        elif todo:
+            jobs.append((index, todo))
     start = max([*done, *(j for j, _ in jobs), -1]) + 1
     jobs += [(start + k, moved[k * shard_size:(k + 1) * shard_size])
              for k in range((len(moved) + shard_size - 1) // shard_size)]
@@ -93,22 +101,22 @@ def mining_config(config=None):
     """None -> defaults; a dict (e.g. from YAML or a deployment parameter) or a MiningConfig."""
     from pipeline.mining import MiningConfig
 
-    if config is None:
-        return MiningConfig()
-    return config if isinstance(config, MiningConfig) else MiningConfig(**config)
+    return config if isinstance(config, MiningConfig) else MiningConfig.from_dict(config)
 
 
 # ---- the task: thin, one pipeline call plus the atomic write -------------------------------------------
 
-def _worker_model(home: Home, model_id: str, sha256: str):
-    """Load the model once per worker process; keyed by checkpoint sha so a retrained id never goes stale."""
+def _worker_model(home: Home, model_id: str, sha256: str) -> tuple:
+    """-> (model, loaded now). The model is loaded once per worker process, keyed by checkpoint sha so a
+    retrained id never goes stale."""
     from pipeline.training.checkpoint import load_model
 
     key = (str(home.root), model_id, sha256)
-    if key not in _WORKER_MODEL:
-        _WORKER_MODEL.clear()   # one model per worker: bounded memory across runs on a long-lived cluster
-        _WORKER_MODEL[key] = load_model(home, model_id, device=worker_device())
-    return _WORKER_MODEL[key]
+    if key in _WORKER_MODEL:
+        return _WORKER_MODEL[key], False
+    _WORKER_MODEL.clear()   # one model per worker: bounded memory across runs on a long-lived cluster
+    _WORKER_MODEL[key] = load_model(home, model_id, device=worker_device())[0]
+    return _WORKER_MODEL[key], True
 
 
 @task(name="mine-shard", task_run_name="mine-shard-{shard:05d}", retries=2, retry_delay_seconds=1,
@@ -121,11 +129,12 @@ def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], mo
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
-    out = {"shard": shard, "images": len(image_ids), "pid": os.getpid()}
+    out = {"shard": shard, "images": len(image_ids), "pid": os.getpid(), "loaded_model": False, "device": None}
     if path.exists():
         return {**out, "rows": pq.read_metadata(path).num_rows, "seconds": 0.0, "skipped": True}
     t0 = time.perf_counter()
-    model, _meta = _worker_model(home, model_id, sha256)
+    model, out["loaded_model"] = _worker_model(home, model_id, sha256)
+    out["device"] = str(next(model.parameters()).device)
     table = mine_shard(home, model_id, image_ids, config, run_id, model=model)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), IMAGE_IDS_KEY: json.dumps(image_ids)})
     db.write_parquet_atomic(table, path)
@@ -151,18 +160,23 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
     row = model_row(home, model)
     model_id, sha256 = row["model_id"], row["checkpoint_sha256"]
     run_id = run_id or mining_run_id(model_id, cfg.config_hash(), split)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", run_id):   # a folder name and a Prefect artifact key
+        raise ValueError(f"run_id {run_id!r}: use lowercase letters, digits and dashes")
     image_ids = list_images(home, split)
-    done = finished_parts(part_path(home, run_id, 0).parent)
+    done = finished_parts(run_dir(home, run_id))
     jobs = plan_shards(image_ids, shard_size, done)
     params = {"model": model, "split": split, "shard_size": shard_size, "dask_address": dask_address,
-              "config": cfg, "config_hash": cfg.config_hash()}
+              "config": cfg.to_dict(), "config_hash": cfg.config_hash()}
     start_run(home, "mine", params, model_id, run_id)
+    if dask_address and not PREFECT_API_URL.value():
+        get_run_logger().warning("no PREFECT_API_URL: each worker of %s starts a Prefect server of its own; "
+                                 "use `harvest mine` or set PREFECT_API_URL", dask_address)
     progress = create_progress_artifact(0.0 if jobs else 100.0, key=f"{run_id}-progress",
                                         description=f"mining {len(image_ids)} {split} images with {model_id}")
     results, failures = [], []
     try:
         if jobs:
-            with dask_task_runner(dask_address, n_workers) as runner:
+            with dask_task_runner(dask_address, n_workers, _api_url()) as runner:
                 futures = [runner.submit(mine_shard_task, dict(
                     home=str(home.root), run_id=run_id, shard=index, image_ids=ids, model_id=model_id,
                     sha256=sha256, config=cfg)) for index, ids in jobs]
@@ -179,10 +193,21 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
     except BaseException:
         finish_run(home, run_id, "failed")
         raise
+    for tmp in run_dir(home, run_id).glob(".part-*.tmp"):   # left by writers killed mid-write
+        tmp.unlink(missing_ok=True)
     finish_run(home, run_id, "completed")   # a writable connect also refreshes the Parquet views
     summary = _summary(home, run_id, model_id, split, image_ids, done, results, time.perf_counter() - t0)
     create_table_artifact([summary], key=f"{run_id}-summary", description=f"harvest mine {split} with {model_id}")
+    get_run_logger().info("mined %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
+
+
+def _api_url() -> str:
+    """The API this flow run reports to (also an ephemeral server's), for the workers of a LocalCluster."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
 
 
 def _summary(home: Home, run_id, model_id, split, image_ids, done, results, seconds) -> dict:
@@ -194,9 +219,11 @@ def _summary(home: Home, run_id, model_id, split, image_ids, done, results, seco
     finally:
         con.close()
     return {"run_id": run_id, "model_id": model_id, "split": split, "images": len(image_ids),
-            "shards_total": len(finished_parts(part_path(home, run_id, 0).parent)),
+            "shards_total": len(finished_parts(run_dir(home, run_id))),
             "shards_mined": len(mined), "shards_skipped": len(done) + len(results) - len(mined),
-            "images_mined": sum(r["images"] for r in mined), "rows": rows, "images_with_boxes": images_with_boxes,
+            "images_mined": sum(r["images"] for r in mined), "model_loads": sum(r["loaded_model"] for r in mined),
+            "devices": ",".join(sorted({r["device"] for r in mined})) or None,
+            "rows": rows, "images_with_boxes": images_with_boxes,
             "seconds": round(seconds, 2),
             "images_per_s": round(sum(r["images"] for r in mined) / seconds, 2) if seconds > 0 else None}
 
@@ -215,14 +242,22 @@ def register(subparsers) -> None:
     p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
                    help="use this Dask scheduler; default: a LocalCluster, one worker per GPU or 2 on CPU")
     p.add_argument("--workers", type=int, metavar="N", help="LocalCluster size (default: sized to the devices)")
+    p.add_argument("--config", metavar="YAML", help="MiningConfig file (steps, thresholds, batch_size, ...); "
+                                                    "default: the built-in defaults")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Run the flow against $PREFECT_API_URL, or a loopback Prefect server shared with the Dask workers."""
+    from pipeline.mining import MiningConfig
+    from pipeline.training.checkpoint import model_row
+
+    home = str(Home.resolve(getattr(args, "home", None)).root)
+    model_row(home, args.model)   # fail fast (no model, no warehouse, bad config) before a server starts
+    config = MiningConfig.from_yaml(args.config) if args.config else None
     with prefect_api():
-        summary = mine_flow(home=getattr(args, "home", None), model=args.model, split=args.split,
-                            shard_size=args.shard_size, dask_address=args.dask_address, n_workers=args.workers)
+        summary = mine_flow(home=home, model=args.model, split=args.split, shard_size=args.shard_size,
+                            dask_address=args.dask_address, config=config, n_workers=args.workers)
     width = max(map(len, summary))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
     return 0

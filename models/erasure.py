@@ -11,14 +11,13 @@ Our reading of what the paper leaves open:
   component of the unerased area holding the first pixel is erased; a fully erased map stays fully erased.
 
 ``erasure_step`` is batched on the tensor's device (no loop over images or classes); connected components are
-a flood fill from the seed, one 3x3 max-pool per ring, restricted to the foreground. ``erasure_step_reference``
+label propagation with pointer jumping (`connected_component`). ``erasure_step_reference``
 does the same with numpy and ``skimage.measure.label``, one map at a time; a test holds them bit-equal.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 THRESHOLD = 0.5  # sec. 3.2: "normalized to [0,1] and binarized with a threshold of 0.5"
 
@@ -36,48 +35,62 @@ def normalize_unerased(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return norm.masked_fill(~keep, 0.0)
 
 
-def connected_component(foreground: torch.Tensor, seed: torch.Tensor, diagonals=None,
-                        check_every: int = 4) -> torch.Tensor:
+def connected_component(foreground: torch.Tensor, seed: torch.Tensor, diagonals=None) -> torch.Tensor:
     """8-connected component of `foreground` that holds `seed`, for a batch of `[..., h, w]` bool maps.
 
-    Grows the seed by one ring of neighbours per iteration (a 3x3 max-pool), keeps only foreground pixels, and
-    stops when no map changes. Convergence is checked every `check_every` rings: the fill is monotone, so extra
-    rings past the fixed point are harmless, and fewer checks mean fewer device syncs.
+    Label propagation with hooking and pointer jumping (Shiloach-Vishkin style, as GPU connected-component
+    labelling does it), so the number of rounds grows with the log of a component's length, not with the length:
+    every foreground pixel starts labelled with its own flat index; each round takes the minimum label over the
+    pixel's neighbourhood, lowers the label of the pixel's current root to it (scatter-min), and jumps labels
+    twice through their roots (label[label]). Labels only fall and always name a pixel of the same component,
+    so when a round changes nothing every component carries one label. The seed's component is its label.
 
     `diagonals=(down_right, down_left)`, bool `[..., h-1, w-1]`, makes diagonal steps conditional instead: cell
     (i, j) joins (i+1, j+1) only where `down_right[i, j]`, and (i, j+1) joins (i+1, j) only where
     `down_left[i, j]` (used for the saddles of a bilinear surface, see `pipeline.mining.boxes`).
     """
     shape = foreground.shape
-    fg = foreground.reshape(-1, 1, *shape[-2:])
-    region = seed.reshape(fg.shape) & fg
-    if diagonals is None:
-        fg, region = fg.float(), region.float()
-        grow = lambda r: F.max_pool2d(r, 3, stride=1, padding=1) * fg  # noqa: E731
-    else:
-        down_right, down_left = (d.reshape(-1, 1, *d.shape[-2:]) for d in diagonals)
-        grow = lambda r: _grow_4_and_diagonals(r, fg, down_right, down_left)  # noqa: E731
-    count = region.sum()
+    h, w = shape[-2:]
+    fg = foreground.reshape(-1, h, w)
+    maps, n = fg.shape[0], h * w
+    sink = n                        # the label of background, and a spare slot that background scatters into
+    labels = torch.where(fg, torch.arange(n, device=fg.device).view(1, h, w), sink)
+    links = None if diagonals is None else tuple(_pad_links(d.reshape(-1, h - 1, w - 1)) for d in diagonals)
+    spare = labels.new_full((maps, 1), sink)
     while True:
-        for _ in range(check_every):
-            region = grow(region)
-        new_count = region.sum()
-        if bool(new_count == count):
-            return region.reshape(shape) > 0
-        count = new_count
+        low = torch.where(fg, _neighbourhood_min(labels, links, sink), sink).flatten(1)
+        root = torch.cat([low, spare], 1)
+        root.scatter_reduce_(1, labels.flatten(1), low, "amin")        # hook: a root takes its members' minimum
+        root = root.gather(1, root)                                   # jump: label[label], twice
+        root = root.gather(1, root)
+        new = root[:, :n].view(maps, h, w)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    seed = seed.reshape(maps, n) & fg.reshape(maps, n)
+    seed_label = labels.flatten(1).gather(1, seed.to(torch.uint8).argmax(1, keepdim=True))
+    return ((labels == seed_label.view(maps, 1, 1)) & fg & seed.any(1).view(maps, 1, 1)).reshape(shape)
 
 
-def _grow_4_and_diagonals(region, fg, down_right, down_left):
-    out = region.clone()
-    out[..., 1:, :] |= region[..., :-1, :]
-    out[..., :-1, :] |= region[..., 1:, :]
-    out[..., :, 1:] |= region[..., :, :-1]
-    out[..., :, :-1] |= region[..., :, 1:]
-    out &= fg
-    out[..., 1:, 1:] |= region[..., :-1, :-1] & down_right
-    out[..., :-1, :-1] |= region[..., 1:, 1:] & down_right
-    out[..., 1:, :-1] |= region[..., :-1, 1:] & down_left
-    out[..., :-1, 1:] |= region[..., 1:, :-1] & down_left
+def _pad_links(link: torch.Tensor) -> torch.Tensor:
+    """`[M, h-1, w-1]` diagonal links -> `[M, h+1, w+1]`, the link of cell (i, j) at (i+1, j+1), zeros around."""
+    return torch.nn.functional.pad(link, (1, 1, 1, 1))
+
+
+def _neighbourhood_min(labels: torch.Tensor, links, sink: int) -> torch.Tensor:
+    """Minimum label over each pixel and its neighbours: the 3x3 window, or the 4 neighbours and the diagonals
+    that `links` (padded by `_pad_links`) allow."""
+    P = torch.nn.functional.pad(labels, (1, 1, 1, 1), value=sink)
+    if links is None:  # separable 3x3 minimum: along rows, then along columns
+        row = torch.minimum(torch.minimum(P[..., :, :-2], P[..., :, 1:-1]), P[..., :, 2:])
+        return torch.minimum(torch.minimum(row[..., :-2, :], row[..., 1:-1, :]), row[..., 2:, :])
+    out = torch.minimum(torch.minimum(P[..., 1:-1, :-2], P[..., 1:-1, 2:]),
+                        torch.minimum(P[..., :-2, 1:-1], P[..., 2:, 1:-1]))
+    out = torch.minimum(out, labels)
+    down_right, down_left = links
+    for link, neighbour in ((down_right[:, 1:, 1:], P[..., 2:, 2:]), (down_right[:, :-1, :-1], P[..., :-2, :-2]),
+                            (down_left[:, 1:, :-1], P[..., 2:, :-2]), (down_left[:, :-1, 1:], P[..., :-2, 2:])):
+        out = torch.minimum(out, torch.where(link, neighbour, sink))
     return out
 
 

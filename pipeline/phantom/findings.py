@@ -5,8 +5,10 @@ with the view geometry of the image (or, for Cardiomegaly, a change of the proje
 set by replacing the CT's own voxels with a target HU, so a lesion hides the vessels it covers (nodules,
 consolidation) or removes them (pneumothorax, emphysema), as on real films.
 
-`difficulty` in [0, 1]: 0 = clearly visible (default), 1 = subtle. It scales contrast by (1 - 0.6 d) and the
-size of focal findings by (1 - 0.35 d).
+`difficulty` in [0, 1]: 0 = clearly visible (default), 1 = subtle. It scales the density change by
+(1.4 - 0.9 d): at 0 lesions are 1.4x denser than their physical model, which makes them learnable by a small
+CNN at 256 px; at 1 they are half as dense, near the edge of what a reader sees. It scales the size of focal
+findings by (1 - 0.35 d).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.phantom.anatomy import LOBES, MU_WATER, Atlas
-from pipeline.phantom.drr import Base, Lesion, heart_delta, lesion_from_native, lesion_from_volume
+from pipeline.phantom.drr import (MU_HEART_MINUS_LUNG, Base, Lesion, cardiothoracic_ratio, heart_delta,
+                                  lesion_from_native, lesion_from_volume)
 
 
 def mu(hu):
@@ -59,7 +62,9 @@ def lungs(atlas: Atlas) -> Lungs:
         sgn = -1 if s == "R" else 1
         hilum[s] = np.array([medial + sgn * 12, (a[1] + b[1]) / 2, a[2] + 0.55 * (b[2] - a[2])])
     voxels = {k: np.flatnonzero(atlas.labels.ravel() == v) for k, v in lobe_ids.items()}
-    proj = lung.sum(1, dtype=np.float32) * atlas.spacing[1]
+    # "over the lung field": much lung and little other tissue on the ray (not behind the dome or the heart)
+    tissue = (atlas.hu > -500).sum(1, dtype=np.float32) * atlas.spacing[1]
+    proj = np.where(tissue < 115, lung.sum(1, dtype=np.float32) * atlas.spacing[1], 0)
     return Lungs(lung=lung, dist=dist, lobe_ids=lobe_ids, side=side, bbox=bbox, hilum=hilum, voxels=voxels,
                  proj=proj)
 
@@ -129,16 +134,16 @@ def _blob(rng, atlas, lg, center, diameter, lobulation, hu, contrast, edge_mm=1.
 
 
 def nodule(rng, atlas, lg, base, k):
-    d = max(5.0, rng.uniform(14, 30) * k.size)
+    d = max(5.0, rng.uniform(10, 22) * k.size)
     _, c = _pick(rng, lg, list(lg.voxels), d / 2, atlas)
     hu = 350 if rng.random() < 0.1 else 40            # a tenth are calcified granulomas
-    return _blob(rng, atlas, lg, c, d, 0.12, hu, k.contrast)
+    return _blob(rng, atlas, lg, c, d, 0.06, hu, k.contrast)
 
 
 def mass(rng, atlas, lg, base, k):
-    d = max(30.5, rng.uniform(31, 56) * k.size)
+    d = max(30.5, rng.uniform(31, 42) * k.size)
     _, c = _pick(rng, lg, list(lg.voxels), d / 3, atlas)
-    return _blob(rng, atlas, lg, c, d, 0.22, 45, k.contrast, edge_mm=2.5)
+    return _blob(rng, atlas, lg, c, d, 0.1, 45, k.contrast, edge_mm=2.0)
 
 
 def _side(rng):
@@ -151,16 +156,16 @@ def effusion(rng, atlas, lg, base, k):
     s = _side(rng)
     (a, b) = lg.bbox[s]
     height = (b[2] - a[2]) * atlas.spacing[2]
-    h = rng.uniform(0.12, 0.32) * height * k.size
+    h = rng.uniform(0.32, 0.55) * height * (0.5 + 0.5 * k.size)   # small ones hide behind the dome
     sl = tuple(slice(int(p), int(q)) for p, q in zip(a, b))
     i, j, kk = np.ogrid[sl]
     sp = atlas.spacing
     lateral = ((i - a[0]) / max(b[0] - a[0] - 1, 1)) if s == "L" else ((b[0] - 1 - i) / max(b[0] - a[0] - 1, 1))
     posterior = (b[1] - 1 - j) / max(b[1] - a[1] - 1, 1)
-    rho = np.clip(0.75 * lateral ** 2 + 0.35 * posterior ** 2, 0, 1.2)
+    rho = np.clip(0.9 * lateral ** 2 + 0.25 * posterior ** 2, 0, 1.2)
     zmm = (kk - a[2]) * sp[2]
-    level = h * (0.15 + 1.1 * rho)
-    w = _sigmoid((level - zmm) / 3.0) * lg.side[s][sl]
+    level = h * (0.1 + rho)
+    w = _sigmoid((level - zmm) / 3.0) * lg.side[s][sl] * _sigmoid((lateral - 0.6) * 12)
     return _replace(atlas, sl, w, 15, k.contrast), np.array(a)
 
 
@@ -169,19 +174,20 @@ def pneumothorax(rng, atlas, lg, base, k):
     s = _side(rng)
     (a, b) = lg.bbox[s]
     top = b[2]
-    extent = rng.uniform(55, 100) * k.size / atlas.spacing[2]
-    rim = rng.uniform(8, 20) * k.size
+    extent = rng.uniform(45, 80) * k.size / atlas.spacing[2]
+    rim = rng.uniform(9, 20) * k.size
     k0 = int(max(a[2], top - extent))
     sl = (slice(int(a[0]), int(b[0])), slice(int(a[1]), int(b[1])), slice(k0, int(top)))
     i = np.ogrid[sl][0]
     lateral = ((i - a[0]) / (b[0] - a[0])) if s == "L" else ((b[0] - 1 - i) / (b[0] - a[0]))
     kk = np.ogrid[sl][2]
     apical = (kk - k0) / max(top - k0, 1)                 # 0 at the lower end, 1 at the apex
-    reach = rim * np.clip(0.3 + 1.2 * lateral + 0.8 * apical, 0, 1.6)   # widest laterally and at the apex
+    # widest laterally and near the apex, tapering to nothing at the lower end (no cut edge)
+    reach = rim * np.clip(-0.8 + 2.0 * lateral + 0.4 * apical, 0, 1.6) * np.clip(apical * 3, 0, 1)
     d = lg.dist[sl]
     inside = lg.side[s][sl]
     air = inside & (d <= reach)
-    line = inside & (d > reach) & (d <= reach + 2.0)
+    line = inside & (d > reach) & (d <= reach + 2.0) & (reach > 2.0)   # the collapsed lung's edge
     dmu = np.where(air, -mu(atlas.hu[sl]), 0).astype(np.float32) * k.contrast
     dmu += line * (mu(40) - mu(atlas.hu[sl])) * 0.8 * k.contrast
     return dmu.astype(np.float32), np.array([sl[0].start, sl[1].start, k0])
@@ -190,13 +196,13 @@ def pneumothorax(rng, atlas, lg, base, k):
 def atelectasis(rng, atlas, lg, base, k):
     """Segmental/plate-like collapse near a base (airless band plus an elevated hemidiaphragm), or lobar
     collapse: the lobe shrunk toward its hilum and airless, the rest of the lobe hyperexpanded."""
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         lobe = ["RUL", "LUL", "RML", "LLL", "RLL"][rng.integers(5)]
         m = atlas.labels == lg.lobe_ids[lobe]
         a, b = _bbox(m)
         sl = tuple(slice(int(p), int(q)) for p, q in zip(a, b))
         hil = lg.hilum["L" if lobe[0] == "L" else "R"]
-        f = rng.uniform(0.45, 0.6) * k.size ** 0.5
+        f = rng.uniform(0.4, 0.55) * k.size ** 0.5
         grid = np.meshgrid(*[np.arange(s_.start, s_.stop) for s_ in sl], indexing="ij")
         src = [hil[d] + (grid[d] - hil[d]) / f for d in range(3)]
         inside = ndimage.map_coordinates(m.astype(np.float32), src, order=1, cval=0) > 0.5
@@ -207,18 +213,20 @@ def atelectasis(rng, atlas, lg, base, k):
     _, c = _pick(rng, lg, [lobe], 12, atlas)
     (a, b) = lg.bbox[s]
     c[2] = min(c[2], a[2] + (b[2] - a[2]) * 0.35)                  # lower zone
-    ax = [rng.uniform(18, 32) * k.size, rng.uniform(20, 35) * k.size, rng.uniform(5, 11) * k.size]
-    tilt = np.radians(rng.normal(0, 12))
+    ax = [rng.uniform(18, 32) * k.size, rng.uniform(20, 35) * k.size, rng.uniform(3, 6) * k.size]
+    tilt = np.radians(rng.normal(0, 8))
     sl, lo, (x, y, z) = _crop(atlas, c, [max(ax) + 4] * 3)
     xr = x * np.cos(tilt) + z * np.sin(tilt)
     zr = -x * np.sin(tilt) + z * np.cos(tilt)
     q = (xr / ax[0]) ** 2 + (y / ax[1]) ** 2 + (zr / ax[2]) ** 2
     w = _sigmoid((1 - q) * 4) * lg.side[s][sl]
     # volume loss: the diaphragm rises under the collapsed segment (its lowest lung voxels become tissue)
-    rise = rng.uniform(4, 10) / atlas.spacing[2]
+    rise = rng.uniform(3, 7) / atlas.spacing[2]
     base_k = np.argmax(lg.side[s][sl], axis=2)[..., None]
     kk = np.arange(w.shape[2])[None, None, :]
-    under = ((kk - base_k) < rise) & lg.side[s][sl] & ((x / (ax[0] * 1.3)) ** 2 + (y / (ax[1] * 1.3)) ** 2 < 1)
+    near = (base_k - (c[2] - lo[2])) * atlas.spacing[2] > -30            # the base lies just below the band
+    under = (((kk - base_k) < rise) & near & lg.side[s][sl]
+             & ((x / (ax[0] * 1.2)) ** 2 + (y / (ax[1] * 0.5)) ** 2 < 1))
     w = np.maximum(w, under)
     return _replace(atlas, sl, w, 20, k.contrast), lo
 
@@ -271,7 +279,7 @@ def consolidation(rng, atlas, lg, base, k):
 def infiltration(rng, atlas, lg, base, k):
     """Patchy, ill-defined ground-glass and reticulonodular texture over a region of one lung."""
     _, c = _pick(rng, lg, list(lg.voxels), 15, atlas)
-    ax = np.array([rng.uniform(30, 42), rng.uniform(30, 45), rng.uniform(36, 50)]) * k.size
+    ax = np.array([rng.uniform(27, 38), rng.uniform(30, 45), rng.uniform(28, 40)]) * k.size
     sl, lo, (x, y, z) = _crop(atlas, c, ax * 1.3)
     q = (x / ax[0]) ** 2 + (y / ax[1]) ** 2 + (z / ax[2]) ** 2
     n = _smooth_noise(rng, q.shape, [3 / s for s in atlas.spacing])
@@ -279,20 +287,27 @@ def infiltration(rng, atlas, lg, base, k):
     return _replace(atlas, sl, w * 0.8, -150, k.contrast), lo
 
 
+COARSE = (2, 2, 1)   # diffuse bilateral findings are made on a 2.8 x 2.8 x 2.5 mm grid: 4x fewer voxels
+
+
+def _coarse(lo, hi):
+    return tuple(slice(int(p), int(q), st) for p, q, st in zip(lo, hi, COARSE))
+
+
 def edema(rng, atlas, lg, base, k):
     """Bilateral perihilar ("bat wing") airspace and interstitial haze, fading to the periphery."""
     a, b = lg.bbox["both"]
-    sl = tuple(slice(int(p), int(q)) for p, q in zip(a, b))
+    sl = _coarse(a, b)
     grid = np.ogrid[sl]
-    w = np.zeros([s.stop - s.start for s in sl], np.float32)
+    w = np.zeros(lg.lung[sl].shape, np.float32)
     sig = rng.uniform(35, 55) * k.size
     for s in "LR":
         h = lg.hilum[s]
         d2 = sum(((g - hc) * sp) ** 2 for g, hc, sp in zip(grid, h, atlas.spacing))
         w = np.maximum(w, np.exp(-d2 / (2 * sig ** 2)))
-    n = _smooth_noise(rng, w.shape, [5 / s for s in atlas.spacing])
+    n = _smooth_noise(rng, w.shape, [5 / (s * c) for s, c in zip(atlas.spacing, COARSE)])
     w *= (0.75 + 0.25 * np.tanh(n)) * lg.lung[sl]
-    return _replace(atlas, sl, w * 0.85, -250, k.contrast), np.array(a)
+    return _replace(atlas, sl, w * 0.9, -120, k.contrast), np.array(a), COARSE
 
 
 def emphysema(rng, atlas, lg, base, k):
@@ -301,7 +316,7 @@ def emphysema(rng, atlas, lg, base, k):
     lo = a.copy()
     hi = b.copy()
     lo[2] = max(a[2] - 6, 0)
-    sl = tuple(slice(int(p), int(q)) for p, q in zip(lo, hi))
+    sl = _coarse(lo, hi)
     lung = lg.lung[sl]
     cur = mu(atlas.hu[sl])
     frac = rng.uniform(0.35, 0.6) * k.contrast
@@ -321,20 +336,20 @@ def emphysema(rng, atlas, lg, base, k):
         i, j, kz = [g - cc for g, cc in zip(np.ogrid[sl], c)]
         r = np.sqrt((i * atlas.spacing[0]) ** 2 + (j * atlas.spacing[1]) ** 2 + (kz * atlas.spacing[2]) ** 2)
         dmu = np.where((r < R) & lung, -cur * k.contrast, dmu)
-    return dmu.astype(np.float32), lo
+    return dmu.astype(np.float32), lo, COARSE
 
 
 def fibrosis(rng, atlas, lg, base, k):
     """Peripheral, basal-predominant reticulation: a network of thin dense septa (noise zero-crossings)."""
     a, b = lg.bbox["both"]
-    sl = tuple(slice(int(p), int(q)) for p, q in zip(a, b))
+    sl = _coarse(a, b)
     kk = np.ogrid[sl][2]
     lower = np.clip(1.2 - (kk - a[2]) / (b[2] - a[2]) * 1.4, 0, 1)
     periph = np.exp(-lg.dist[sl] / (rng.uniform(14, 24) * k.size)) * lg.lung[sl]
-    n = _smooth_noise(rng, periph.shape, [2.2 / s for s in atlas.spacing])
+    n = _smooth_noise(rng, periph.shape, [3.0 / (s * c) for s, c in zip(atlas.spacing, COARSE)])
     net = np.exp(-(n / 0.35) ** 2)
-    w = periph * lower * (0.35 + 0.65 * net)
-    return _replace(atlas, sl, w, -50, k.contrast), np.array(a)
+    w = periph * lower * (0.2 + 0.8 * net)
+    return _replace(atlas, sl, w, 20, k.contrast), np.array(a), COARSE
 
 
 def pleural_thickening(rng, atlas, lg, base, k):
@@ -352,7 +367,7 @@ def pleural_thickening(rng, atlas, lg, base, k):
     i = np.ogrid[sl][0]
     lateral = ((i - a[0]) / (b[0] - a[0])) if s == "L" else ((b[0] - 1 - i) / (b[0] - a[0]))
     d = lg.dist[sl]
-    w = (lg.side[s][sl] & (d <= t)) * _sigmoid((lateral - 0.55) * 12)
+    w = (lg.side[s][sl] & (d <= t)) * _sigmoid((lateral - 0.55) * 30)
     return _replace(atlas, sl, w, 35, k.contrast), np.array([sl[0].start, sl[1].start, sl[2].start])
 
 
@@ -374,15 +389,14 @@ def hernia(rng, atlas, lg, base, k):
 
 def cardiomegaly(rng, atlas, lg, base: Base, k):
     """Enlarged heart: scaled in 3-D until the cardiothoracic ratio is over 0.5 (0.53-0.68)."""
-    from pipeline.phantom.drr import MU_HEART_MINUS_LUNG, cardiothoracic_ratio
-    target = 0.5 + (rng.uniform(0.03, 0.18) * (1 - 0.5 * (1 - k.contrast)))
+    target = 0.5 + rng.uniform(0.03, 0.18) * min(1.0, k.contrast)
     s = 1.0
     for _ in range(4):   # CTR grows ~ linearly with the scale; a few fixed-point steps reach the target
-        t = np.maximum(base.t_heart + heart_delta(base.t_heart, s) / MU_HEART_MINUS_LUNG, 0)
+        t = np.maximum(base.t_heart + heart_delta(base.t_heart, s, base.t_lung) / MU_HEART_MINUS_LUNG, 0)
         s *= target / max(cardiothoracic_ratio(t, base.t_lung), 1e-3)
-    dp = heart_delta(base.t_heart, s)
+    dp = heart_delta(base.t_heart, s, base.t_lung)
     enlarged = np.maximum(base.t_heart + dp / MU_HEART_MINUS_LUNG, 0)
-    return lesion_from_native("Cardiomegaly", dp * k.contrast, box_from=enlarged)
+    return lesion_from_native("Cardiomegaly", dp, box_from=enlarged)
 
 
 MODELS = {
@@ -401,7 +415,7 @@ class Knob:
 
 def knob(difficulty: float) -> Knob:
     d = float(np.clip(difficulty, 0, 1))
-    return Knob(contrast=1 - 0.6 * d, size=1 - 0.35 * d)
+    return Knob(contrast=1.4 - 0.9 * d, size=1 - 0.35 * d)
 
 
 def make_lesion(finding: str, rng: np.random.Generator, atlas: Atlas, base: Base, difficulty: float) -> Lesion:
@@ -410,5 +424,4 @@ def make_lesion(finding: str, rng: np.random.Generator, atlas: Atlas, base: Base
     out = MODELS[finding](rng, atlas, lungs(atlas), base, k)
     if isinstance(out, Lesion):
         return out
-    dmu, origin = out
-    return lesion_from_volume(atlas, base.geom, finding, dmu, origin)
+    return lesion_from_volume(atlas, base.geom, finding, *out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -71,22 +72,37 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
 
 
 def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str | None = None) -> str:
-    """Insert (or replace) the `models` row for a stage's final checkpoint; returns model_id."""
+    """Insert (or replace) the `models` row for a stage's final checkpoint; returns model_id.
+
+    A row already holding this checkpoint (same sha256) is left as is, so reruns keep `created_at`.
+    """
     home = Home.resolve(home) if not isinstance(home, Home) else home
     checkpoint = Path(checkpoint)
     rel = checkpoint.resolve().relative_to(home.root).as_posix()
     sha256 = sha256 or sha256_file(checkpoint)
     con = db.connect(home)
     try:
+        known = con.execute("SELECT checkpoint_sha256 FROM models WHERE model_id = ?", [meta["model_id"]]).fetchone()
+        if known and known[0] == sha256:
+            return meta["model_id"]
         with db.transaction(con):
             con.execute("DELETE FROM models WHERE model_id = ?", [meta["model_id"]])
             con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                 meta["model_id"], meta.get("parent_id"), meta["stage"], meta["arch"], meta["neck"],
-                json.dumps(meta.get("config")), rel, sha256, json.dumps(meta.get("metrics")),
+                json.dumps(meta.get("config")), rel, sha256, json.dumps(json_safe(meta.get("metrics"))),
                 datetime.now(timezone.utc).replace(tzinfo=None)])
     finally:
         con.close()
     return meta["model_id"]
+
+
+def json_safe(obj):
+    """NaN/inf -> None, recursively: the warehouse's JSON columns accept standard JSON only."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def model_row(home, model_id: str = "latest") -> dict:
@@ -118,3 +134,12 @@ def load_model(home, model_id: str = "latest", device="cpu"):
     model = create_model(meta["arch"], meta["neck"], meta["num_classes"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
+
+
+def lineage(home, model_id: str) -> list[dict]:
+    """The `models` rows from the first stage to `model_id`, following parent_id."""
+    rows = []
+    while model_id:
+        rows.append(model_row(home, model_id))
+        model_id = rows[-1]["parent_id"]
+    return rows[::-1]

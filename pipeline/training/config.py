@@ -21,6 +21,11 @@ import yaml
 from models.knowledge_preservation import KP_LAYERS
 
 
+# Sections of a harvest YAML that configure other flows (pipeline.harvest_config); training ignores them,
+# so they never change a stage's fingerprint.
+OTHER_SECTIONS = ("phantom", "mining", "export")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"          # resnet18 | resnet34 | resnet50
@@ -75,6 +80,7 @@ class StageConfig:
     min_delta: float = 0.0
     freeze_backbone: bool = False   # msa_init: "fix the network parameters below MSA" (sec. 3.1)
     freeze_bn: bool = False         # BatchNorm in eval mode (running statistics, not updated)
+    clip_grad_norm: float = 0.0     # > 0: clip the gradient norm (AM stages: see engine.train_step)
 
 
 @dataclass
@@ -95,7 +101,8 @@ class AMConfig:
     cls_on_preserved: bool = True
     kp_layers: tuple[str, ...] = KP_LAYERS
     kp_reduction: str = "mean"      # see models.knowledge_preservation
-    stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=0.001, freeze_bn=True))
+    stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=0.001, freeze_bn=True,
+                                                                   clip_grad_norm=1.0))
 
 
 @dataclass
@@ -145,18 +152,24 @@ def _plain(obj):
 
 
 def from_dict(cls, data: dict | None):
-    """Build dataclass `cls` from a nested dict; unknown keys raise with the valid ones named."""
+    """Build dataclass `cls` from a nested dict; unknown keys raise with the valid ones named.
+
+    A nested section given in part keeps the field's own defaults for the rest: `base: {epochs: 5}` keeps
+    the base stage's lr 0.1 (StagesConfig's default), not StageConfig's generic one.
+    """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(names)}")
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(fields)}")
     kwargs = {}
     for key, value in data.items():
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value)
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()
+            kwargs[key] = from_dict(typ, _merge(_plain(dataclasses.asdict(default)), value or {}))
         elif typing.get_origin(typ) is tuple:
             kwargs[key] = tuple(value)
         else:
@@ -174,6 +187,7 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
         data = yaml.safe_load(Path(source).read_text()) or {}
     if overrides:
         data = _merge(data, overrides)
+    data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
     return from_dict(TrainConfig, data).validate()
 
 

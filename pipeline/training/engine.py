@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from scipy.special import expit
 from torch import nn
 from tqdm import tqdm
 
@@ -61,6 +62,7 @@ def init_distributed(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", info.local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True      # fixed input size: pick the fastest convolutions once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if runtime.threads:
@@ -198,9 +200,32 @@ class AttentionMiningLoss(nn.Module):
 
 # ------------------------------------------------------------------ loop
 
+def train_step(step_module: nn.Module, optimizer, scheduler, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, runtime: RuntimeConfig, clip: float = 0.0):
+    """One optimizer step on a prepared batch; returns (loss, logs).
+
+    `clip` > 0 clips the gradient norm (after DDP's all-reduce, so every rank clips alike). AM stages need
+    it: L_KP (eq. 4) is a norm, not a squared norm, so its gradient keeps unit size however close N_B is
+    to N_A, and with momentum the features overshoot and oscillate (L_KP grew to ~10 in a few steps).
+    """
+    with autocast(device, runtime):
+        loss, logs = step_module(x, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            [p for group in optimizer.param_groups for p in group["params"]], clip).detach()
+    optimizer.step()
+    scheduler.step()
+    return loss, logs
+
+
 def train_one_epoch(step_module: nn.Module, optimizer, scheduler, dataset, batches: list[np.ndarray], *,
                     device: torch.device, runtime: RuntimeConfig, augment: AugmentConfig | None, seed: int,
-                    d: Dist = Dist(), start_step: int = 0, on_step=None, desc: str = "train") -> dict:
+                    d: Dist = Dist(), start_step: int = 0, on_step=None, desc: str = "train",
+                    clip: float = 0.0) -> dict:
     """One pass over `batches[start_step:]` (global index batches; this rank takes its shard).
 
     `on_step(step)` runs after each optimizer step with the number of steps done in this epoch; it may save
@@ -213,21 +238,14 @@ def train_one_epoch(step_module: nn.Module, optimizer, scheduler, dataset, batch
     for k, batch in enumerate(batch_loader(dataset, local, runtime, device)):
         step = start_step + k
         x = prepare(batch["image"], device, runtime, augment, seed_of(seed, step))
-        y = batch["labels"].to(device, non_blocking=True)
-        with autocast(device, runtime):
-            loss, logs = step_module(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss, logs = train_step(step_module, optimizer, scheduler, x, batch["labels"].to(device, non_blocking=True),
+                                device, runtime, clip)
         steps += 1
         for key, v in {"loss": loss.detach(), **logs}.items():
             totals[key] = totals.get(key, 0.0) + float(v)
         bar.update(1)
         if d.main and runtime.log_every and (step + 1) % runtime.log_every == 0:
-            log.info("%s step %d/%d loss %.4f lr %.2e", desc, step + 1, len(batches), float(loss),
+            log.info("%s step %d/%d loss %.4f lr %.2e", desc, step + 1, len(batches), float(loss.detach()),
                      optimizer.param_groups[0]["lr"])
         if on_step is not None:
             on_step(step + 1)
@@ -261,4 +279,4 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, runtime: Runtim
         part = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     logits, y = part
     loss = float(bce(torch.from_numpy(logits), torch.from_numpy(y))) if len(y) else math.nan
-    return summarize(auroc(1 / (1 + np.exp(-logits)), y), loss)
+    return summarize(auroc(expit(logits), y), loss)

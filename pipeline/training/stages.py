@@ -7,8 +7,8 @@
     end_to_end  everything trains until the validation loss plateaus (early stopping, `patience`)
     am1..amT    attention mining with knowledge preservation (eq. 1-6); stage t trains with t-1 erasure steps
                 (eq. 7: H_t uses M_{t-1}; t = 1 is the paper's "baseline"), on the AM image set (the training
-                images plus the images to be mined, labels only). N_A is the frozen pre-AM network (the
-                parent of am1) for every t.
+                images plus the images to be mined, labels only). N_A, frozen, is the network am1 starts
+                from (the parent's weights) for every t: "initially N_A and N_B are identical".
 With the `baseline` neck, `msa_init` does not exist (nothing new to initialise). A stage with 0 epochs is
 skipped and its parent passes through.
 
@@ -18,9 +18,13 @@ New images in the warehouse do not invalidate finished stages.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import math
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,7 +54,7 @@ class StagePlan:
     fingerprint: str
     parent: "StagePlan | None"
     t: int = 0                 # AM stage t (0: plain classification)
-    reference: "StagePlan | None" = None   # N_A for KP
+    reference: "StagePlan | None" = None   # the first AM stage: N_A is its starting network
 
     @property
     def model_id(self) -> str:
@@ -75,10 +79,10 @@ def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
     for index, (name, neck, st, t, extra) in enumerate(steps):
         if st.epochs <= 0:
             continue
-        if t == 1:
-            reference = parent
         fp = fingerprint(parent.fingerprint if parent else None, name, neck, asdict(st), shared, extra)
-        parent = StagePlan(name, index, neck, st, fp, parent, t, reference if t else None)
+        parent = StagePlan(name, index, neck, st, fp, parent, t, reference)
+        if t and reference is None:     # the first AM stage: N_A is the network it starts from
+            reference = parent.reference = parent
         plans.append(parent)
     if not plans:
         raise ValueError("every stage has 0 epochs: nothing to train")
@@ -190,11 +194,10 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
 
     if plan.t:
         reference = None
-        if cfg.am.mode == "kp":     # N_A: the pre-AM network (or this model's start when AM runs alone)
-            reference = frozen_copy(model)
-            if plan.reference is not None:
-                reference.net.load_state_dict(
-                    load_checkpoint(home.checkpoints / plan.reference.model_id / FINAL)["model"])
+        if cfg.am.mode == "kp":     # N_A: the network the first AM stage starts from, rebuilt (deterministic)
+            reference = frozen_copy(_build(cfg, plan.reference, home).to(device))
+            if cfg.runtime.channels_last:
+                reference = reference.to(memory_format=torch.channels_last)
         step_module: nn.Module = AttentionMiningLoss(model, cfg.am, plan.t, reference)
     else:
         step_module = ClassificationLoss(model)
@@ -206,7 +209,8 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                                 nesterov=st.nesterov)
     scheduler = _schedule(optimizer, st, st.epochs * steps_per_epoch)
     meta = model_meta(model_id=plan.model_id, parent_id=plan.parent.model_id if plan.parent else None,
-                      reference_id=plan.reference.model_id if plan.reference else None, stage=plan.name,
+                      reference_id=plan.reference.parent.model_id if plan.reference and plan.reference.parent
+                      else None, stage=plan.name,
                       t=plan.t, arch=cfg.model.arch, neck=plan.neck, num_classes=model.num_classes,
                       input_size=cfg.data.input_size, config=cfg.to_dict(), fingerprint=plan.fingerprint)
     epoch, start_step = 0, 0
@@ -242,7 +246,8 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
         train_stats = train_one_epoch(step_module, optimizer, scheduler, train_set, batches, device=device,
                                       runtime=cfg.runtime, augment=cfg.data.augment,
                                       seed=seed_of(cfg.seed, plan.index, ep, 1), d=d, start_step=start_step,
-                                      on_step=hook, desc=f"{plan.name} epoch {ep + 1}/{st.epochs}")
+                                      on_step=hook, desc=f"{plan.name} epoch {ep + 1}/{st.epochs}",
+                                      clip=st.clip_grad_norm)
         metrics = evaluate(model, val_set, device=device, runtime=cfg.runtime, d=d) if len(val_set) else {}
         record = {"epoch": ep + 1, "train": {k: float(v) for k, v in train_stats.items()}, **metrics}
         trainer["history"].append(record)
@@ -300,3 +305,34 @@ def train(home, config, resume: bool = True, on_step=None) -> str:
     for plan in plan_stages(cfg):
         meta = run_stage(home, cfg, plan, ids, d, device, resume=resume, on_step=on_step)
     return meta["model_id"]
+
+
+def train_distributed(home, config_path, nproc: int, resume: bool = True) -> str:
+    """Run `train` in `nproc` processes under torchrun (one per GPU; gloo on CPU); returns the final model_id.
+
+    With nproc <= 1 this is `train` in this process.
+    """
+    if nproc <= 1:
+        return train(home, config_path, resume=resume)
+    home = Home.resolve(home) if not isinstance(home, Home) else home
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pipeline.training.stages", "--home", str(home.root), "--config", str(config_path)]
+    subprocess.run(cmd + ([] if resume else ["--no-resume"]), check=True)
+    return plan_stages(load_config(config_path))[-1].model_id
+
+
+def default_nproc() -> int:
+    """One process per visible GPU; one on CPU (two CPU processes only split the same cores)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+if __name__ == "__main__":      # the torchrun entry point of `train_distributed`
+    parser = argparse.ArgumentParser(description="one training process (run by torchrun)")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--no-resume", dest="resume", action="store_false")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(message)s")
+    train(args.home, args.config, resume=args.resume)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -23,12 +23,12 @@ def dask_cluster(prefect_api):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
-def base_home(tmp_path_factory):
+def mining_base_home(tmp_path_factory):
     """Phantom images ingested into a 64 px cache, and a tiny ResNet-18 checkpoint registered as a model."""
     import torch
 
@@ -38,9 +38,9 @@ def base_home(tmp_path_factory):
     from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
 
     base = tmp_path_factory.mktemp("mine")
-    root = generate(base / "phantom", n_images=N_IMAGES, seed=0)
+    generate(base / "phantom", n=N_IMAGES, seed=0, size=128, workers=1, progress=False)
     home = base / "home"
-    ingest_nih(home, root, sizes=(CACHE_SIZE,))
+    ingest_nih(home, base / "phantom", sizes=(CACHE_SIZE,))
     torch.manual_seed(0)
     model = create_model("resnet18", "baseline", 14)
     meta = model_meta(model_id="tiny-r18", parent_id=None, stage="base", arch="resnet18", neck="baseline",
@@ -51,6 +51,6 @@ def base_home(tmp_path_factory):
 
 
 @pytest.fixture
-def home(base_home, tmp_path):
+def mining_home(mining_base_home, tmp_path):
     """A fresh copy of the base home, so each test mines from nothing."""
-    return shutil.copytree(base_home, tmp_path / "home")
+    return shutil.copytree(mining_base_home, tmp_path / "home")

@@ -70,12 +70,12 @@ def tiny_config(**overrides) -> dict:
     base = {
         "name": "tiny", "seed": 0,
         "model": {"arch": "resnet18", "neck": "bilinear", "imagenet": False},
-        "data": {"input_size": 64, "val_fraction": 0.25},
+        "data": {"input_size": 64, "val_fraction": 0.3},
         "runtime": {"device": "cpu", "amp": "bf16", "batch_size": 16, "eval_batch_size": 64, "log_every": 0},
-        "stages": {"base": {"epochs": 4, "lr": 0.05, "warmup_steps": 4},
-                   "msa_init": {"epochs": 1, "lr": 0.05},
-                   "end_to_end": {"epochs": 2, "lr": 0.02, "patience": 2}},
-        "am": {"steps": 2, "mode": "kp", "am_fraction": 0.25, "stage": {"epochs": 1, "lr": 0.01, "freeze_bn": True}},
+        "stages": {"base": {"epochs": 5, "lr": 0.05, "warmup_steps": 4},
+                   "msa_init": {"epochs": 2, "lr": 0.1},
+                   "end_to_end": {"epochs": 1, "lr": 0.02, "patience": 2}},
+        "am": {"steps": 2, "mode": "kp", "am_fraction": 0.25, "stage": {"epochs": 1, "lr": 0.002, "freeze_bn": True}},
     }
     return _merge(base, overrides)
 
@@ -90,6 +90,7 @@ def main(home: str, out: str) -> None:
 
     cfg = load_config(tiny_config(**ddp_overrides()))
     model_id = train(home, cfg)
+    assert torch.distributed.get_world_size() == 2
     if torch.distributed.get_rank() == 0:
         state = load_checkpoint(Path(home) / "checkpoints" / model_id / "final.pt")
         torch.save(state["model"], out)

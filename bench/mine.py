@@ -1,0 +1,261 @@
+"""Mining throughput: bare forward vs end-to-end mining (cache in -> arrow rows out), in one run, same model
+and settings; fast vs reference post-processing per image; peak RSS at two dataset sizes (flat memory).
+
+Targets (DESIGN.md section 7, issue 5): end-to-end mining >= 0.8x the bare forward rate on CPU (0.9x on a GPU).
+Forward and mining runs alternate and the best of `--repeats` counts for each. On a GPU the ratio is by wall
+clock; on a CPU it is by process CPU time, which other processes on a shared machine leave alone (both are
+printed). Last line: `mine/forward ratio: X`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.dataset import CacheDataset, normalize  # noqa: E402
+from pipeline.mining import MiningConfig, mine_shard  # noqa: E402
+from pipeline.mining.boxes import boxes_from_heatmaps  # noqa: E402
+from pipeline.mining.heatmap_fusion import fused_heatmap  # noqa: E402
+from pipeline.mining.reference import mine_reference  # noqa: E402
+from pipeline.vocab import FINDINGS  # noqa: E402
+
+MODEL_ID = "bench"
+
+
+def make_dataset(root: Path, n: int, frame: int, seed: int = 0) -> None:
+    """bench/ingest.py's radiograph-like PNGs, relabelled with 1-3 positive findings each (NIH averages fewer:
+    this is the harder case for mining, which makes one heatmap per positive finding)."""
+    import pandas as pd
+    from ingest import make_dataset as make_pngs   # bench/ingest.py, beside this script
+
+    make_pngs(root, n, frame, seed)
+    rng = np.random.default_rng(seed)
+    entry = root / "Data_Entry_2017_v2020.csv"
+    table = pd.read_csv(entry)
+    table["Finding Labels"] = ["|".join(FINDINGS[i] for i in sorted(rng.choice(14, rng.integers(1, 4), replace=False)))
+                               for _ in range(len(table))]
+    table.to_csv(entry, index=False)
+
+
+def build_home(tmp: Path, args) -> Path:
+    from models import create_model
+    from pipeline.ingest.nih import ingest_nih
+    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
+
+    make_dataset(tmp / "nih", max(args.n), args.frame)
+    home = tmp / "home"
+    ingest_nih(home, tmp / "nih", sizes=(args.size,), workers=args.workers)
+    torch.manual_seed(0)
+    model = create_model(args.arch, args.neck, 14)
+    meta = model_meta(model_id=MODEL_ID, parent_id=None, stage="bench", arch=args.arch, neck=args.neck,
+                      num_classes=14, input_size=args.size, config={})
+    path = home / "checkpoints" / MODEL_ID / "final.pt"
+    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    return home
+
+
+def config_of(args) -> MiningConfig:
+    return MiningConfig(batch_size=args.batch, device=args.device, bf16=not args.fp32,
+                        channels_last=not args.no_channels_last, compile=args.compile)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result) of `fn()`, the device synchronized at both ends."""
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def forward_rate(model, batches, config: MiningConfig, features) -> tuple[float, float]:
+    """The bare forward: uint8 batches already in memory -> X and logits, nothing after. (img/s, img/CPU-s)"""
+    device = next(model.parameters()).device
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            for images in batches:
+                x = normalize(images, device)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                model.forward_head(features(x))
+
+    wall, cpu, _ = _timed(run, config.device)
+    n = sum(len(b) for b in batches)
+    return n / wall, n / cpu
+
+
+def mining_rate(home, ids, config, model) -> tuple[float, float, int]:
+    """End to end: `mine_shard` from the cache to an arrow table. (img/s, img/CPU-s, rows)"""
+    wall, cpu, table = _timed(lambda: mine_shard(home, MODEL_ID, ids, config, "bench", model=model), config.device)
+    return len(ids) / wall, len(ids) / cpu, table.num_rows
+
+
+def postprocess_speedup(model, ds, n: int, n_reference: int, config, frame: int):
+    """Per-image seconds of the fast (torch, all `n` images in one batch, as mining runs it) and the reference
+    (numpy/skimage on the full-size map, the first `n_reference` images) post-processing: from step-1 CAMs to
+    ranked boxes. Also checks that the two agree on these maps: (fast s, reference s, maps per image,
+    worst edge difference in px, same box counts)."""
+    device = next(model.parameters()).device
+    batch = ds.get_batch(np.arange(n))
+    b, c = (batch["labels"] > 0).nonzero(as_tuple=True)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        X = model.forward_features(normalize(batch["image"], device))
+    with torch.inference_mode():   # float32 CAMs, outside autocast, as mine_batch makes them
+        cams = torch.einsum("mdhw,md->mhw", X[b.to(device)].float(), model.head.weight[c.to(device)].float())
+    frames = torch.full((len(cams), 2), float(frame), device=device)
+    boxes_from_heatmaps(fused_heatmap(cams[:2]), frames[:2], config.thresholds)   # warm-up
+    times = []
+    for _ in range(3):
+        wall, _, fast_boxes = _timed(lambda: boxes_from_heatmaps(fused_heatmap(cams, config.steps), frames,
+                                                                  config.thresholds), config.device)
+        times.append(wall)
+    t0 = time.perf_counter()
+    ref_boxes = [mine_reference(cam, (frame, frame), config.thresholds, config.steps)
+                 for cam in cams[(b < n_reference).to(device)].cpu().numpy()]
+    ref = (time.perf_counter() - t0) / n_reference
+    # The two paths must agree on these real CAMs too: same boxes per threshold, edges within 1 px.
+    worst, same_count = 0.0, True
+    for m, boxes in enumerate(ref_boxes):
+        fast = {round(float(t), 4): xywh for t, xywh, v in zip(fast_boxes.threshold[m].tolist(),
+                                                               fast_boxes.xywh[m].tolist(),
+                                                               fast_boxes.valid[m].tolist()) if v}
+        same_count &= len(fast) == len(boxes)
+        for r in boxes:
+            x, y, w, h = fast.get(round(r["threshold"], 4), (np.inf,) * 4)
+            worst = max(worst, abs(x - r["x"]), abs(y - r["y"]), abs(x + w - r["x"] - r["w"]),
+                        abs(y + h - r["y"] - r["h"]))
+    return min(times) / n, ref, len(cams) / n, worst, same_count
+
+
+def ds_size(home) -> int:
+    from pipeline.training.checkpoint import load_model
+
+    return int(load_model(home, MODEL_ID)[1]["input_size"])
+
+
+def _vm(field: str) -> float:
+    """MB of a /proc/self/status field (VmRSS: now, VmHWM: peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_child(home: str, n: int, config: dict) -> None:
+    """Mine the first `n` images in this fresh process (model loaded by mine_shard) and print the peak RSS
+    of the mining itself: the high-water mark is reset after the imports (Linux clear_refs 5)."""
+    ids = CacheDataset(home, size=ds_size(home)).image_ids[:n]
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # no reset: the peak then includes the imports
+    before = _vm("VmRSS")
+    rows = mine_shard(home, MODEL_ID, ids, MiningConfig.from_dict(config), "rss").num_rows
+    print(json.dumps({"n": n, "rows": rows, "rss_before_mb": before, "peak_rss_mb": _vm("VmHWM")}))
+
+
+def peak_rss(home: Path, n: int, config: MiningConfig) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(home), str(n),
+                          json.dumps(config.to_dict())], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small run (< 1 min on 2 cores)")
+    ap.add_argument("--arch", default=None, help="resnet18|resnet34|resnet50 (default resnet50, quick resnet18)")
+    ap.add_argument("--neck", default="bilinear")
+    ap.add_argument("--size", type=int, default=None, help="model input (default 512, quick 256)")
+    ap.add_argument("--frame", type=int, default=1024, help="original image side (NIH: 1024)")
+    ap.add_argument("--n", type=int, nargs=2, default=None,
+                    help="two dataset sizes, several batches each (default 128 512, quick 32 128); rates on the second")
+    ap.add_argument("--batch", type=int, default=None, help="default 32, quick 16")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating timed repeats (default 3, quick 2)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU)")
+    ap.add_argument("--workers", type=int, default=1, help="ingestion processes (setup only, not timed)")
+    ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        return peak_rss_child(args.rss_child[0], int(args.rss_child[1]), json.loads(args.rss_child[2]))
+    q = args.quick
+    args.arch = args.arch or ("resnet18" if q else "resnet50")
+    args.size = args.size or (256 if q else 512)
+    args.n = sorted(args.n or ((32, 128) if q else (128, 512)))
+    args.batch = args.batch or (16 if q else 32)
+    repeats = args.repeats or (2 if q else 3)
+    config = config_of(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = build_home(Path(tmp), args)
+        from pipeline.training.checkpoint import load_model
+
+        model, _ = load_model(home, MODEL_ID, device=args.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        features = torch.compile(model.forward_features) if config.compile else model.forward_features
+        ds = CacheDataset(home, size=args.size)
+        ids = ds.image_ids[:args.n[1]]
+        batches = [ds.get_batch(np.arange(s, min(s + args.batch, len(ids))))["image"]
+                   for s in range(0, len(ids), args.batch)]
+        if args.device.startswith("cuda"):   # the bare forward's best case: page-locked, like mine_shard's
+            batches = [b.pin_memory() for b in batches]
+        forward_rate(model, batches[:1], config, features)                 # warm-up (and compile)
+        mining_rate(home, ids[:args.batch], config, model)
+        fwd, mine, rows = [], [], 0
+        for _ in range(repeats):                                           # alternate: same load for both
+            fwd.append(forward_rate(model, batches, config, features))
+            *rates, rows = mining_rate(home, ids, config, model)
+            mine.append(rates)
+        fast, ref, maps, worst, same_count = postprocess_speedup(model, ds, len(ids), 4 if q else 16, config,
+                                                                 args.frame)
+        rss = [peak_rss(home, n, config) for n in args.n]
+
+    threads = torch.get_num_threads()
+    print(f"model: {args.arch}+{args.neck} at {args.size}px, frame {args.frame}px, batch {args.batch}, "
+          f"device {args.device}, bf16 {config.bf16}, channels_last {config.channels_last}, "
+          f"compile {config.compile}, {threads} threads")
+    print(f"reference post-processing is one map at a time on the CPU; the fast one is batched on {args.device}")
+    fwd, mine = np.array(fwd), np.array(mine)   # [repeats, (img/s, img per CPU-second)]
+    runs = lambda r: ", ".join(f"{v:.1f}" for v in r)  # noqa: E731
+    print(f"bare forward: {fwd[:, 0].max():.1f} img/s (runs: {runs(fwd[:, 0])}), "
+          f"{fwd[:, 1].max():.1f} img per CPU-second (runs: {runs(fwd[:, 1])})")
+    print(f"end-to-end mining (cache -> arrow rows, {rows} rows from {len(ids)} images): {mine[:, 0].max():.1f} img/s "
+          f"(runs: {runs(mine[:, 0])}), {mine[:, 1].max():.1f} img per CPU-second (runs: {runs(mine[:, 1])})")
+    wall_ratio, cpu_ratio = mine[:, 0].max() / fwd[:, 0].max(), mine[:, 1].max() / fwd[:, 1].max()
+    print(f"mine/forward by wall clock: {wall_ratio:.2f}; by CPU time: {cpu_ratio:.2f} "
+          "(the headline on CPU: other processes on a shared machine distort wall clock, not CPU time)")
+    print(f"post-processing per image ({maps:.1f} maps each, T={config.steps}, {len(config.thresholds)} thresholds, "
+          f"{args.frame}px frame): fast {fast * 1e3:.2f} ms, reference {ref * 1e3:.1f} ms, speed-up {ref / fast:.0f}x")
+    print(f"fast vs reference on the model's CAMs: worst box edge difference {worst:.0f} px, "
+          f"same number of boxes: {same_count}")
+    small, large = rss
+    print(f"peak RSS (fresh process, mine_shard loads the model): {small['peak_rss_mb']:.0f} MB mining "
+          f"{small['n']} images, {large['peak_rss_mb']:.0f} MB mining {large['n']} images "
+          f"(+{large['peak_rss_mb'] - small['peak_rss_mb']:.1f} MB for {large['n'] / small['n']:.0f}x the images; "
+          f"{small['rss_before_mb']:.0f} MB before mining)")
+    print(f"mine/forward ratio: {wall_ratio if args.device.startswith('cuda') else cpu_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Flow 2: staged training (base -> MSA init -> end-to-end -> AM/KP stages), a thin wrapper of
+`pipeline.training`. `harvest train --config configs/demo.yaml`."""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from pipeline.home import Home
+from pipeline.runs import recorded_run
+from pipeline.training import default_nproc, lineage, train_distributed
+
+
+@task(name="train-stages")
+def train_task(home: str, config_path: str, nproc: int, resume: bool) -> str:
+    return train_distributed(home, config_path, nproc, resume=resume)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(home: str, config_path: str, resume: bool = True, nproc: int | None = None) -> str:
+    nproc = nproc or default_nproc()
+    params = {"config": config_path, "resume": resume, "nproc": nproc}
+    with recorded_run(home, "train", params) as run_id:
+        model_id = train_task(home, config_path, nproc, resume)
+    rows = [{"stage": r["stage"], "model_id": r["model_id"], "parent_id": r["parent_id"],
+             "metrics": r["metrics"]} for r in lineage(home, model_id)]
+    create_table_artifact(key="train-summary", table=rows,
+                          description=f"Training run {run_id} from {config_path}: final model {model_id}")
+    print(f"train: final model {model_id} ({len(rows)} stages)")
+    return model_id
+
+
+def _run(args) -> int:
+    home = str(Home.resolve(args.home).make().root)
+    train_flow(home, args.config, resume=args.resume, nproc=args.nproc)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the ResNet-MSA classifier with attention mining and KP",
+                       description="Run the staged schedule of the config (sec. 3.1). Each stage writes a "
+                                   "checkpoint registered in the `models` table; finished stages are reused "
+                                   "and an interrupted one resumes from its last checkpoint.")
+    p.add_argument("--config", required=True, help="training config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="reuse finished stages and resume the unfinished one (default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="retrain every stage from scratch")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (DDP under torchrun); default: one per visible GPU, else 1")
+    p.set_defaults(func=_run)

@@ -1,0 +1,119 @@
+"""Fast (batched torch) and reference (numpy/skimage) mining kernels agree; eq. 8 and sec. 3.2 on hand-made maps."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.mining.boxes import boxes_from_heatmaps
+from pipeline.mining.heatmap_fusion import attention_mining, fuse, fused_heatmap
+from pipeline.mining.reference import boxes_reference, fused_heatmap_reference
+
+
+def test_eq8_fill_in_on_a_hand_made_map():
+    cam = torch.tensor([[8., 0, 4, 0, 2]])
+    H, M = attention_mining(cam, steps=3)
+    # t=1: H1 = cam/8; {8} is the maximum's component (4/8 = 0.5 is foreground but apart): M1 erases column 0.
+    # t=2: over columns 1..4 the max is 4: H2 = [0, 0, 1, 0, .5]; M2 also erases column 2.
+    # t=3: over columns 1, 3, 4 the max is 2: H3 = [0, 0, 0, 0, 1].
+    torch.testing.assert_close(H, torch.tensor([[[1, 0, .5, 0, .25]], [[0, 0, 1, 0, .5]], [[0, 0, 0, 0, 1]]]))
+    torch.testing.assert_close(M, torch.tensor([[[0., 1, 1, 1, 1]], [[0., 1, 0, 1, 1]]]))
+    # Eq. 8: column 0 (erased at t=1) is filled from H1 at t=2 and t=3: (1 + 1 + 1)/3 = 1;
+    # column 2 (erased at t=2) from H2 at t=3: (.5 + 1 + 1)/3; column 4 never erased: (.25 + .5 + 1)/3.
+    expect = torch.tensor([[1, 0, 2.5 / 3, 0, 1.75 / 3]])
+    torch.testing.assert_close(fuse(H, M), expect)
+    np.testing.assert_allclose(fused_heatmap_reference(cam.numpy()), expect.numpy(), rtol=1e-6)
+
+
+def test_eq8_with_one_step_is_the_normalized_cam_and_steps_fill_from_the_step_that_erased():
+    g = torch.Generator().manual_seed(1)
+    cam = torch.randn(5, 3, 16, 16, generator=g)
+    H, M = attention_mining(cam, steps=1)
+    torch.testing.assert_close(fuse(H, M), H[0])
+    H, M = attention_mining(cam, steps=3)
+    fused = fuse(H, M)
+    erased1, erased2, kept = M[0] == 0, (M[0] == 1) & (M[1] == 0), M[1] == 1
+    torch.testing.assert_close(fused[erased1], H[0][erased1])
+    torch.testing.assert_close(fused[erased2], ((H[0] + 2 * H[1]) / 3)[erased2])
+    torch.testing.assert_close(fused[kept], H.mean(0)[kept])
+    assert fused.min() >= 0 and torch.allclose(fused.flatten(-2).amax(-1), torch.ones(5, 3))
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_fused_heatmap_fast_equals_reference(size):
+    g = torch.Generator().manual_seed(size)
+    cam = torch.nn.functional.avg_pool2d(torch.randn(12, 1, size, size, generator=g), 3, 1, 1)[:, 0]
+    fast = fused_heatmap(cam)
+    for n in range(len(cam)):
+        np.testing.assert_allclose(fast[n].numpy(), fused_heatmap_reference(cam[n].numpy()), atol=1e-6)
+
+
+def _maps(kind, n, size, g):
+    if kind == "noise":
+        return torch.rand(n, size, size, generator=g)
+    if kind == "smooth":
+        return torch.nn.functional.avg_pool2d(torch.randn(n, 1, size, size, generator=g), 5, 1, 2,
+                                              count_include_pad=False)[:, 0]
+    # phantom-like: a few Gaussian lesions of random size and strength over a weak background
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    cam = 0.05 * torch.rand(n, size, size, generator=g)
+    for _ in range(3):
+        cy, cx = (torch.rand(2, n, 1, 1, generator=g) * size).unbind(0)
+        s = 0.5 + torch.rand(n, 1, 1, generator=g) * size / 6
+        cam += torch.rand(n, 1, 1, generator=g) * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s ** 2))
+    return cam
+
+
+@pytest.mark.parametrize("kind,size,frame", [("noise", 16, (1024, 1024)), ("smooth", 32, (1024, 1024)),
+                                             ("phantom", 32, (1024, 1024)), ("phantom", 16, (700, 900))])
+def test_boxes_fast_and_reference_agree_within_one_pixel(kind, size, frame):
+    g = torch.Generator().manual_seed(hash(kind) % 1000 + size)
+    fused = fused_heatmap(_maps(kind, 16, size, g))
+    fast = boxes_from_heatmaps(fused, torch.tensor([frame], dtype=torch.float32).expand(len(fused), 2))
+    matched = 0
+    for n in range(len(fused)):
+        ref = boxes_reference(fused[n].numpy(), frame)
+        assert int(fast.valid[n].sum()) == len(ref)
+        for k, r in enumerate(ref):  # same ranking, same thresholds, boxes within 1 px, same scores
+            assert fast.valid[n, k] and abs(float(fast.threshold[n, k]) - r["threshold"]) < 1e-6
+            x, y, w, h = fast.xywh[n, k].tolist()
+            edges = np.array([x, y, x + w, y + h]) - [r["x"], r["y"], r["x"] + r["w"], r["y"] + r["h"]]
+            assert np.abs(edges).max() <= 1, (n, k, fast.xywh[n, k], r)
+            assert float(fast.score[n, k]) == pytest.approx(r["score"], abs=1e-3)
+            matched += 1
+        assert not fast.valid[n, len(ref):].any()
+    assert matched >= len(fused)
+
+
+def test_boxes_on_a_hand_made_plateau():
+    # 8x8 grid on an 800x800 frame: 100 px per cell, node i at x = 100 i + 50. A plateau of 1 on cells
+    # rows 2..4, columns 3..5, and a weaker blob apart that no box may reach.
+    fused = torch.zeros(1, 8, 8)
+    fused[0, 2:5, 3:6] = 1.0
+    fused[0, 7, 0] = 0.9
+    boxes = boxes_from_heatmaps(fused, torch.tensor([[800., 800.]]), thresholds=(0.5, 0.2))
+    # tau=0.5: the surface crosses half-way between nodes, at x = 300 and 600, y = 200 and 500.
+    # tau=0.2: 0.8 of the way out from the plateau: x = 270..630, y = 170..530 (first/last pixel centres inside).
+    assert boxes.valid[0].tolist() == [True, True]
+    assert boxes.xywh[0, 0].tolist() == [300, 200, 300, 300]
+    assert boxes.xywh[0, 1].tolist() == [270, 170, 360, 360]
+    assert boxes.threshold[0].tolist() == pytest.approx([0.5, 0.2])
+    assert boxes.score[0, 0] > boxes.score[0, 1]  # ranked by mean H_f inside
+    ref = boxes_reference(fused[0].numpy(), (800, 800), thresholds=(0.5, 0.2))
+    assert [[r[k] for k in "xywh"] for r in ref] == boxes.xywh[0].tolist()
+
+
+def test_duplicate_boxes_collapse():
+    # One pixel per cell: a sharp plateau gives the same box at every threshold, so only one comes out.
+    fused = torch.zeros(2, 8, 8)
+    fused[:, 2:5, 3:6] = 1.0
+    fused[1, 5, 3] = 0.4  # the second map grows at tau=0.35 and 0.2, to the same box: two boxes
+    boxes = boxes_from_heatmaps(fused, torch.tensor([[8., 8.]]).expand(2, 2), thresholds=(0.5, 0.35, 0.2))
+    assert boxes.valid.tolist() == [[True, False, False], [True, True, False]]
+    assert boxes.xywh[0, 0].tolist() == [3, 2, 3, 3]
+    assert sorted(boxes.threshold[1, :2].tolist()) == pytest.approx([0.35, 0.5])
+    for n in range(2):
+        assert len(boxes_reference(fused[n].numpy(), (8, 8))) == int(boxes.valid[n].sum())
+
+
+def test_empty_batch():
+    boxes = boxes_from_heatmaps(torch.zeros(0, 8, 8), torch.zeros(0, 2))
+    assert boxes.xywh.shape == (0, 3, 4) and boxes.valid.shape == (0, 3)

@@ -1,0 +1,147 @@
+"""Training engine: AUROC kernels, augmentation, configs, a tiny staged AM+KP run that learns, KP through the engine."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_worker import BLOB_FINDINGS, blob_home, tiny_config  # noqa: E402
+
+from models import freeze_batchnorm, frozen_copy  # noqa: E402
+from pipeline.dataset import CacheDataset  # noqa: E402
+from pipeline.training import checkpoint, config, engine, stages  # noqa: E402
+from pipeline.training.augment import augment_batch, sample_affine, warp_boxes, warp_images  # noqa: E402
+from pipeline.training.metrics import auroc, auroc_reference  # noqa: E402
+from pipeline.vocab import INDEX  # noqa: E402
+from warehouse import db  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+# ------------------------------------------------------------------ AUROC
+
+def test_auroc_rank_formula_matches_pairwise_reference():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((300, 6)), 2)           # rounding makes many ties
+    labels = (rng.random((300, 6)) < 0.3).astype(np.float32)
+    labels[:, 5] = 0                                       # no positives -> NaN
+    fast, slow = auroc(scores, labels), auroc_reference(scores, labels)
+    np.testing.assert_allclose(fast[:5], slow[:5], rtol=0, atol=1e-12)
+    assert np.isnan(fast[5]) and np.isnan(slow[5])
+    assert auroc(np.array([[0.1], [0.4], [0.35], [0.8]]), np.array([[0], [0], [1], [1]]))[0] == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------ augmentation
+
+def test_augmentation_moves_boxes_with_the_image_and_never_flips():
+    S = 64
+    x = torch.zeros(6, 1, S, S)
+    x[:, :, 10:30, 20:44] = 1.0
+    box = torch.tensor([[20.0, 10.0, 24.0, 20.0]])
+    cfg = config.AugmentConfig(scale=(0.8, 1.3), shift=0.1, rotate=10.0)
+    theta = sample_affine(6, cfg, torch.Generator().manual_seed(3))
+    assert (torch.linalg.det(theta[:, :, :2]) > 0).all()          # orientation kept: no mirror image
+    warped = warp_images(x, theta)
+    for i in range(6):
+        ys, xs = torch.nonzero(warped[i, 0] > 0.5, as_tuple=True)
+        seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]).float()
+        assert torch.allclose(warp_boxes(box, theta[i], S)[0], seen, atol=2.5), i
+    a, _ = augment_batch(x, cfg, torch.Generator().manual_seed(7))
+    b, moved = augment_batch(x, cfg, torch.Generator().manual_seed(7), boxes=[box] * 6)
+    assert torch.equal(a, b) and len(moved) == 6                   # a function of the seed
+
+
+# ------------------------------------------------------------------ configs
+
+def test_configs_load_and_fingerprints_follow_the_stage_chain():
+    paper = config.load_config(REPO / "configs" / "paper.yaml")
+    assert (paper.model.arch, paper.model.neck, paper.data.input_size, paper.runtime.batch_size) == \
+        ("resnet50", "bilinear", 512, 64)
+    assert (paper.stages.base.lr, paper.stages.base.epochs, paper.stages.msa_init.epochs) == (0.1, 50, 10)
+    assert (paper.am.kp_lambda, paper.am.am_fraction, paper.am.steps) == (0.5, 0.125, 3)
+    assert paper.stages.msa_init.freeze_backbone and paper.stages.end_to_end.patience > 0
+    config.load_config(REPO / "configs" / "demo.yaml")
+    with pytest.raises(ValueError, match="unknown key"):
+        config.load_config({"am": {"lamda": 0.5}})
+    assert config.load_config(paper.to_dict()) == paper           # the stored dict rebuilds the config
+    json.dumps(paper.to_dict())
+    names = [p.name for p in stages.plan_stages(paper)]
+    assert names == ["base", "msa_init", "end_to_end", "am1", "am2", "am3"]
+    other = stages.plan_stages(config.load_config(paper, {"am": {"kp_lambda": 0.25}}))
+    same = [a.model_id == b.model_id for a, b in zip(stages.plan_stages(paper), other)]
+    assert same == [True, True, True, False, False, False]          # AM changes leave earlier stages reusable
+
+
+# ------------------------------------------------------------------ a tiny staged run
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    home = blob_home(tmp_path_factory.mktemp("train"), n=160)
+    steps = []
+    model_id = stages.train(home, tiny_config(), on_step=lambda *a: steps.append(a))
+    return home, model_id, steps
+
+
+def test_staged_am_kp_run_learns_and_registers_every_stage(trained):
+    home, model_id, steps = trained
+    con = db.connect(home, read_only=True)
+    rows = con.execute("SELECT model_id, parent_id, stage, config, checkpoint, checkpoint_sha256, metrics "
+                       "FROM models ORDER BY created_at").fetchall()
+    con.close()
+    assert [r[2] for r in rows] == ["base", "msa_init", "end_to_end", "am1", "am2"]
+    assert [r[1] for r in rows[1:]] == [r[0] for r in rows[:-1]]            # each stage records its parent
+    assert rows[-1][0] == model_id
+    for mid, _, stage, cfg, rel, sha, metrics in rows:
+        assert checkpoint.sha256_file(home / rel) == sha
+        assert json.loads(cfg)["am"]["kp_lambda"] == 0.5
+    base = checkpoint.load_checkpoint(home / rows[0][4])["trainer"]["history"]
+    assert base[-1]["train"]["loss"] < 0.6 * base[0]["train"]["loss"]      # the loss goes down
+    final = json.loads(rows[-1][6])
+    aucs = [final["auroc"][f] for f in BLOB_FINDINGS]                       # both findings have boxes
+    assert min(aucs) > 0.7 and np.mean(aucs) > 0.8, final
+    am1 = checkpoint.load_checkpoint(home / rows[3][4])["trainer"]["history"][-1]["train"]
+    am2 = checkpoint.load_checkpoint(home / rows[4][4])["trainer"]["history"][-1]["train"]
+    assert am1["erased_frac"] == 0 and am2["erased_frac"] > 0               # stage t erases t-1 times
+    assert am1["loss_kp"] > 0 and am2["loss_kp"] > 0
+    model, meta = checkpoint.load_model(home, "latest")
+    assert meta["model_id"] == model_id and meta["vocabulary"][INDEX["Mass"]] == "Mass"
+    assert meta["input_size"] == 64 and meta["normalization"]["mean"] == pytest.approx(0.449)
+
+
+def test_rerun_reuses_finished_stages(trained):
+    home, model_id, _ = trained
+    steps = []
+    assert stages.train(home, tiny_config(), on_step=lambda *a: steps.append(a)) == model_id
+    assert steps == []
+
+
+def test_kp_is_zero_before_and_positive_after_an_am_update(trained):
+    home, _, _ = trained
+    cfg = config.load_config(tiny_config(runtime={"amp": "none"}, data={"augment": {"enabled": False}}))
+    con = db.connect(home, read_only=True)
+    parent = con.execute("SELECT model_id FROM models WHERE stage = 'end_to_end'").fetchone()[0]
+    con.close()
+    model, _ = checkpoint.load_model(home, parent)
+    reference = frozen_copy(model)
+    loss_module = engine.AttentionMiningLoss(model, cfg.am, t=2, reference=reference)
+    ds = CacheDataset(home, 64, split="train")
+    batch = ds.get_batch(np.arange(16))
+    x = engine.prepare(batch["image"], torch.device("cpu"), cfg.runtime)
+    freeze_batchnorm(model.train())
+    _, before = loss_module(x, batch["labels"])
+    assert before["loss_kp"] < 1e-4 and before["erased_frac"] > 0   # N_A == N_B (float noise: batch 12 vs 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    engine.train_one_epoch(loss_module, optimizer, scheduler, ds, [np.arange(16)], device=torch.device("cpu"),
+                           runtime=cfg.runtime, augment=None, seed=0)
+    _, after = loss_module(x, batch["labels"])
+    assert after["loss_kp"] > 1e-2 and after["loss_kp"] > 100 * before["loss_kp"]
+    vanilla = engine.AttentionMiningLoss(model, config.AMConfig(mode="vanilla", am_fraction=0.25), t=2)
+    _, logs = vanilla(x, batch["labels"])
+    assert "loss_kp" not in logs and vanilla.split(16) == 4
+    assert engine.AttentionMiningLoss(model, config.AMConfig(mode="none"), t=1).split(16) == 16
