@@ -69,6 +69,9 @@ def test_configs_load_and_fingerprints_follow_the_stage_chain():
     with pytest.raises(ValueError, match="unknown key"):
         config.load_config({"am": {"lamda": 0.5}})
     assert config.load_config(paper.to_dict()) == paper           # the stored dict rebuilds the config
+    partial = config.load_config({"stages": {"base": {"epochs": 5}}, "am": {"stage": {"epochs": 1}}})
+    assert (partial.stages.base.lr, partial.am.stage.freeze_bn, partial.am.stage.clip_grad_norm) == (0.1, True, 1.0)
+    assert config.load_config({"phantom": {"n": 10}}) == config.TrainConfig()   # other flows' sections
     json.dumps(paper.to_dict())
     names = [p.name for p in stages.plan_stages(paper)]
     assert names == ["base", "msa_init", "end_to_end", "am1", "am2", "am3"]
