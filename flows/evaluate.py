@@ -31,16 +31,17 @@ def evaluate_flow(home: str, run_id: str, report: bool = True) -> dict:
     return {"evaluation_id": eval_id, **out}
 
 
-def headline(home, run_id: str, protocol: str = "all/iou", family_t=(0.1, 0.3, 0.5)):
-    """Acc per finding at a few T for one protocol: the table the CLI and the demo print."""
+def headline(home, run_id: str, protocol: str = "all/iou", ts=(0.1, 0.3, 0.5)):
+    """Acc per finding at a few T for the protocols starting with `protocol`: what the CLI and the demo print."""
     con = db.connect(Home.resolve(home), read_only=True)
     try:
-        return con.execute(f"""
-            PIVOT (SELECT protocol, finding, 'T=' || t AS t, round(acc, 3) AS acc FROM eval_results
-                   WHERE run_id = ? AND metric = 'acc' AND protocol LIKE ? AND t IN ({','.join(map(str, family_t))}))
-            ON t USING first(acc) ORDER BY protocol, finding""", [run_id, protocol + "%"]).df()
+        df = con.execute("""SELECT protocol, finding, t, acc FROM eval_results
+                            WHERE run_id = ? AND metric = 'acc' AND protocol LIKE ?""",
+                         [run_id, protocol + "%"]).df()
     finally:
         con.close()
+    df = df[df["t"].round(3).isin(ts)].assign(t=lambda d: "Acc@T=" + d["t"].round(2).astype(str))
+    return df.pivot_table(index=["protocol", "finding"], columns="t", values="acc").round(3).reset_index()
 
 
 def print_results(home, run_id: str, protocol: str, family: str) -> None:

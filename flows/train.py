@@ -2,7 +2,10 @@
 `pipeline.training`. `harvest train --config configs/demo.yaml`."""
 from __future__ import annotations
 
-from prefect import flow, task
+import logging
+from contextlib import contextmanager
+
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pipeline.home import Home
@@ -10,9 +13,27 @@ from pipeline.runs import recorded_run
 from pipeline.training import default_nproc, lineage, train_distributed
 
 
+@contextmanager
+def forward_logs(name: str, target: logging.LoggerAdapter):
+    """Send the records of logger `name` (epoch summaries) to `target`: the terminal and the Prefect UI."""
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            target.log(record.levelno, record.getMessage())
+    source, handler = logging.getLogger(name), Forward(logging.INFO)
+    saved = source.level, source.propagate
+    source.level, source.propagate = logging.INFO, False     # once, through the run logger
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.level, source.propagate = saved
+
+
 @task(name="train-stages")
 def train_task(home: str, config_path: str, nproc: int, resume: bool) -> str:
-    return train_distributed(home, config_path, nproc, resume=resume)
+    with forward_logs("pipeline.training", get_run_logger()):
+        return train_distributed(home, config_path, nproc, resume=resume)
 
 
 @flow(name="train", log_prints=True)

@@ -50,9 +50,10 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
         results, gts = [], {}
         for gt_set in GT_SETS:
             view = f"gt_{gt_set}"
+            quoted = run_id.replace("'", "''")   # a view cannot take prepared parameters
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM gt_boxes WHERE source = '{gt_set}'"
-                        + (" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = $run)"
-                           if gt_set == "truth" else ""), {"run": run_id} if gt_set == "truth" else {})
+                        + (f" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = '{quoted}')"
+                           if gt_set == "truth" else ""))
             gt = con.execute(f"SELECT image_id, finding, x, y, w, h FROM {view}").df()
             if gt.empty:
                 continue
@@ -65,9 +66,13 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
             raise ValueError(f"no ground-truth boxes in {home.warehouse}: nothing to evaluate run {run_id} on")
         boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
                             [run_id]).df()
-        eval_gt = gts.get("bbox_list", gts.get("truth"))
-        results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
-        table = pd.concat(results, ignore_index=True)
+    finally:
+        con.close()   # the heatmap pass below opens the warehouse read-only (model, cache index)
+    eval_gt = gts.get("bbox_list", gts.get("truth"))
+    results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
+    table = pd.concat(results, ignore_index=True)
+    con = db.connect(home)
+    try:
         write_results(con, table)
     finally:
         con.close()
@@ -100,10 +105,16 @@ def heatmaps(model, ds: CacheDataset, indices, findings: list[str], steps: int =
     return out
 
 
+def _steps(info: dict) -> int:
+    """T of the mining run (its config is stored in the run's params)."""
+    config = info["params"].get("config")
+    return int(config.get("steps", 3)) if isinstance(config, dict) else 3
+
+
 def _max_box_acc(home, info, run_id, eval_gt, truth, mined, device) -> pd.DataFrame:
     model, meta = _model(home, info["model_id"], device)
     size = int(meta.get("input_size", 256))
-    steps = int(info["params"].get("config", {}).get("steps", 3)) if isinstance(info["params"].get("config"), dict) else 3
+    steps = _steps(info)
 
     def maps(gt: pd.DataFrame) -> list[Heatmap]:
         pairs = gt[["image_id", "finding"]].drop_duplicates()
@@ -131,7 +142,7 @@ def _cases(home, info, boxes, gt, n, device) -> list[Case]:
     size = int(meta.get("input_size", 256))
     ds = CacheDataset(home, size=size, image_ids=sorted(set(picks["image_id"])))
     pos = {iid: i for i, iid in enumerate(ds.image_ids)}
-    hms = heatmaps(model, ds, [pos[i] for i in picks["image_id"]], list(picks["finding"]), device=device)
+    hms = heatmaps(model, ds, [pos[i] for i in picks["image_id"]], list(picks["finding"]), _steps(info), device)
     cases = []
     for p, hm in zip(picks.itertuples(index=False), hms):
         i = pos[p.image_id]

@@ -237,7 +237,7 @@ def train_one_epoch(step_module: nn.Module, optimizer, scheduler, dataset, batch
     bar = tqdm(total=len(local), desc=desc, unit="step", disable=not d.main, leave=False, mininterval=2)
     for k, batch in enumerate(batch_loader(dataset, local, runtime, device)):
         step = start_step + k
-        x = prepare(batch["image"], device, runtime, augment, seed_of(seed, step))
+        x = prepare(batch["image"], device, runtime, augment, seed_of(seed, step, d.rank))   # ranks differ
         loss, logs = train_step(step_module, optimizer, scheduler, x, batch["labels"].to(device, non_blocking=True),
                                 device, runtime, clip)
         steps += 1

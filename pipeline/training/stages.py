@@ -192,15 +192,7 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                          "empty; raise data.val_fraction or set patience: 0")
     steps_per_epoch = len(train_set) // cfg.runtime.batch_size
 
-    if plan.t:
-        reference = None
-        if cfg.am.mode == "kp":     # N_A: the network the first AM stage starts from, rebuilt (deterministic)
-            reference = frozen_copy(_build(cfg, plan.reference, home).to(device))
-            if cfg.runtime.channels_last:
-                reference = reference.to(memory_format=torch.channels_last)
-        step_module: nn.Module = AttentionMiningLoss(model, cfg.am, plan.t, reference)
-    else:
-        step_module = ClassificationLoss(model)
+    step_module = _loss_module(cfg, plan, model, home, device)
     if d.world > 1:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda"
                                               else None)
@@ -261,15 +253,34 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
         epoch, start_step = epoch + 1, 0
         save_last(epoch, 0)
 
-    if st.patience and trainer["best_epoch"] is not None and trainer["best_epoch"] != epoch:
+    return _finish(home, model, trainer, meta, st, epoch, d)
+
+
+def _loss_module(cfg: TrainConfig, plan: StagePlan, model: nn.Module, home: Home, device) -> nn.Module:
+    """The stage's loss: classification, or AM (eq. 1-6) with N_A for KP."""
+    if not plan.t:
+        return ClassificationLoss(model)
+    reference = None
+    if cfg.am.mode == "kp":     # N_A: the network the first AM stage starts from, rebuilt (deterministic)
+        reference = frozen_copy(_build(cfg, plan.reference, home).to(device))
+        if cfg.runtime.channels_last:
+            reference = reference.to(memory_format=torch.channels_last)
+    return AttentionMiningLoss(model, cfg.am, plan.t, reference)
+
+
+def _finish(home: Home, model: nn.Module, trainer: dict, meta: dict, st: StageConfig, epochs: int,
+            d: Dist) -> dict:
+    """Pick the final weights (the best epoch under early stopping), write `final.pt`, register it."""
+    stage_dir = home.checkpoints / meta["model_id"]
+    if st.patience and trainer["best_epoch"] is not None and trainer["best_epoch"] != epochs:
         model.load_state_dict(load_checkpoint(stage_dir / "best.pt")["model"])
     chosen = trainer["best_epoch"] if st.patience and trainer["best_epoch"] else len(trainer["history"])
     record = trainer["history"][chosen - 1] if trainer["history"] else {}
     meta["metrics"] = {**record, "epochs_run": len(trainer["history"]), "stopped_early": trainer["stopped"]}
     if d.main:
         sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
-                               "epoch": epoch, "step": 0, "trainer": trainer, "meta": meta}, final_path)
-        register_model(home, meta, final_path, sha)
+                               "epoch": epochs, "step": 0, "trainer": trainer, "meta": meta}, stage_dir / FINAL)
+        register_model(home, meta, stage_dir / FINAL, sha)
     d.barrier()
     return meta
 
