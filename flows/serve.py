@@ -11,6 +11,7 @@ PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 def load_deployments(path=PREFECT_YAML, overrides: dict | None = None, home: str | None = None):
     """RunnerDeployments built from `prefect.yaml`: the same names, entrypoints, parameters and schedules."""
     from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron
     spec = yaml.safe_load(Path(path).read_text())
     root = Path(path).resolve().parent
     deployments = []
@@ -20,10 +21,10 @@ def load_deployments(path=PREFECT_YAML, overrides: dict | None = None, home: str
         params = {**d.get("parameters", {}), **(overrides or {})}
         if home:
             params["home"] = home
-        crons = [s["cron"] for s in d.get("schedules", []) if "cron" in s]
-        timezone = next((s.get("timezone") for s in d.get("schedules", []) if "cron" in s), None)
+        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
+                     for s in d.get("schedules", []) if "cron" in s]
         deployments.append(flow.to_deployment(name=d["name"], description=d.get("description"), parameters=params,
-                                              cron=crons or None, timezone=timezone))
+                                              schedules=schedules))
     return deployments
 
 

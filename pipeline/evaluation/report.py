@@ -182,7 +182,7 @@ def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Ca
     if cases:
         parts.append("<h2>Best and worst cases per finding (by best IoU)</h2>")
     for case in cases:
-        png = plot_case(case, out_dir / _slug(f"case_{case.finding}_{case.label}_{case.image_id}.png"))
+        png = plot_case(case, out_dir / (_slug(f"case_{case.finding}_{case.label}_{Path(case.image_id).stem}") + ".png"))
         caption = case.caption or (f"{case.finding}, {case.image_id} ({case.label}): heatmaps at t=1..3 and H_f; "
                                    "GT red, mined boxes green with rank")
         parts.append(_img_tag(png, caption))

@@ -122,16 +122,55 @@ def _axis_weights(first, last, nodes: int, length: torch.Tensor):
     return (table[u, last.long() + 1] - table[u, first.long()]).float()
 
 
-def surface_component(nodes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Bool `[..., h, w]`: nodes of the component of `{bilinear surface >= tau}` holding the first maximum node."""
-    fg = nodes >= tau
-    a, b = nodes[..., :-1, :-1], nodes[..., :-1, 1:]
-    c, d = nodes[..., 1:, :-1], nodes[..., 1:, 1:]
-    saddle = (a * d - b * c) / (a + d - b - c)   # only read where a, d and b, c fall on opposite sides of tau
-    joined = saddle >= tau
-    down_right = fg[..., :-1, :-1] & fg[..., 1:, 1:] & joined
-    down_left = fg[..., :-1, 1:] & fg[..., 1:, :-1] & joined
-    return connected_component(fg, argmax_seed(nodes), diagonals=(down_right, down_left))
+def _surface_at_pixels(nodes: torch.Tensor, px: torch.Tensor, py: torch.Tensor, frames: torch.Tensor):
+    """The bilinear surface through `nodes` `[N,h,w]` at frame pixel centres (px, py) `[N,...]` (integers)."""
+    N, h, w = nodes.shape
+    shape = px.shape
+    W, H = (frames[:, i].reshape(N, *([1] * (px.dim() - 1))) for i in (0, 1))
+    sx = ((px + 0.5) * w / W - 0.5).clamp(0, w - 1)
+    sy = ((py + 0.5) * h / H - 0.5).clamp(0, h - 1)
+    x0, y0 = sx.floor().clamp(max=max(w - 2, 0)), sy.floor().clamp(max=max(h - 2, 0))
+    fx, fy = sx - x0, sy - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    flat = nodes.reshape(N, -1)
+    at = lambda yy, xx: flat.gather(1, (yy * w + xx).reshape(N, -1)).reshape(shape)  # noqa: E731
+    return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1)))
+
+
+def _saddle_pixels(nodes: torch.Tensor, frames: torch.Tensor):
+    """Per grid cell, the surface at the frame pixels diagonally around the cell's saddle point: the pixel
+    below-left and above-right of it (the a-d diagonal) and the other two (the b-c diagonal), `4 x [N,h-1,w-1]`."""
+    N, h, w = nodes.shape
+    a, b, c, d = nodes[:, :-1, :-1], nodes[:, :-1, 1:], nodes[:, 1:, :-1], nodes[:, 1:, 1:]
+    den = a + d - b - c
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    u = torch.where(den == 0, 0.5, (a - c) / safe).clamp(0, 1)          # saddle, in the cell (x along columns)
+    v = torch.where(den == 0, 0.5, (a - b) / safe).clamp(0, 1)
+    j = torch.arange(w - 1, device=nodes.device, dtype=nodes.dtype)
+    i = torch.arange(h - 1, device=nodes.device, dtype=nodes.dtype)[:, None]
+    W, H = frames[:, 0, None, None], frames[:, 1, None, None]
+    left = torch.floor((j + u + 0.5) * W / w - 0.5)                     # last pixel centre left of the saddle
+    top = torch.floor((i + v + 0.5) * H / h - 0.5)
+    value = lambda dx, dy: _surface_at_pixels(nodes, left + dx, top + dy, frames)  # noqa: E731
+    return value(0, 0), value(1, 1), value(1, 0), value(0, 1)
+
+
+def surface_component(nodes: torch.Tensor, tau: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Bool `[N,K,h,w]`: nodes of the component of `{bilinear surface >= tau}` (sampled at the frame's pixel
+    centres) holding the first maximum node; `nodes` `[N,h,w]`, `tau` `[K,1,1]`, frames `[N,2]`.
+
+    Two diagonal nodes >= τ whose cell's other corners are < τ are joined where the two frame pixels
+    straddling the cell's saddle point on their diagonal are >= τ: away from the saddle the two pieces are
+    apart by more than a pixel, and those two pixels are 8-neighbours (if the saddle value is >= τ they always
+    are >= τ: the continuous surface is joined there too).
+    """
+    fg = nodes[:, None] >= tau                                               # [N,K,h,w]
+    ad_lo, ad_hi, bc_lo, bc_hi = (p[:, None] >= tau for p in _saddle_pixels(nodes, frames))
+    down_right = fg[..., :-1, :-1] & fg[..., 1:, 1:] & ad_lo & ad_hi
+    down_left = fg[..., :-1, 1:] & fg[..., 1:, :-1] & bc_lo & bc_hi
+    seed = argmax_seed(nodes)[:, None].expand_as(fg)
+    return connected_component(fg, seed, diagonals=(down_right, down_left))
 
 
 @torch.no_grad()
@@ -148,8 +187,8 @@ def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0
         return Boxes(fused.new_zeros((0, K, 4)), z, z, z.bool())
 
     t = tau[:, None, None]
+    component = surface_component(fused, t, frames)
     nodes = fused[:, None].expand(N, K, h, w)                                 # one map per threshold
-    component = surface_component(nodes, t)
     x_lo, x_hi = _edges(component, nodes, t, frames[:, 1])
     y_lo, y_hi = _edges(component.transpose(-1, -2), nodes.transpose(-1, -2), t, frames[:, 0])
     x0, x1 = _pixel_range(x_lo, x_hi, w, frames[:, :1])

@@ -1,4 +1,6 @@
 """Fast (batched torch) and reference (numpy/skimage) mining kernels agree; eq. 8 and sec. 3.2 on hand-made maps."""
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -62,25 +64,47 @@ def _maps(kind, n, size, g):
     return cam
 
 
+FLIP = 2e-3   # a threshold change this small flips a neck thinner than a pixel (see test below)
+
+
+def _close(a, b) -> bool:
+    """Two xywh boxes whose edges are within 1 px."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return bool(np.abs(np.r_[a[:2], a[:2] + a[2:]] - np.r_[b[:2], b[:2] + b[2:]]).max() <= 1)
+
+
 @pytest.mark.parametrize("kind,size,frame", [("noise", 16, (1024, 1024)), ("smooth", 32, (1024, 1024)),
                                              ("phantom", 32, (1024, 1024)), ("phantom", 16, (700, 900))])
 def test_boxes_fast_and_reference_agree_within_one_pixel(kind, size, frame):
-    g = torch.Generator().manual_seed(hash(kind) % 1000 + size)
-    fused = fused_heatmap(_maps(kind, 16, size, g))
-    fast = boxes_from_heatmaps(fused, torch.tensor([frame], dtype=torch.float32).expand(len(fused), 2))
-    matched = 0
+    """Per threshold, the fast box is the reference box within 1 px. The one allowed exception: where the
+    component's connectivity hinges on a neck thinner than a pixel (a node within ~1e-3 of τ), the pixel grid
+    and the surface may disagree; then the reference at τ ± 2e-3 must give the fast box, and such flips must stay
+    rare. Where no threshold flips, the ranked, de-duplicated outputs are equal too."""
+    g = torch.Generator().manual_seed(zlib.crc32(kind.encode()) % 1000 + size)
+    fused = fused_heatmap(_maps(kind, 24, size, g))
+    frames = torch.tensor([frame], dtype=torch.float32).expand(len(fused), 2)
+    thresholds = (0.5, 0.35, 0.2)
+    per_tau = [boxes_from_heatmaps(fused, frames, (t,)) for t in thresholds]
+    ranked = boxes_from_heatmaps(fused, frames, thresholds)
+    flips = 0
     for n in range(len(fused)):
-        ref = boxes_reference(fused[n].numpy(), frame)
-        assert int(fast.valid[n].sum()) == len(ref)
-        for k, r in enumerate(ref):  # same ranking, same thresholds, boxes within 1 px, same scores
-            assert fast.valid[n, k] and abs(float(fast.threshold[n, k]) - r["threshold"]) < 1e-6
-            x, y, w, h = fast.xywh[n, k].tolist()
-            edges = np.array([x, y, x + w, y + h]) - [r["x"], r["y"], r["x"] + r["w"], r["y"] + r["h"]]
-            assert np.abs(edges).max() <= 1, (n, k, fast.xywh[n, k], r)
-            assert float(fast.score[n, k]) == pytest.approx(r["score"], abs=1e-3)
-            matched += 1
-        assert not fast.valid[n, len(ref):].any()
-    assert matched >= len(fused)
+        flipped = False
+        for t, fast in zip(thresholds, per_tau):
+            box = fast.xywh[n, 0].tolist()
+            ref = boxes_reference(fused[n].numpy(), frame, (t,))[0]
+            if not _close(box, [ref[k] for k in "xywh"]):
+                near = [boxes_reference(fused[n].numpy(), frame, (t + d,))[0] for d in (-FLIP, FLIP)]
+                assert any(_close(box, [r[k] for k in "xywh"]) for r in near), (n, t, box, ref)
+                flips, flipped = flips + 1, True
+            else:
+                assert float(fast.score[n, 0]) == pytest.approx(ref["score"], abs=1e-3)
+        if not flipped:  # same boxes, same ranking, same duplicates collapsed
+            ref = boxes_reference(fused[n].numpy(), frame, thresholds)
+            assert int(ranked.valid[n].sum()) == len(ref)
+            for k, r in enumerate(ref):
+                assert abs(float(ranked.threshold[n, k]) - r["threshold"]) < 1e-6
+                assert _close(ranked.xywh[n, k].tolist(), [r[c] for c in "xywh"])
+    assert flips <= max(1, 0.03 * len(fused) * len(thresholds)), flips
 
 
 def test_boxes_on_a_hand_made_plateau():
