@@ -12,18 +12,21 @@ Our reading of "3 bboxs generated from each H_f by adjusting the intensity thres
 
 The fast path never builds the full-size map. It works on the CAM grid itself, because the upsampled map is the
 bilinear surface through the grid's nodes sampled at the frame's pixel centres:
-- components: two nodes >= τ that are 4-neighbours are joined by the straight edge between them; two diagonal
-  nodes >= τ whose cell's other corners are < τ are joined iff the cell's saddle value, (ad - bc)/(a + d - b - c),
-  is >= τ (the asymptotic decider of marching squares); a bilinear patch has no interior maximum, so every
-  piece of ``{H_f >= τ}`` holds a node, and this node graph has the surface's components. Connected-component labelling
-  (``models.erasure.connected_component`` with conditional diagonals) finds the one of the maximum;
+- components: two nodes >= τ that are 4-neighbours are joined by the straight edge between them; a bilinear
+  patch has no interior maximum, so every piece of ``{H_f >= τ}`` holds a node, and this node graph has the
+  surface's components. Two diagonal nodes >= τ whose cell's other corners are < τ meet only near the cell's
+  saddle point; on the pixel grid (8-connectivity) they are joined iff the two pixels straddling the saddle
+  on their diagonal are >= τ, which is what we test (``surface_component``). Connected-component labelling
+  (``models.erasure.connected_component`` with these conditional diagonals) finds the maximum's component;
 - edges: for a fixed column, a bilinear patch is linear along y, so over the pixel rows between two node rows
   a piece's leftmost point lies on the first or the last of them (likewise for the other edges); along such a
   row the surface is linear between node columns, so the edge is the interpolated crossing of τ just outside
   the component, and the edge pixel is the first frame pixel whose centre lies past it;
 - the score, the mean of H_f over the box's frame pixels, is exact, from separable sums of bilinear weights.
-So the fast boxes are those of the full-size map, save where a neck of the component is thinner than a pixel
-(the pixel grid and the surface then disagree on connectivity) and float32 rounding at a pixel centre.
+So the fast boxes are those of the full-size map, save where the component hangs on a neck thinner than a
+pixel elsewhere than at a saddle (nodes within ~1e-2 of τ: the pixel grid and the surface then disagree on
+connectivity; a threshold change that small flips the reference too) and float32 rounding at a pixel centre.
+Measured: 0-0.5% of boxes on random and phantom-like maps, each inside the reference's τ ± 0.01 bracket.
 ``pipeline.mining.reference.boxes_reference`` does it the obvious way on the full-size map; tests hold the two
 within 1 pixel of each other on random and phantom-like maps.
 """
