@@ -10,8 +10,8 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-VERBS = ["flows.ingest", "flows.query", "flows.phantom", "flows.train", "flows.mine", "flows.evaluate",
-         "flows.ablate", "flows.export", "flows.harvest", "flows.serve"]
+VERBS = ["flows.ingest", "flows.query", "flows.phantom", "flows.train", "flows.mine", "flows.tune",
+         "flows.evaluate", "flows.ablate", "flows.export", "flows.harvest", "flows.serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.files import sha256_file
 
 from pipeline.home import Home
 from pipeline.runs import code_version
@@ -76,7 +77,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
         manifest = {"format": fmt, **trace, "filters": filters, "counts": counts,
                     "code_version": code_version(),
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "files": {p.relative_to(tmp).as_posix(): _sha256(p)
+                    "files": {p.relative_to(tmp).as_posix(): sha256_file(p)
                               for p in sorted(tmp.rglob("*")) if p.is_file()}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_into_place(tmp, out_dir)
@@ -203,14 +204,6 @@ def write_nih_csv(out: Path, images: list[dict], boxes: list[dict]) -> dict:
 
 
 _WRITERS = {"coco": write_coco, "yolo": write_yolo, "nih-csv": write_nih_csv}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_replaceable(out_dir: Path) -> None:

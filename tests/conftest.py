@@ -55,3 +55,19 @@ def make_nih(tmp_path):
         (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows if r[0] not in test))
         return root
     return make
+
+
+def register_tiny_model(home, model_id: str = "tiny", arch: str = "resnet18", neck: str = "bilinear",
+                        input_size: int = 64, seed: int = 0) -> str:
+    """Save an untrained model as a checkpoint and register it in the `models` table (mining and flow tests)."""
+    import torch
+
+    from models import create_model
+    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
+    torch.manual_seed(seed)
+    model = create_model(arch, neck, 14)
+    meta = model_meta(model_id=model_id, parent_id=None, stage="base", arch=arch, neck=neck, num_classes=14,
+                      input_size=input_size, config={})
+    path = Path(home) / "checkpoints" / model_id / "final.pt"
+    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    return model_id

@@ -11,9 +11,7 @@ evaluation images (phantom only). Without them the summary is labeled oracle (`m
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from pipeline.files import sha256_file
 
 SHA256 = {
     "cxr.nii.gz": "b1c29dfa53ea82a1a1588eeeffdef9da0440d5f8a478879f646206b9ba4a325c",
@@ -54,19 +55,11 @@ def package_data(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checked(path: Path, want: str, package: str) -> Path:
     """`path` if its sha256 is `want`; else a clear error (the phantom is calibrated on those exact files)."""
     if not path.exists():
         raise AnatomyError(f"{path} is missing; reinstall {package}")
-    got = sha256(path)
+    got = sha256_file(path)
     if got != want:
         raise AnatomyError(f"{path} has sha256 {got}, expected {want}: the phantom is calibrated on that file; "
                            f"install the {package} wheel it came from")

@@ -12,7 +12,6 @@ and `final.pt` (the stage's result; its sha256 is recorded in the warehouse `mod
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 
 from models import create_model
 from pipeline.dataset import NORM_MEAN, NORM_STD
+from pipeline.files import sha256_file
 from pipeline.home import Home
 from pipeline.vocab import FINDINGS
 from warehouse import db
@@ -36,14 +36,6 @@ def model_meta(**fields) -> dict:
     """The metadata every checkpoint carries (timm-style: weight metadata is data)."""
     return {"normalization": {"mean": NORM_MEAN, "std": NORM_STD, "scale": 255.0},
             "vocabulary": list(FINDINGS), **fields}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import register_tiny_model
 from tests.flows.prefect_server import session_server
 
 N_IMAGES, CACHE_SIZE = 40, 64
@@ -30,23 +31,14 @@ def dask_cluster(prefect_api):
 @pytest.fixture(scope="module")
 def mining_base_home(tmp_path_factory):
     """Phantom images ingested into a 64 px cache, and a tiny ResNet-18 checkpoint registered as a model."""
-    import torch
-
-    from models import create_model
     from pipeline.ingest.nih import ingest_nih
     from pipeline.phantom import generate
-    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
 
     base = tmp_path_factory.mktemp("mine")
     generate(base / "phantom", n=N_IMAGES, seed=0, size=128, workers=1, progress=False)
     home = base / "home"
     ingest_nih(home, base / "phantom", sizes=(CACHE_SIZE,))
-    torch.manual_seed(0)
-    model = create_model("resnet18", "baseline", 14)
-    meta = model_meta(model_id="tiny-r18", parent_id=None, stage="base", arch="resnet18", neck="baseline",
-                      num_classes=14, input_size=CACHE_SIZE, config={})
-    path = home / "checkpoints" / "tiny-r18" / "final.pt"
-    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    register_tiny_model(home, "tiny-r18", neck="baseline", input_size=CACHE_SIZE)
     return home
 
 

@@ -20,10 +20,8 @@ KEY = ["image_id", "finding", "rank"]
 @pytest.fixture(scope="module")
 def mined_home(tmp_path_factory):
     """Five 512 px images ingested at 128 px, and a tiny ResNet-18 (bilinear MSA: an 8x8 CAM grid) registered."""
-    from models import create_model
     from pipeline.ingest.nih import ingest_nih
-    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
-    from tests.conftest import HEADER, gray_image
+    from tests.conftest import HEADER, gray_image, register_tiny_model
     from PIL import Image
 
     base = tmp_path_factory.mktemp("mining")
@@ -39,12 +37,7 @@ def mined_home(tmp_path_factory):
     (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in ROWS))
     home = base / "home"
     ingest_nih(home, root, sizes=(SIZE,), workers=1)
-    torch.manual_seed(0)
-    model = create_model("resnet18", "bilinear", 14)
-    meta = model_meta(model_id="tiny", parent_id=None, stage="base", arch="resnet18", neck="bilinear",
-                      num_classes=14, input_size=SIZE, config={})
-    path = home / "checkpoints" / "tiny" / "final.pt"
-    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    register_tiny_model(home, "tiny", neck="bilinear", input_size=SIZE)
     ids = CacheDataset(home, size=SIZE).image_ids
     return home, ids
 

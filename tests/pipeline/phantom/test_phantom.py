@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.files import sha256_file
 from pipeline.phantom import anatomy, build as gen_mod, drr, findings, metadata
 from pipeline.phantom.build import encode_png, generate, plan, render_image, sample_boxes
 from pipeline.vocab import BOXED_FINDINGS, FINDINGS, NO_FINDING, parse_labels
@@ -26,7 +27,7 @@ def phantom(tmp_path_factory):
 def test_ct_files_are_checked():
     paths = anatomy.check_files()
     assert set(paths) == {"cxr.nii.gz", "mask.nii.gz", "structures.csv"}
-    assert anatomy.sha256(paths["mask.nii.gz"]) == anatomy.SHA256["mask.nii.gz"]
+    assert sha256_file(paths["mask.nii.gz"]) == anatomy.SHA256["mask.nii.gz"]
     ids = anatomy.structures(paths["structures.csv"])
     for name in list(anatomy.LOBES) + ["heart", "aorta", "rib_left_1", "vertebrae_T5", "clavicula_left",
                                        "scapula_right"]:

@@ -1,0 +1,37 @@
+"""`harvest tune`: choose the mining box thresholds on the validation split (never on evaluation boxes)."""
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from pipeline.home import Home
+from pipeline.mining.tune import tune_thresholds
+from pipeline.runs import recorded_run
+
+
+@flow(name="tune-mining", log_prints=True)
+def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
+    with recorded_run(home, "tune-mining", {"model": model, "t_iou": t_iou}):
+        best, table = tune_thresholds(home, model, t_iou=t_iou)
+    table["thresholds"] = table["thresholds"].map(list)
+    create_table_artifact(key="mining-thresholds", table=table.head(10).to_dict("records"),
+                          description=f"box thresholds scored on the validation split, model {model}")
+    return {"thresholds": list(best), "table": table}
+
+
+def _run(args) -> int:
+    out = tune_flow(str(Home.resolve(args.home).root), args.model, args.t_iou)
+    print(out["table"].head(10).to_string(index=False))
+    print(f"\nbest on the validation split: thresholds {out['thresholds']}; use them with\n"
+          f"  mining: {{thresholds: {out['thresholds']}}}   in the config's mining section")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="choose mining box thresholds on the validation split",
+                       description="Mine the validation images (held out by training, by patient) with each "
+                                   "candidate threshold triple and score them against their truth boxes "
+                                   "(phantom data). Evaluation boxes are never used.")
+    p.add_argument("--model", default="latest", help="model id or 'latest'")
+    p.add_argument("--t-iou", type=float, default=0.3, help="T(IoU) of the objective (default 0.3)")
+    p.set_defaults(func=_run)
