@@ -5,13 +5,15 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows._runtime import prefect_api
-from flows.harvest import resolve_config, train_task
+from flows.harvest import resolve_config
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
+from flows.train import train_flow
 from pipeline.ablation import stage_model_id, training_config, variants
 from pipeline.evaluation.compare import comparison_table, to_markdown
 from pipeline.evaluation.run import evaluate_run
@@ -31,9 +33,13 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
     if source:
         ingest_flow(home, "nih", source, sizes=[input_size(config)])
     rows = []
+    variant_dir = Home.resolve(home).reports / "ablation" / "configs"
+    variant_dir.mkdir(parents=True, exist_ok=True)
     for v in variants():
         cfg = training_config(config, v)
-        train_task(home, cfg)
+        path = variant_dir / f"{v.group}-{v.setting}.yaml".replace("/", "-").replace(" ", "_").replace("=", "")
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        train_flow(home, str(path))
         model_id = stage_model_id(cfg, v.stage)
         mined = mine_flow(home, model=model_id, split=mining["split"], shard_size=int(mining["shard_size"]),
                           config={**mine_cfg, "steps": v.steps})
@@ -53,7 +59,7 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
             table = comparison_table(results, runs, protocol=protocol)
             sections.append(f"### Protocol `{protocol}`\n\n{to_markdown(table)}")
     markdown = "\n\n".join(sections)
-    out = Home.resolve(home).reports / "ablation.md"
+    out = Home.resolve(home).reports / "ablation" / "results.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs_md = to_markdown(runs.set_index("run_id"))
     out.write_text(f"## Runs\n\n{runs_md}\n\n{markdown}\n")

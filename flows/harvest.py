@@ -16,6 +16,7 @@ from flows.evaluate import evaluate_flow, headline
 from flows.export import export_flow
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
+from flows.train import train_flow
 from pipeline.harvest_config import input_size, load_sections
 from pipeline.home import Home
 
@@ -27,12 +28,6 @@ def resolve_config(path) -> Path:
     """A config path as given, else relative to the repository (so `configs/demo.yaml` works anywhere)."""
     p = Path(path)
     return p if p.exists() else REPO / p
-
-
-@task(name="train")
-def train_task(home: str, config: str) -> str:
-    from pipeline.training.stages import train
-    return train(home, config)
 
 
 def current_model(home: Home) -> str | None:
@@ -74,7 +69,7 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
         ingest = None
     model_id = current_model(home_) if incremental else None
     if model_id is None:
-        model_id = train_task(home, config)
+        model_id = train_flow(home, config)
     timings["train"] = time.perf_counter() - t0 - sum(timings.values())
     mining = sections["mining"]
     mine_cfg = {k: v for k, v in mining.items() if k not in ("split", "shard_size")}

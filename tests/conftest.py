@@ -58,7 +58,7 @@ def make_nih(tmp_path):
 
 
 def register_tiny_model(home, model_id: str = "tiny", arch: str = "resnet18", neck: str = "bilinear",
-                        input_size: int = 64, seed: int = 0) -> str:
+                        input_size: int = 64, seed: int = 0, config: dict | None = None) -> str:
     """Save an untrained model as a checkpoint and register it in the `models` table (mining and flow tests)."""
     import torch
 
@@ -67,7 +67,7 @@ def register_tiny_model(home, model_id: str = "tiny", arch: str = "resnet18", ne
     torch.manual_seed(seed)
     model = create_model(arch, neck, 14)
     meta = model_meta(model_id=model_id, parent_id=None, stage="base", arch=arch, neck=neck, num_classes=14,
-                      input_size=input_size, config={})
+                      input_size=input_size, config=config or {})
     path = Path(home) / "checkpoints" / model_id / "final.pt"
     register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
     return model_id
