@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import export as ex
+from pipeline.files import sha256_file
 from pipeline.home import Home
 from pipeline.vocab import FINDINGS, INDEX, normalize_finding
 from warehouse.db import PARQUET_TABLES, connect, write_parquet_atomic
@@ -193,7 +194,7 @@ def test_manifest_traces_run_model_and_files(home, tmp_path):
     assert m["code_version"] and m["created_at"].endswith("+00:00")
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(m["files"]) == files
-    assert all(m["files"][f] == ex._sha256(out / f) for f in files)
+    assert all(m["files"][f] == sha256_file(out / f) for f in files)
 
 
 def test_export_replaces_an_existing_one_atomically(home, tmp_path):
