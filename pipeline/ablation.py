@@ -8,7 +8,6 @@ Stages shared between variants (same fingerprint: e.g. `base` for all) are train
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,19 +32,13 @@ def variants() -> list[Variant]:
     return out
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def training_config(base_config, variant: Variant) -> dict:
     """The base config file with the variant's overrides (harvest sections dropped)."""
     from pipeline.harvest_config import HARVEST_SECTIONS
+    from pipeline.training.config import merge
     data = yaml.safe_load(Path(base_config).read_text()) or {}
     data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
-    return _merge(data, variant.overrides)
+    return merge(data, variant.overrides)
 
 
 def stage_model_id(config: dict, stage: str) -> str:

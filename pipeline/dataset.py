@@ -52,15 +52,16 @@ class CacheDataset(torch.utils.data.Dataset):
             self.rows = np.array([r[4] for r in rows], dtype=np.int64)
             pos = {iid: k for k, iid in enumerate(self.image_ids)}
             self.labels = np.zeros((len(rows), len(FINDINGS)), dtype=np.float32)
-            for iid, finding in con.execute("SELECT image_id, finding FROM labels").fetchall():
-                if iid in pos:
-                    self.labels[pos[iid], INDEX[finding]] = 1.0
+            # only this dataset's images: a mining shard must not read the whole table
+            for iid, finding in con.execute("SELECT image_id, finding FROM labels WHERE image_id IN "
+                                            "(SELECT unnest(?))", [self.image_ids]).fetchall():
+                self.labels[pos[iid], INDEX[finding]] = 1.0
             self.boxes: dict[int, list] = defaultdict(list)
             if with_boxes:
                 for iid, finding, x, y, w, h in con.execute(
-                        "SELECT image_id, finding, x, y, w, h FROM gt_boxes ORDER BY ALL").fetchall():
-                    if iid in pos:
-                        self.boxes[pos[iid]].append((INDEX[finding], x, y, w, h))
+                        "SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE image_id IN (SELECT unnest(?)) "
+                        "ORDER BY ALL", [self.image_ids]).fetchall():
+                    self.boxes[pos[iid]].append((INDEX[finding], x, y, w, h))
         finally:
             con.close()
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import yaml
 
 from models.knowledge_preservation import KP_LAYERS
+from pipeline.harvest_config import HARVEST_SECTIONS
 
 
-# Sections of a harvest YAML that configure other flows (pipeline.harvest_config); training ignores them,
-# so they never change a stage's fingerprint.
-OTHER_SECTIONS = ("phantom", "mining", "export")
+# Sections of a harvest YAML that configure other flows; training ignores them, so they never change a
+# stage's fingerprint.
+OTHER_SECTIONS = HARVEST_SECTIONS
 
 
 @dataclass
@@ -169,7 +170,7 @@ def from_dict(cls, data: dict | None):
         if dataclasses.is_dataclass(typ):
             f = fields[key]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()
-            kwargs[key] = from_dict(typ, _merge(_plain(dataclasses.asdict(default)), value or {}))
+            kwargs[key] = from_dict(typ, merge(_plain(dataclasses.asdict(default)), value or {}))
         elif typing.get_origin(typ) is tuple:
             kwargs[key] = tuple(value)
         else:
@@ -186,15 +187,15 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
     else:
         data = yaml.safe_load(Path(source).read_text()) or {}
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
     return from_dict(TrainConfig, data).validate()
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
     return out
 
 

@@ -65,7 +65,7 @@ def blob_home(tmp: Path, n: int = 160, input_size: int = 64, seed: int = 0) -> P
 
 def tiny_config(**overrides) -> dict:
     """A resnet18 config at 64 px that trains in seconds on 2 cores."""
-    from pipeline.training.config import _merge
+    from pipeline.training.config import merge
 
     base = {
         "name": "tiny", "seed": 0,
@@ -77,7 +77,7 @@ def tiny_config(**overrides) -> dict:
                    "end_to_end": {"epochs": 1, "lr": 0.02, "patience": 2}},
         "am": {"steps": 2, "mode": "kp", "am_fraction": 0.25, "stage": {"epochs": 1, "lr": 0.002, "freeze_bn": True}},
     }
-    return _merge(base, overrides)
+    return merge(base, overrides)
 
 
 def main(home: str, out: str) -> None:
