@@ -20,18 +20,29 @@ HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient
           "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n")
 
 
-def make_dataset(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """Radiograph-like 8-bit PNGs (smooth anatomy + noise: compresses like real CXRs, not like flat images)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
+def _write_pngs(root: Path, ks: range, size: int, seed: int) -> None:
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = 80 + 70 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.1)
-    lines = [HEADER]
-    for k in range(n):
+    for k in ks:
+        rng = np.random.default_rng((seed, k))
         img = base + 25 * np.sin(xx * 40 + k) * np.exp(-(yy - 0.4) ** 2 / 0.05) + rng.normal(0, 4, base.shape)
-        name = f"{k + 1:08d}_000.png"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / name)
-        lines.append(f"{name},No Finding,0,{k + 1},50,F,PA,{size},{size},0.143,0.143\n")
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{k + 1:08d}_000.png")
+
+
+def make_dataset(root: Path, n: int, size: int, seed: int = 0, workers: int = 1) -> None:
+    """Radiograph-like 8-bit PNGs (smooth anatomy + noise: compresses like real CXRs, not like flat images),
+    written by `workers` processes (the same files whatever their number)."""
+    (root / "images").mkdir(parents=True)
+    chunks = [range(k, min(k + 256, n)) for k in range(0, n, 256)]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_pngs, [root] * len(chunks), chunks, [size] * len(chunks), [seed] * len(chunks)))
+    else:
+        for ks in chunks:
+            _write_pngs(root, ks, size, seed)
+    lines = [HEADER] + [f"{k + 1:08d}_000.png,No Finding,0,{k + 1},50,F,PA,{size},{size},0.143,0.143\n"
+                        for k in range(n)]
     (root / "Data_Entry_2017_v2020.csv").write_text("".join(lines))
 
 

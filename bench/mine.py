@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,13 @@ from pipeline.vocab import FINDINGS  # noqa: E402
 MODEL_ID = "bench"
 
 
-def make_dataset(root: Path, n: int, frame: int, seed: int = 0) -> None:
+def make_dataset(root: Path, n: int, frame: int, seed: int = 0, workers: int = 1) -> None:
     """bench/ingest.py's radiograph-like PNGs, relabelled with 1-3 positive findings each (NIH averages fewer:
     this is the harder case for mining, which makes one heatmap per positive finding)."""
     import pandas as pd
     from ingest import make_dataset as make_pngs   # bench/ingest.py, beside this script
 
-    make_pngs(root, n, frame, seed)
+    make_pngs(root, n, frame, seed, workers)
     rng = np.random.default_rng(seed)
     entry = root / "Data_Entry_2017_v2020.csv"
     table = pd.read_csv(entry)
@@ -50,12 +51,19 @@ def make_dataset(root: Path, n: int, frame: int, seed: int = 0) -> None:
 
 
 def build_home(tmp: Path, args) -> Path:
+    """The bench's home under `tmp`: synthetic images, their cache, a registered random-weight model. Kept and
+    reused when `tmp/bench.json` says it was built with the same settings (`--home`)."""
     from models import create_model
     from pipeline.ingest.nih import ingest_nih
     from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
 
-    make_dataset(tmp / "nih", max(args.n), args.frame)
-    home = tmp / "home"
+    home, stamp = tmp / "home", tmp / "bench.json"
+    settings = json.dumps({k: getattr(args, k) for k in ("arch", "neck", "size", "frame", "n")})
+    if stamp.exists() and stamp.read_text() == settings:
+        return home
+    if any(tmp.iterdir()):
+        raise SystemExit(f"{tmp} holds something else than a bench home built with these settings: empty it")
+    make_dataset(tmp / "nih", max(args.n), args.frame, workers=args.workers)
     ingest_nih(home, tmp / "nih", sizes=(args.size,), workers=args.workers)
     torch.manual_seed(0)
     model = create_model(args.arch, args.neck, 14)
@@ -63,6 +71,7 @@ def build_home(tmp: Path, args) -> Path:
                       num_classes=14, input_size=args.size, config={})
     path = home / "checkpoints" / MODEL_ID / "final.pt"
     register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
+    stamp.write_text(settings)
     return home
 
 
@@ -190,14 +199,17 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=None, help="model input (default 512, quick 256)")
     ap.add_argument("--frame", type=int, default=1024, help="original image side (NIH: 1024)")
     ap.add_argument("--n", type=int, nargs=2, default=None,
-                    help="two dataset sizes, 4+ batches each (default 256 1024, quick 64 192); rates on the first")
+                    help="two dataset sizes, 4+ batches each (default 256 1024, quick 48 128); peak RSS on both, "
+                         "rates on the larger (a flow's shard is larger still: fill and drain weigh less there)")
     ap.add_argument("--batch", type=int, default=None, help="default 32, quick 16")
     ap.add_argument("--repeats", type=int, default=None, help="alternating timed repeats (default 3, quick 4)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU)")
-    ap.add_argument("--workers", type=int, default=1, help="ingestion processes (setup only, not timed)")
+    ap.add_argument("--workers", type=int, default=1, help="image-writing and ingestion processes (setup only)")
+    ap.add_argument("--home", type=Path, help="build the bench's data here and keep it; reused by a later run "
+                    "with the same model and sizes (default: a temporary folder)")
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -205,12 +217,16 @@ def main(argv=None) -> None:
     q = args.quick
     args.arch = args.arch or ("resnet18" if q else "resnet50")
     args.size = args.size or (256 if q else 512)
-    args.n = sorted(args.n or ((64, 192) if q else (256, 1024)))
+    args.n = sorted(args.n or ((48, 128) if q else (256, 1024)))
     args.batch = args.batch or (16 if q else 32)
     repeats = args.repeats or (4 if q else 3)
     config = config_of(args)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True    # as mine_shard sets it: one input size
+    if args.home:
+        args.home.mkdir(parents=True, exist_ok=True)
+    with (nullcontext(str(args.home)) if args.home else tempfile.TemporaryDirectory()) as tmp:
         home = build_home(Path(tmp), args)
         from pipeline.training.checkpoint import load_model
 
@@ -219,7 +235,7 @@ def main(argv=None) -> None:
             model = model.to(memory_format=torch.channels_last)
         features = torch.compile(model.forward_features) if config.compile else model.forward_features
         ds = CacheDataset(home, size=args.size)
-        ids = ds.image_ids[:args.n[0]]
+        ids = ds.image_ids[:args.n[1]]
         batches = [ds.get_batch(np.arange(s, min(s + args.batch, len(ids))))["image"]
                    for s in range(0, len(ids), args.batch)]
         if args.device.startswith("cuda"):   # the bare forward's best case: page-locked, like mine_shard's

@@ -48,11 +48,22 @@ def open_shard(path: str, size: int) -> np.memmap:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, size, size))
 
 
-def gather(cache_dir: Path, size: int, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Fetch images by (shard, row) into one `[B, size, size]` uint8 array, one fancy-index per shard."""
-    out = np.empty((len(rows), size, size), dtype=np.uint8)
+def _run(idx: np.ndarray):
+    """`idx` as a slice when it is one increasing run (a copy from a slice is one memcpy), else as it is."""
+    if len(idx) and (np.diff(idx) == 1).all():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def gather(cache_dir: Path, size: int, shards: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Fetch images by (shard, row) into one `[B, size, size]` uint8 array (`out`, e.g. page-locked memory, or a
+    new one), one copy per shard: consecutive rows, the usual case, are copied straight from the memory map."""
+    if out is None:
+        out = np.empty((len(rows), size, size), dtype=np.uint8)
+    elif out.shape != (len(rows), size, size) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {(len(rows), size, size)}, got {out.dtype} {out.shape}")
     for shard in np.unique(shards):
         sel = np.flatnonzero(shards == shard)
         mm = open_shard(str(shard_path(cache_dir, size, int(shard))), size)
-        out[sel] = mm[rows[sel]]
+        out[_run(sel)] = mm[_run(rows[sel])]
     return out
