@@ -3,7 +3,8 @@
 # one set of data (built once); with --compile, a last block with torch.compile. Every figure in a block comes
 # from one run (ratios inside one run only). Target (DESIGN.md section 7): end-to-end mining >= 0.9x the bare
 # forward rate on a GPU. Rates are taken on the larger of the two dataset sizes.
-# Usage: bench/gpu_mine.sh [--quick] [--compile] [extra bench/mine.py args]; PYTHON=... picks the interpreter.
+# Usage: bench/gpu_mine.sh [--quick] [--compile] [extra bench/mine.py args]; PYTHON=... picks the interpreter;
+# BENCH_HOME=DIR keeps the data there (else a temporary folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,8 +17,7 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-DATA=$(mktemp -d)
-trap 'rm -rf "$DATA"' EXIT
+if [[ -n ${BENCH_HOME:-} ]]; then DATA=$BENCH_HOME; else DATA=$(mktemp -d); trap 'rm -rf "$DATA"' EXIT; fi
 # The frame is the original image side; 512 keeps the synthetic PNG setup short (boxes map to it either way).
 COMMON=(--device cuda --arch resnet50 --neck bilinear --size 512 --frame 512 --workers 12 --home "$DATA" "${SIZES[@]}")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

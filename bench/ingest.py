@@ -1,4 +1,4 @@
-"""PNG-to-cache ingestion rate per core vs memory-mapped cache reading rate, measured in one run.
+"""PNG-to-cache ingestion rate per core vs cache reading rate, measured in one run.
 
 Target (issue 2): cache reading >= 10x faster than PNG decoding. Last line: `cache/png speedup: X`.
 """
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
         norm_rate = _rate(ds, order, args.batch, lambda b: normalize(b["image"]), 2 if args.quick else 5)
     print(f"images: {n} PNGs at {args.src_size}px -> cache {args.size}px, 1 process, {os.cpu_count()} cores seen")
     print(f"png->cache ingest: {png_rate:.1f} img/s per core (read, sha256, decode, resize, commit)")
-    print(f"cache read (memmap, shuffled batches of {args.batch} -> uint8 tensor): {read_rate:.0f} img/s")
+    print(f"cache read (shuffled batches of {args.batch} -> uint8 tensor): {read_rate:.0f} img/s")
     print(f"cache read + normalize to float32 on the CPU: {norm_rate:.0f} img/s "
           "(on a GPU the uint8 batch moves and is normalized on the device)")
     print(f"cache/png speedup: {read_rate / png_rate:.1f}")

@@ -1,6 +1,6 @@
 """Training step rate from the uint8 cache data path over the rate with synthetic in-memory input, one run.
 
-Data path: shuffled index batches gathered from the memory-mapped cache (`CacheDataset.get_batch`, DataLoader
+Data path: shuffled index batches gathered from the cache shards (`CacheDataset.get_batch`, DataLoader
 workers when `--workers`), uint8 to the device, augmentation and normalization there, then the step.
 Synthetic: the same step on one prepared batch already on the device. Steps alternate one for one, so that
 load from other processes hits both alike; rates are batch / median step time.

@@ -4,7 +4,7 @@ Each ingestion chunk decodes its images once, resizes them to every configured s
 shard per size: `cache/size=<S>/shard-<id>.u8`, raw uint8 `[n, S, S]`, written atomically (temp + rename).
 The warehouse table `cache_entries(source_sha256, size, shard, row)` indexes it, committed after the shard
 exists, so a killed writer leaves at most an unreferenced shard and never a dangling row.
-Readers memory-map shards; nothing on the hot path decodes PNG or DICOM.
+Readers read shards with `os.preadv` straight into their batch buffers; nothing on the hot path decodes PNG or DICOM.
 """
 from __future__ import annotations
 
@@ -42,28 +42,38 @@ def write_shard(cache_dir: Path, size: int, shard: int, images: np.ndarray) -> P
     return path
 
 
-@lru_cache(maxsize=256)
-def open_shard(path: str, size: int) -> np.memmap:
-    n = os.path.getsize(path) // (size * size)
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, size, size))
+@lru_cache(maxsize=64)
+def _shard_file(path: str):
+    """An open, unbuffered shard file; `os.preadv` on its descriptor is safe from any thread (no shared offset)."""
+    return open(path, "rb", buffering=0)
 
 
-def _run(idx: np.ndarray):
-    """`idx` as a slice when it is one increasing run (a copy from a slice is one memcpy), else as it is."""
-    if len(idx) and (np.diff(idx) == 1).all():
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
+def _read_into(path: str, dest: np.ndarray, offset: int) -> None:
+    """Read `dest.nbytes` bytes of `path` at `offset` straight into `dest` (C-contiguous)."""
+    f, view, done = _shard_file(path), memoryview(dest).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise IndexError(f"{path}: row past the end of the shard ({os.path.getsize(path)} bytes, "
+                             f"read asked up to byte {offset + len(view)})")
+        done += got
 
 
 def gather(cache_dir: Path, size: int, shards: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Fetch images by (shard, row) into one `[B, size, size]` uint8 array (`out`, e.g. page-locked memory, or a
-    new one), one copy per shard: consecutive rows, the usual case, are copied straight from the memory map."""
+    """Fetch images by (shard, row) into one `[B, size, size]` uint8 array: `out` (e.g. page-locked memory for
+    a GPU) or a new one. One read per run of consecutive rows of a shard (a mining batch is one run); files are
+    read, not memory-mapped, so the pages read do not count to the reader's resident memory (flat RSS however
+    many images a process streams through)."""
     if out is None:
         out = np.empty((len(rows), size, size), dtype=np.uint8)
-    elif out.shape != (len(rows), size, size) or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8 {(len(rows), size, size)}, got {out.dtype} {out.shape}")
-    for shard in np.unique(shards):
-        sel = np.flatnonzero(shards == shard)
-        mm = open_shard(str(shard_path(cache_dir, size, int(shard))), size)
-        out[_run(sel)] = mm[_run(rows[sel])]
+    elif out.shape != (len(rows), size, size) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {(len(rows), size, size)}, got {out.dtype} {out.shape}")
+    image = size * size
+    j = 0
+    while j < len(rows):
+        k = j + 1
+        while k < len(rows) and shards[k] == shards[j] and rows[k] == rows[k - 1] + 1:
+            k += 1
+        _read_into(str(shard_path(cache_dir, size, int(shards[j]))), out[j:k], int(rows[j]) * image)
+        j = k
     return out

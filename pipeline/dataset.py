@@ -1,7 +1,7 @@
 """Training and mining read images through the cache, as dict samples (torchxrayvision style).
 
 The index (ids, labels, frames, cache locations, boxes) is read from the warehouse once, in the constructor,
-with a short read-only connection; afterwards the dataset touches only memory-mapped shards.
+with a short read-only connection; afterwards the dataset only reads cache shards (`pipeline.cache.gather`).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class CacheDataset(torch.utils.data.Dataset):
         return self._unbatch(self.get_batch([i]), 0)
 
     def get_batch(self, indices, out: torch.Tensor | None = None) -> dict:
-        """Stacked samples for `indices`, gathered straight from the memory-mapped shards; the images into
+        """Stacked samples for `indices`, read straight from the cache shards; the images into
         `out` (uint8 `[B,1,S,S]`, e.g. page-locked memory for a fast copy to a GPU) when given."""
         idx = np.asarray(indices, dtype=np.int64)
         images = cache.gather(self.home.cache, self.size, self.shards[idx], self.rows[idx],

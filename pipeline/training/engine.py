@@ -98,7 +98,7 @@ def shard(batch: np.ndarray, d: Dist) -> np.ndarray:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item k = the k-th index batch, gathered in one call from the memory-mapped cache."""
+    """Item k = the k-th index batch, gathered in one call from the cache shards."""
 
     def __init__(self, dataset, batches: list[np.ndarray]):
         self.dataset, self.batches = dataset, batches

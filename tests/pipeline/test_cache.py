@@ -31,5 +31,11 @@ def test_gather_matches_one_image_at_a_time(shards, pairs):
 
 def test_gather_rejects_a_wrong_buffer(shards):
     root, _ = shards
-    with pytest.raises(ValueError, match="out must be uint8"):
+    with pytest.raises(ValueError, match="out must be C-contiguous uint8"):
         cache.gather(root, 8, np.array([0, 0]), np.array([0, 1]), out=np.zeros((3, 8, 8), np.uint8))
+
+
+def test_gather_names_a_row_past_the_end(shards):
+    root, _ = shards
+    with pytest.raises(IndexError, match="past the end"):
+        cache.gather(root, 8, np.array([0]), np.array([5]))
