@@ -42,17 +42,34 @@ def write_shard(cache_dir: Path, size: int, shard: int, images: np.ndarray) -> P
     return path
 
 
+class _Shard:
+    """A shard's open descriptor, closed when the last holder lets go (an evicted entry still being read by
+    another thread stays open until that read ends). `os.preadv` takes an offset: no shared file position."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        os.close(self.fd)
+
+
 @lru_cache(maxsize=64)
-def _shard_file(path: str):
-    """An open, unbuffered shard file; `os.preadv` on its descriptor is safe from any thread (no shared offset)."""
-    return open(path, "rb", buffering=0)
+def _open(path: str, inode: int, mtime_ns: int) -> _Shard:
+    return _Shard(path)
+
+
+def _shard(path: str) -> _Shard:
+    """The open shard at `path`, keyed by its inode too: a home deleted and rebuilt in the same process gets
+    its new files, never a stale descriptor of the old ones."""
+    st = os.stat(path)
+    return _open(path, st.st_ino, st.st_mtime_ns)
 
 
 def _read_into(path: str, dest: np.ndarray, offset: int) -> None:
     """Read `dest.nbytes` bytes of `path` at `offset` straight into `dest` (C-contiguous)."""
-    f, view, done = _shard_file(path), memoryview(dest).cast("B"), 0
+    shard, view, done = _shard(path), memoryview(dest).cast("B"), 0
     while done < len(view):
-        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        got = os.preadv(shard.fd, [view[done:]], offset + done)
         if got == 0:
             raise IndexError(f"{path}: row past the end of the shard ({os.path.getsize(path)} bytes, "
                              f"read asked up to byte {offset + len(view)})")

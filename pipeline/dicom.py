@@ -9,7 +9,10 @@ Pixel pipeline (pydicom 3, DICOM PS3.3 C.11 "grayscale pipeline"):
 3. VOI: the first *VOI LUT Sequence* item if present (``apply_voi``), else the first *Window Center/Width* pair
    (``apply_windowing``, honouring *VOI LUT Function*), else min-max over the image. Black and white are the
    VOI output range (the window's ``y_min..y_max``, or the LUT's smallest..largest entry), mapped to 0..255.
-4. MONOCHROME1 is inverted so that every output looks like MONOCHROME2: air dark, bone bright.
+4. Polarity: the output is inverted when the image is MONOCHROME1 or its *Presentation LUT Shape* is INVERSE
+   (PS3.3 C.11.6), so that every output looks like MONOCHROME2: air dark, bone bright. The two are not
+   multiplied: DX requires INVERSE with MONOCHROME1 (one inversion, said twice); an INVERSE shape on a
+   MONOCHROME2 image, seen from some CR units, asks for the one inversion on its own.
 
 Colour (RGB, and YBR_* which pydicom converts to RGB) becomes gray by ITU-R BT.601 luma
 ``Y = 0.299 R + 0.587 G + 0.114 B`` scaled from ``0..2**BitsStored-1`` to 0..255, with no VOI (the standard
@@ -214,7 +217,8 @@ def _to_display(frame: np.ndarray, ds) -> np.ndarray:
     if hi <= lo:
         raise Reject("blank_image", "every pixel has the same value: nothing to learn from")
     pixels = _to_uint8(out, lo, hi)
-    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+    if (str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
+            or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"):
         pixels = 255 - pixels
     return pixels
 

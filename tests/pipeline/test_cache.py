@@ -39,3 +39,12 @@ def test_gather_names_a_row_past_the_end(shards):
     root, _ = shards
     with pytest.raises(IndexError, match="past the end"):
         cache.gather(root, 8, np.array([0]), np.array([5]))
+
+
+def test_a_rewritten_shard_is_read_anew(tmp_path):
+    first = np.full((2, 8, 8), 1, np.uint8)
+    cache.write_shard(tmp_path, 8, 0, first)
+    np.testing.assert_array_equal(cache.gather(tmp_path, 8, np.array([0]), np.array([1]))[0], first[1])
+    (tmp_path / "size=8" / "shard-000000.u8").unlink()          # a home deleted and rebuilt in one process
+    cache.write_shard(tmp_path, 8, 0, first + 1)
+    np.testing.assert_array_equal(cache.gather(tmp_path, 8, np.array([0]), np.array([1]))[0], first[1] + 1)

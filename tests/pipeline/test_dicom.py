@@ -96,6 +96,18 @@ def test_monochrome1_displays_like_monochrome2(tmp_path):
     np.testing.assert_array_equal(mono2.pixels, np.rint(anatomy * (255 / 4095)).astype(np.uint8))
 
 
+@pytest.mark.parametrize("photometric, shape, inverted", [
+    ("MONOCHROME2", "IDENTITY", False), ("MONOCHROME2", "INVERSE", True),
+    ("MONOCHROME1", "INVERSE", True),     # DX's required pairing: one inversion, not two
+    ("MONOCHROME1", "IDENTITY", True)])
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path, photometric, shape, inverted):
+    anatomy = chest()
+    plain = read_dicom(write_dicom(tmp_path / "plain.dcm", anatomy)).pixels
+    got = read_dicom(write_dicom(tmp_path / "x.dcm", anatomy, photometric=photometric,
+                                 PresentationLUTShape=shape)).pixels
+    np.testing.assert_array_equal(got, 255 - plain if inverted else plain)
+
+
 def test_bits_above_bits_stored_are_masked(tmp_path):
     anatomy = chest()
     clean = read_dicom(write_dicom(tmp_path / "clean.dcm", anatomy))
