@@ -7,6 +7,7 @@ the flow process and every worker at ONE `prefect server start` on loopback (DES
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -182,9 +183,27 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None, a
                           cluster_kwargs=local_cluster_kwargs(n_workers, api_url))
 
 
+DASK_ADDRESS_ENV = "HARVEST_DASK_ADDRESS"
+
+
+def add_dask_address(parser) -> None:
+    """`--dask-address`, defaulting to $HARVEST_DASK_ADDRESS (set by docker/compose.yaml)."""
+    parser.add_argument("--dask-address", metavar="tcp://HOST:PORT", default=os.environ.get(DASK_ADDRESS_ENV) or None,
+                        help=f"use this Dask scheduler (default ${DASK_ADDRESS_ENV} if set, else a LocalCluster: "
+                             "one worker per GPU, or 2 on CPU)")
+
+
+def gpu_index(worker_name, n_gpus: int) -> int:
+    """The GPU of a Dask worker by its name: the trailing number modulo the visible GPUs. LocalCluster names
+    workers 0..n-1; `dask worker --nworkers N --name w` names them w-0..w-(N-1); a name without a number (or a
+    worker named by its address, whose digits are a port) gets GPU 0, right for one GPU per worker host."""
+    name = str(worker_name)
+    match = None if "://" in name else re.search(r"(\d+)$", name)
+    return int(match.group(1)) % n_gpus if match and n_gpus else 0
+
+
 def worker_device() -> str:
-    """The torch device of this Dask worker: GPU number = worker name modulo the visible GPUs (LocalCluster
-    names workers 0..n-1), so one worker per GPU; else CPU."""
+    """The torch device of this Dask worker (`gpu_index`), so one worker per GPU; else CPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -192,7 +211,6 @@ def worker_device() -> str:
     try:
         from distributed import get_worker
         name = get_worker().name
-        index = int(name) if str(name).isdigit() else 0
     except (ValueError, ImportError):   # not inside a worker
-        index = 0
-    return f"cuda:{index % torch.cuda.device_count()}"
+        name = 0
+    return f"cuda:{gpu_index(name, torch.cuda.device_count())}"

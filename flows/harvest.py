@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows._runtime import prefect_api
+from flows._runtime import add_dask_address, prefect_api
 from flows.evaluate import evaluate_flow, headline
 from flows.export import export_flow
 from flows.ingest import ingest_flow
@@ -146,5 +146,5 @@ def register(sub) -> None:
     h.add_argument("--source", required=True, help="NIH-layout folder to ingest")
     h.add_argument("--config", default=str(DEMO_CONFIG), help="training/mining/export config")
     h.add_argument("--incremental", action="store_true", help="reuse the current model; mine only new images")
-    h.add_argument("--dask-address", default=None, help="existing Dask scheduler, tcp://host:8786")
+    add_dask_address(h)
     h.set_defaults(func=_harvest)

@@ -25,7 +25,7 @@ from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
-from flows._runtime import dask_task_runner, prefect_api, worker_device
+from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
 from pipeline.home import Home
 from pipeline.runs import finish_run, start_run
 from warehouse import db
@@ -239,8 +239,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="train", choices=SPLITS, help="images to mine ('all': every image)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help=f"images per shard, one Prefect task and one Parquet part each (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                   help="use this Dask scheduler; default: a LocalCluster, one worker per GPU or 2 on CPU")
+    add_dask_address(p)
     p.add_argument("--workers", type=int, metavar="N", help="LocalCluster size (default: sized to the devices)")
     p.add_argument("--config", metavar="YAML", help="MiningConfig file (steps, thresholds, batch_size, ...); "
                                                     "default: the built-in defaults")

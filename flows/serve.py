@@ -35,6 +35,8 @@ def _run(args) -> int:
     overrides = {"source": args.source} if args.source else {}
     if args.config:
         overrides["config"] = args.config
+    if args.dask_address:
+        overrides["dask_address"] = args.dask_address   # scheduled runs mine on that cluster
     deployments = load_deployments(args.prefect_yaml, overrides, str(Home.resolve(args.home).make().root))
     for dep in deployments:
         print(f"serving {dep.name}: schedules {[s.schedule.cron for s in dep.schedules]} params {dep.parameters}")
@@ -43,10 +45,13 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
+    from flows._runtime import add_dask_address
+
     p = sub.add_parser("serve", help="serve the scheduled deployments of prefect.yaml",
                        description="Serve the deployments in prefect.yaml (nightly incremental harvest) from this "
                                    "process. Point PREFECT_API_URL at a long-lived `prefect server start` first.")
     p.add_argument("--source", default=None, help="override the source folder the scheduled harvest watches")
     p.add_argument("--config", default=None, help="override the training/mining config")
     p.add_argument("--prefect-yaml", default=str(PREFECT_YAML), help="deployments file (default: the repo's)")
+    add_dask_address(p)
     p.set_defaults(func=_run)
