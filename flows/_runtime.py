@@ -66,6 +66,34 @@ class PrefectServer:
             shutil.rmtree(self.prefect_home, ignore_errors=True)
 
 
+_TEMP_PREFIX, _OWNER = "harvest-prefect-", "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True     # someone else's live process
+    return True
+
+
+def sweep_stale_prefect_homes(tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the temporary server folders whose owner process is gone: a SIGKILLed `harvest` cannot run
+    `stop()` (its server dies with it, by PR_SET_PDEATHSIG, but the folder stays). Returns what was removed."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(_TEMP_PREFIX + "*"):
+        try:
+            pid = int((folder / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue    # not ours to judge (no owner recorded)
+        if not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
                          port: int | None = None, timeout: float = 180) -> PrefectServer:
     """Start `prefect server start` (API only, no UI, no schedulers) and wait for `/api/health`.
@@ -73,8 +101,12 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
     `prefect_home` (default: a fresh temp folder, removed by `stop()`) holds the server's SQLite database.
     """
     own = prefect_home is None
-    home = Path(prefect_home or tempfile.mkdtemp(prefix="harvest-prefect-"))
+    if own:
+        sweep_stale_prefect_homes()
+    home = Path(prefect_home or tempfile.mkdtemp(prefix=_TEMP_PREFIX))
     home.mkdir(parents=True, exist_ok=True)
+    if own:
+        (home / _OWNER).write_text(str(os.getpid()))
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
     env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false"}

@@ -2,7 +2,11 @@
 import pytest
 
 from flows import cli
-from flows._runtime import gpu_index
+import os
+import subprocess
+import sys
+
+from flows._runtime import gpu_index, sweep_stale_prefect_homes
 
 
 @pytest.mark.parametrize("name, gpus, expected", [
@@ -22,3 +26,14 @@ def test_dask_address_defaults_to_the_environment(monkeypatch, argv):
     monkeypatch.setenv("HARVEST_DASK_ADDRESS", "tcp://dask-scheduler:8786")
     assert cli.build_parser().parse_args(argv).dask_address == "tcp://dask-scheduler:8786"
     assert cli.build_parser().parse_args(argv + ["--dask-address", "tcp://h:1"]).dask_address == "tcp://h:1"
+
+
+def test_sweep_removes_only_folders_of_dead_owners(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folders = {name: tmp_path / f"harvest-prefect-{name}" for name in ("dead", "alive", "unowned")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["dead"] / "owner.pid").write_text(dead.stdout.strip())
+    (folders["alive"] / "owner.pid").write_text(str(os.getpid()))
+    assert sweep_stale_prefect_homes(tmp_path) == [folders["dead"]]
+    assert not folders["dead"].exists() and folders["alive"].exists() and folders["unowned"].exists()
