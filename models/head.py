@@ -38,6 +38,15 @@ class ClassWiseHead(nn.Linear):
         return erased.mean(dim=(2, 3)) + self.bias.to(erased.dtype)
 
 
+def prior_bias(labels) -> torch.Tensor:
+    """Log-odds of each class's prevalence in `labels` `[N, C]` (0/1), Laplace-smoothed ((k + 1) / (N + 2)), so
+    that a new head starts at the base rate instead of p = 0.5 (the prior-probability initialization of Lin et
+    al. 2017, sec. 4.1). A class absent from `labels` gets a finite, low prior."""
+    labels = torch.as_tensor(labels, dtype=torch.float64)
+    p = (labels.sum(0) + 1) / (labels.shape[0] + 2)
+    return torch.log(p / (1 - p)).float()
+
+
 def classwise_logits_reference(X: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor,
                                bias: torch.Tensor) -> torch.Tensor:
     """Eq. 1-2 literally: per class c, X^c = X ⊙ M^c (mask replicated over D), g = GAP, logit = w^c·g + b^c."""

@@ -32,6 +32,11 @@ class ModelConfig:
     arch: str = "resnet50"          # resnet18 | resnet34 | resnet50
     neck: str = "bilinear"          # baseline | bilinear | deconv (the neck of msa_init and later stages)
     imagenet: bool = True           # ImageNet weights from the local torch cache when present (never downloads)
+    # A new head's bias b^c starts at the log-odds of finding c in the stage's training labels (the paper is
+    # silent on the head's initialization). With b^c ~ 0 the network must build every rare finding's negative
+    # prior from features present in every image, and CAM^c = X·w^c then peaks on anatomy, not on lesions
+    # (docs/results.md). See `models.head.prior_bias`.
+    head_prior: bool = True
 
 
 @dataclass

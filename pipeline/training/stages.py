@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models import create_model, freeze_batchnorm, frozen_copy
+from models.head import prior_bias
 from pipeline.dataset import CacheDataset
 from pipeline.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
@@ -64,6 +65,7 @@ class StagePlan:
 def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
     """The stages to run, in order, with fingerprints chained through their parents."""
     shared = {"seed": cfg.seed, "arch": cfg.model.arch, "imagenet": cfg.model.imagenet,
+              "head_prior": cfg.model.head_prior,
               "input_size": cfg.data.input_size, "val_fraction": cfg.data.val_fraction,
               "augment": asdict(cfg.data.augment), "batch_size": cfg.runtime.batch_size, "amp": cfg.runtime.amp}
     steps: list[tuple[str, str, StageConfig, int, dict]] = [
@@ -186,6 +188,10 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
 
     set_name = "am" if plan.t else "train"
     train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
+    new_head = plan.parent is None or plan.parent.neck != plan.neck      # see `_build`
+    if new_head and cfg.model.head_prior:
+        with torch.no_grad():
+            model.head.bias.copy_(prior_bias(train_set.labels))
     val_set = CacheDataset(home, cfg.data.input_size, image_ids=ids["val"])
     if st.patience and not len(val_set):
         raise ValueError(f"stage {plan.name} stops early on the validation loss but the validation split is "

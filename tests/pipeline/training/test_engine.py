@@ -148,3 +148,23 @@ def test_kp_is_zero_before_and_positive_after_an_am_update(trained):
     _, logs = vanilla(x, batch["labels"])
     assert "loss_kp" not in logs and vanilla.split(16) == 4
     assert engine.AttentionMiningLoss(model, config.AMConfig(mode="none"), t=1).split(16) == 16
+
+
+def test_a_new_head_starts_at_the_training_prevalence(trained):
+    """lr 0: the stages' weights stay at their initialization, so the head's bias is what it started at."""
+    home, _, _ = trained
+    frozen = {"stages": {"base": {"epochs": 1, "lr": 0.0, "warmup_steps": 0},
+                         "msa_init": {"epochs": 1, "lr": 0.0}, "end_to_end": {"epochs": 0}}, "am": {"steps": 0}}
+    cfg = config.load_config(tiny_config(**frozen))
+    labels = CacheDataset(home, 64, image_ids=stages.split_ids(home, cfg)["train"]).labels
+    prevalence = (labels.sum(0) + 1) / (len(labels) + 2)
+    expected = torch.from_numpy(np.log(prevalence / (1 - prevalence))).float()
+    assert expected[INDEX[BLOB_FINDINGS[0]]] - expected.min() > 1      # labelled findings vs absent ones
+    stages.train(home, cfg)
+    for plan in stages.plan_stages(cfg):                                # base (new head), msa_init (new neck + head)
+        bias = checkpoint.load_checkpoint(home / "checkpoints" / plan.model_id / "final.pt")["model"]["head.bias"]
+        torch.testing.assert_close(bias, expected)
+    off = config.load_config(cfg, {"model": {"head_prior": False}})
+    model_id = stages.train(home, off)
+    bias = checkpoint.load_checkpoint(home / "checkpoints" / model_id / "final.pt")["model"]["head.bias"]
+    assert bias.abs().max() < 1.0 and not torch.allclose(bias, expected)   # nn.Linear's uniform init
