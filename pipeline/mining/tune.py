@@ -17,7 +17,7 @@ from pipeline.mining.config import MiningConfig
 from pipeline.mining.shard import mine_shard
 from warehouse import db
 
-CANDIDATES = tuple(t for t in itertools.combinations((0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1), 3))
+CANDIDATES = tuple(t for t in itertools.combinations((0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1), 3))
 
 
 def validation_ids(home: Home, model_meta: dict) -> list[str]:

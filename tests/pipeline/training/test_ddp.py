@@ -53,5 +53,5 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     torch.manual_seed(seed_of(0, 0))                            # the stage's initial weights
     init = create_model("resnet18", "baseline").state_dict()
     moved = max(float((one[k].float() - init[k].float()).abs().max()) for k in init if k.endswith("weight"))
-    assert moved > 1e-3                                         # both actually trained
+    assert moved > 1e-4                                         # both actually trained (untrained: exactly 0)
     assert (home / "checkpoints" / model_id / "final.pt").exists()   # rank 0 wrote the same stage
