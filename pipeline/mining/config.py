@@ -21,8 +21,9 @@ _EXECUTION_FIELDS = ("batch_size", "device", "channels_last", "compile", "save_h
 class MiningConfig:
     steps: int = 3                  # T of eq. 7-8; "T=3 works best" (sec. 3.2)
     erase_threshold: float = 0.5    # binarization of the normalized CAM for each erasure (sec. 3.2)
-    # Box thresholds on H_f (sec. 3.2 gives no values). TODO(lead): these are a prior, not yet tuned; choose them
-    # on the validation split's boxes (never the evaluation boxes) and record the split and date here.
+    # Box thresholds on H_f (sec. 3.2 gives no values): a prior. Choose them per model with `harvest tune` on the
+    # validation split's truth boxes (never evaluation boxes); configs/demo.yaml records the demo model's choice
+    # (0.9, 0.8, 0.7, 2026-11-26), where this prior gave whole-image boxes (docs/results.md).
     thresholds: tuple[float, ...] = (0.5, 0.35, 0.2)
     input_size: int | None = None   # None: the model's training input size (checkpoint meta)
     unlabeled: bool = False         # mine predicted findings (sigmoid prob >= prob_threshold), not the labels
