@@ -22,11 +22,6 @@ from models.knowledge_preservation import KP_LAYERS
 from pipeline.harvest_config import HARVEST_SECTIONS
 
 
-# Sections of a harvest YAML that configure other flows; training ignores them, so they never change a
-# stage's fingerprint.
-OTHER_SECTIONS = HARVEST_SECTIONS
-
-
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"          # resnet18 | resnet34 | resnet50
@@ -193,7 +188,8 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
         data = yaml.safe_load(Path(source).read_text()) or {}
     if overrides:
         data = merge(data, overrides)
-    data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
+    # the sections of other flows: training ignores them, so they never change a stage's fingerprint
+    data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
     return from_dict(TrainConfig, data).validate()
 
 

@@ -127,20 +127,25 @@ def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------ one stage
 
-def _build(cfg: TrainConfig, plan: StagePlan, home: Home) -> nn.Module:
-    """The stage's model: the parent's weights (backbone only when the neck changes), else ImageNet."""
+def _build(cfg: TrainConfig, plan: StagePlan, home: Home, labels) -> nn.Module:
+    """The stage's model: the parent's weights (backbone only when the neck changes), else ImageNet. A new head
+    starts at the prevalence of the stage's training `labels` (`model.head_prior`)."""
     torch.manual_seed(seed_of(cfg.seed, plan.index))
     model = create_model(cfg.model.arch, plan.neck)
     if plan.parent is None:
         if cfg.model.imagenet:
             load_imagenet(model, cfg.model.arch)
-        return model
-    state = load_checkpoint(home.checkpoints / plan.parent.model_id / FINAL)["model"]
-    if plan.parent.neck != plan.neck:   # base -> msa_init: backbone carried over, neck and head new
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        model.backbone.load_state_dict(state)
     else:
-        model.load_state_dict(state)
+        state = load_checkpoint(home.checkpoints / plan.parent.model_id / FINAL)["model"]
+        if plan.parent.neck == plan.neck:
+            model.load_state_dict(state)
+            return model
+        # base -> msa_init: backbone carried over, neck and head new
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                        if k.startswith("backbone.")})
+    if cfg.model.head_prior:
+        with torch.no_grad():
+            model.head.bias.copy_(prior_bias(labels))
     return model
 
 
@@ -177,7 +182,9 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
             d.barrier()
             return meta
     st = plan.cfg
-    model = _build(cfg, plan, home)
+    set_name = "am" if plan.t else "train"
+    train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
+    model = _build(cfg, plan, home, train_set.labels)
     if st.freeze_backbone:
         model.backbone.requires_grad_(False)
     if d.world > 1 and device.type == "cuda" and cfg.runtime.sync_bn:
@@ -186,19 +193,13 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    set_name = "am" if plan.t else "train"
-    train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
-    new_head = plan.parent is None or plan.parent.neck != plan.neck      # see `_build`
-    if new_head and cfg.model.head_prior:
-        with torch.no_grad():
-            model.head.bias.copy_(prior_bias(train_set.labels))
     val_set = CacheDataset(home, cfg.data.input_size, image_ids=ids["val"])
     if st.patience and not len(val_set):
         raise ValueError(f"stage {plan.name} stops early on the validation loss but the validation split is "
                          "empty; raise data.val_fraction or set patience: 0")
     steps_per_epoch = len(train_set) // cfg.runtime.batch_size
 
-    step_module = _loss_module(cfg, plan, model, home, device)
+    step_module = _loss_module(cfg, plan, model, home, device, train_set.labels)
     if d.world > 1:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda"
                                               else None)
@@ -262,13 +263,14 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
     return _finish(home, model, trainer, meta, st, epoch, d)
 
 
-def _loss_module(cfg: TrainConfig, plan: StagePlan, model: nn.Module, home: Home, device) -> nn.Module:
-    """The stage's loss: classification, or AM (eq. 1-6) with N_A for KP."""
+def _loss_module(cfg: TrainConfig, plan: StagePlan, model: nn.Module, home: Home, device, labels) -> nn.Module:
+    """The stage's loss: classification, or AM (eq. 1-6) with N_A for KP (`labels`: the AM training set's, as
+    the first AM stage saw them when it was built)."""
     if not plan.t:
         return ClassificationLoss(model)
     reference = None
     if cfg.am.mode == "kp":     # N_A: the network the first AM stage starts from, rebuilt (deterministic)
-        reference = frozen_copy(_build(cfg, plan.reference, home).to(device))
+        reference = frozen_copy(_build(cfg, plan.reference, home, labels).to(device))
         if cfg.runtime.channels_last:
             reference = reference.to(memory_format=torch.channels_last)
     return AttentionMiningLoss(model, cfg.am, plan.t, reference)
