@@ -2,6 +2,9 @@
 
 Small tables live inside `warehouse.duckdb` (transactional). Large, append-mostly tables live as Parquet
 parts under `data/<table>/...` and are exposed as views, so plain `duckdb warehouse.duckdb` sees them.
+The views store a glob relative to the home ('data/<table>/**/*.parquet'), so a home can be copied or moved:
+`connect` points DuckDB's `file_search_path` at the home it opens, and a plain `duckdb warehouse.duckdb` run
+from inside the home resolves the glob against its working folder.
 Parquet parts are written atomically (temp file, then rename): a killed writer leaves no half part.
 """
 from __future__ import annotations
@@ -37,39 +40,56 @@ def schema_sql() -> str:
     return resources.files("warehouse").joinpath("schema.sql").read_text()
 
 
-def _parquet_view_sql(name: str, data_dir: Path) -> str:
-    part_dir = data_dir / name
-    schema = PARQUET_TABLES[name]
+def _parquet_view_sql(name: str, root: Path, temp: bool = False) -> str:
+    """A view over the Parquet parts of `name`: stored in the file with a glob relative to the home, or a TEMP
+    view of this connection only, with the absolute glob of `root` (what a read-only connection can create)."""
+    part_dir = root / "data" / name
+    view = f"CREATE OR REPLACE {'TEMP ' if temp else ''}VIEW {name}"
     if any(part_dir.rglob("*.parquet")):
-        glob = (part_dir / "**" / "*.parquet").as_posix().replace("'", "''")
-        return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
-    cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in schema)
-    return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
+        glob = ((part_dir if temp else Path("data", name)) / "**" / "*.parquet").as_posix().replace("'", "''")
+        return f"{view} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+    cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in PARQUET_TABLES[name])
+    return f"{view} AS SELECT {cols} WHERE false"
 
 
-def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path) -> None:
-    """(Re)point the Parquet views at the parts on disk; called after a writer adds parts."""
+def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = False) -> None:
+    """(Re)point the Parquet views at the parts under `data_dir` (<home>/data); called after a writer adds parts."""
     for name in PARQUET_TABLES:
-        con.execute(_parquet_view_sql(name, data_dir))
+        con.execute(_parquet_view_sql(name, Path(data_dir).absolute().parent, temp))
 
 
-def connect(home, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the warehouse of a :class:`pipeline.home.Home` (or its root path).
 
-    Writable connections apply the schema and refresh the Parquet views; read-only ones do neither.
+    Writable connections apply the schema and refresh the Parquet views stored in the file. Read-only ones
+    shadow them with TEMP views of the parts on disk now. Either way the views read the home opened here.
+    `sandbox` (read-only only): no file outside <home>/data can be read or written and no setting changed for
+    the rest of the connection. Inside <home>/data DuckDB could still write (COPY): run only SELECTs on it.
+    DuckDB settings are per database, so this also holds for other connections to the same file in this process.
     """
-    root = Path(home.root if hasattr(home, "warehouse") else home)  # a pipeline.home.Home, or its root path
+    if sandbox and not read_only:
+        raise ValueError("a sandboxed connection must be read-only")
+    root = Path(home.root if hasattr(home, "warehouse") else home).absolute()  # a Home, or its root path
     db = root / "warehouse.duckdb"
     if read_only:
         if not db.exists():
             raise FileNotFoundError(f"no warehouse at {db}; run `harvest ingest ...` or `harvest demo` first")
-        return _connect_retry(db, read_only=True)
-    root.mkdir(parents=True, exist_ok=True)
-    con = _connect_retry(db)
-    con.execute(schema_sql())
-    if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
-        con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
-    refresh_views(con, root / "data")
+        con = _connect_retry(db, read_only=True)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        con = _connect_retry(db)
+    con.execute("SET file_search_path = ?", [str(root)])
+    if read_only:
+        refresh_views(con, root / "data", temp=True)
+    else:
+        con.execute(schema_sql())
+        if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
+        refresh_views(con, root / "data")
+    if sandbox:
+        con.execute("SET allowed_directories = ?", [[f"{root / 'data'}/"]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 
