@@ -1,0 +1,51 @@
+"""`harvest` imports only the chosen verb's module: `--help`, `status` and `sql` start fast (flows/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import COMMANDS, VERBS, build_parser
+from tests.pipeline.test_export import make_home
+
+HARVEST = Path(sys.executable).parent / "harvest"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return make_home(tmp_path_factory.mktemp("fast") / "home").root
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status"], ["sql", "SELECT count(*) FROM mined_boxes"]])
+def test_the_command_answers_in_well_under_two_seconds(home, args):
+    start = time.perf_counter()
+    done = subprocess.run([str(HARVEST), "--home", str(home), *args], capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert seconds < 5, f"harvest {args[0]} took {seconds:.2f} s"   # about 0.1-0.4 s on 2 idle cores
+
+
+def test_the_query_module_imports_neither_prefect_nor_torch():
+    code = "import sys, flows.query; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'torch'}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_each_verb_module_registers_the_verbs_listed_for_it():
+    for module in VERBS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        helps = {a.dest: a.help for a in sub._choices_actions}
+        assert helps == {verb: help_line for verb, (m, help_line) in COMMANDS.items() if m == module}
+
+
+def test_a_verb_gets_its_own_parser_only_when_chosen():
+    listed = build_parser(modules=())._subparsers._group_actions[0].choices
+    assert list(listed) == list(COMMANDS) and "--min-score" not in listed["export"].format_help()   # a placeholder
+    export = build_parser(modules=["flows.export"])._subparsers._group_actions[0].choices["export"]
+    assert "--min-score" in export.format_help()
