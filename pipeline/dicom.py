@@ -46,7 +46,7 @@ from pydicom import uid as dcm_uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
 
-from pipeline.rejects import Reject
+from pipeline.rejects import Reject, check_pixels
 
 PROJECT_SALT = b"cxr-harvest/default-pseudonym-salt/v1"
 """Used when no salt is given. Public, so NOT a secret: deployments must pass a per-home secret salt."""
@@ -180,6 +180,7 @@ def _first_frame(ds) -> np.ndarray:
         named = photometric if photometric in _OTHER_PHOTOMETRIC else "an unknown value"  # never echo free text
         raise Reject("unsupported_photometric", f"Photometric Interpretation {named} is not supported "
                      "(MONOCHROME1/2, RGB or YBR only)")
+    check_pixels(ds.get("Columns") or 0, ds.get("Rows") or 0)  # from the header, before decoding
     try:
         frame = pixel_array(ds, index=0)
     except Exception as exc:
@@ -208,15 +209,16 @@ def _check_decoder(tsyntax: dcm_uid.UID) -> None:
 
 
 def _to_display(frame: np.ndarray, ds) -> np.ndarray:
-    """Stored values -> uint8 MONOCHROME2 display (steps 2-4 of the module docstring)."""
+    """Stored values -> uint8 MONOCHROME2 display (steps 2-4 of the module docstring), by blocks of rows: the
+    float64 steps cost one block's temporaries, not several times the image (a 50 MP frame stays under 1 GB)."""
     if frame.ndim == 3:  # colour, already RGB
         full = 2.0 ** int(ds.BitsStored) - 1
-        return _to_uint8(frame.astype(np.float64) @ _LUMA, 0.0, full)
-    values = apply_modality_lut(frame, ds)
-    out, lo, hi = _apply_voi(values, ds)
+        return by_rows(frame, lambda b: to_uint8(b.astype(np.float64) @ _LUMA, 0.0, full))
+    ranges = [_apply_voi(apply_modality_lut(frame[r], ds), ds)[1:] for r in row_blocks(frame)]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     if hi <= lo:
         raise Reject("blank_image", "every pixel has the same value: nothing to learn from")
-    pixels = _to_uint8(out, lo, hi)
+    pixels = by_rows(frame, lambda b: to_uint8(_apply_voi(apply_modality_lut(b, ds), ds)[0], lo, hi))
     if (str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
             or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"):
         pixels = 255 - pixels
@@ -242,13 +244,29 @@ def _apply_voi(values: np.ndarray, ds) -> tuple[np.ndarray, float, float]:
     return values, float(values.min()), float(values.max())
 
 
-def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map `lo..hi` linearly to 0..255, rounded half to even and clipped."""
     scaled = (np.asarray(values, dtype=np.float64) - lo) * (255.0 / (hi - lo))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def row_blocks(arr: np.ndarray) -> list[slice]:
+    """Blocks of rows of about 1 M pixels each."""
+    rows = max(1, 2 ** 20 // max(1, arr.shape[1]))
+    return [slice(r, r + rows) for r in range(0, arr.shape[0], rows)]
+
+
+def by_rows(arr: np.ndarray, fn) -> np.ndarray:
+    """uint8 `[H, W]` from `fn(block)` of each row block of `arr` (`[H, W, ...]`): elementwise work in float64
+    then needs one block's worth of memory."""
+    out = np.empty(arr.shape[:2], np.uint8)
+    for r in row_blocks(arr):
+        out[r] = fn(arr[r])
+    return out
+
+
 def pseudonym(kind: str, value: str, salt: bytes) -> str:
-    """`kind` is 'patient' or 'image'; the kind is hashed too, so the two id spaces never collide."""
+    """`kind` is 'patient', 'image' or 'file' (a reject's path); the kind is hashed too, so id spaces never collide."""
     digest = hmac.new(salt, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
     return f"{kind[0]}-{digest[:16]}"
 

@@ -1,6 +1,12 @@
 """Bad input is a `rejects` row naming the cause, never a crash of the batch (DESIGN.md section 8)."""
 from __future__ import annotations
 
+import os
+
+MAX_PIXELS = int(os.environ.get("HARVEST_MAX_PIXELS", 50_000_000))
+"""Largest image (width x height) ingested, checked from the header before any pixel is decoded. NIH images
+are 1024x1024 and CR/DX detectors up to about 4300x4300 (18.5 MP); a 50 MP 16-bit PNG decodes in ~0.3 GB."""
+
 
 class Reject(Exception):
     """One input item cannot be used. `reason` is short and groupable; `detail` names the cause and the fix."""
@@ -9,3 +15,14 @@ class Reject(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # picklable, so a reject travels back from a decoding worker process
+        return Reject, (self.reason, self.detail)
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Reject an image larger than MAX_PIXELS, given the size its header declares."""
+    if width * height > MAX_PIXELS:
+        raise Reject("too_many_pixels", f"{width}x{height} = {width * height:,} pixels is over the limit of "
+                     f"{MAX_PIXELS:,} (a decompression bomb, or not a radiograph); set HARVEST_MAX_PIXELS to "
+                     "ingest larger images")

@@ -9,6 +9,7 @@ import hashlib
 import io
 import multiprocessing as mp
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import cache
-from pipeline.rejects import Reject
+from pipeline.dicom import by_rows, to_uint8
+from pipeline.rejects import MAX_PIXELS, Reject, check_pixels
 from warehouse import db
 
 CHUNK = 256  # images per transaction and per cache shard
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL warns above it (silenced: decode_png rejects), raises above twice it
 
 IMAGE_COLUMNS = ["image_id", "patient_id", "follow_up", "age", "sex", "view", "width", "height",
                  "spacing_x", "spacing_y", "split", "source", "source_sha256", "ingested_at"]
@@ -51,32 +54,51 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_png(data: bytes) -> np.ndarray:
+def decode_png(data: bytes, suffix: str = "") -> np.ndarray:
     """PNG/other raster bytes -> uint8 gray `[H, W]`.
 
     Conversion rules (documented in the README): 8-bit gray is taken as is; RGB/RGBA/palette images are
     converted to gray with ITU-R 601-2 luma (alpha dropped: real NIH has a few RGBA files); 16-bit and 32-bit
-    gray are min-max stretched to 8 bits; bilevel (mode '1') and other modes are rejected.
+    gray are min-max stretched to 8 bits; bilevel (mode '1') and other modes are rejected. The size is checked
+    against MAX_PIXELS from the header, before decoding; a file whose content is not the format its name
+    `suffix` promises (JPEG bytes in a .png) is rejected.
     """
     if not data:
         raise Reject("empty_file", "the file has zero bytes; re-copy it from the source archive")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels names the size
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over 2 * MAX_PIXELS: PIL refuses before telling the size
+        raise Reject("too_many_pixels", f"PIL: {exc} That is over twice the limit of {MAX_PIXELS:,} pixels; "
+                                        "set HARVEST_MAX_PIXELS to ingest larger images") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {exc}); "
-                                         "the file is truncated or not an image") from None
+        raise _unreadable(exc) from None
+    check_pixels(*img.size)
+    expected = Image.registered_extensions().get(suffix.lower())
+    if expected and img.format != expected:
+        raise Reject("format_mismatch", f"a {suffix} file holding {img.format} data (converted or renamed); "
+                                        f"replace it with the original {expected} file")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _unreadable(exc) from None
     if img.mode == "L":
         return np.asarray(img, dtype=np.uint8)
     if img.mode in ("RGB", "RGBA", "P", "LA", "PA"):
         return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         lo, hi = float(arr.min()), float(arr.max())
         if hi <= lo:
             raise Reject("constant_image", f"{img.mode} image has a single value {lo}; nothing to see")
-        return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return by_rows(arr, lambda b: to_uint8(b, lo, hi))  # float64 one block at a time: bounded memory
     raise Reject("bad_mode", f"unsupported image mode {img.mode!r}; expected 8-bit gray, RGB(A) or 16-bit gray")
+
+
+def _unreadable(exc: Exception) -> Reject:
+    return Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {exc}); "
+                                      "the file is truncated or not an image")
 
 
 def _decode_item(args) -> Decoded:
@@ -89,7 +111,7 @@ def _decode_item(args) -> Decoded:
         if out.sha256 in cached:          # decoded before: reuse the stored frame, skip the decode
             out.meta = dict(zip(("width", "height"), cached[out.sha256]))
             return out
-        pixels, out.meta = decoder(data)
+        pixels, out.meta = decoder(data, Path(item.path).suffix)
         if pixels.ndim != 2 or min(pixels.shape) < 16:
             raise Reject("bad_shape", f"image shape {pixels.shape} is not a 2-D image of at least 16x16")
         out.meta.setdefault("height", pixels.shape[0])
@@ -99,6 +121,11 @@ def _decode_item(args) -> Decoded:
         out.reject = rej
     except FileNotFoundError:
         out.reject = Reject("missing_image", "the file listed in the metadata does not exist under the dataset root")
+    except MemoryError:
+        out.reject = Reject("out_of_memory", f"decoding ran out of memory; lower HARVEST_MAX_PIXELS (now "
+                                             f"{MAX_PIXELS:,}) or ingest with fewer workers")
+    except Exception as exc:  # any other decoder failure: one file's reject, never the batch's crash
+        out.reject = Reject("decode_error", f"{type(exc).__name__}: {exc}")
     return out
 
 

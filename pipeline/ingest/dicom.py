@@ -1,12 +1,12 @@
 """DICOM folder ingestion: every `*.dcm` (or extension-less DICOM) file under a root, decoded once.
 
 Identifiers become pseudonyms in `pipeline.dicom.read_dicom`; nothing else from the header is kept
-beyond sex, age, view position and pixel spacing. Rejects name the file by its path relative to the root.
+beyond sex, age, view position and pixel spacing. Rejects name the file by a pseudonym of its path relative to
+the root (`reject_path`), keyed by the home's secret like the image and patient pseudonyms.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 from pipeline.home import Home
@@ -26,7 +26,13 @@ def home_salt(home: Home) -> bytes:
     return path.read_bytes()
 
 
-def _decode(data: bytes, salt: bytes):
+def reject_path(rel: str, salt: bytes) -> str:
+    """The `rejects.path` of the file at `rel` (relative to the DICOM root), `salt` being `home_salt(home)`."""
+    from pipeline.dicom import pseudonym
+    return pseudonym("file", rel, salt)
+
+
+def _decode(data: bytes, _suffix: str, salt: bytes):  # the content, not the name, says DICOM
     import io
 
     from pipeline.dicom import read_dicom
@@ -49,15 +55,16 @@ def dicom_files(root: Path) -> list[Path]:
 def ingest_dicom(home, root, sizes=(256,), split: str = "train", workers: int | None = None) -> dict:
     home = (home if isinstance(home, Home) else Home.resolve(home)).make()
     root = Path(root).resolve()
-    items = []
-    for p in dicom_files(root):
-        # The file name itself may carry PHI (e.g. a patient name): rejects name it by a digest of its path.
-        rel = p.relative_to(root).as_posix()
-        items.append(Item(path=str(p), rel=f"file-{hashlib.sha256(rel.encode()).hexdigest()[:16]}",
-                          row={"split": split, "source": "dicom"}))
+    salt = home_salt(home)
+    # The file name itself may carry PHI (e.g. a patient name): rejects name it by its path's pseudonym, keyed
+    # by the home's secret so that a guessed name cannot be confirmed; find one with `reject_path`.
+    items = [Item(path=str(p), rel=reject_path(p.relative_to(root).as_posix(), salt),
+                  row={"split": split, "source": "dicom"}) for p in dicom_files(root)]
     con = db.connect(home)
     try:
-        decoder = functools.partial(_decode, salt=home_salt(home))
+        # rows named by the unsalted digest of earlier versions would confirm guessed names: this run renames them
+        con.execute("DELETE FROM rejects WHERE stage = ? AND source = ? AND path LIKE 'file-%'", [STAGE, str(root)])
+        decoder = functools.partial(_decode, salt=salt)
         return ingest_images(con, home, items, sizes, STAGE, str(root), decoder, workers, desc="ingest dicom")
     finally:
         con.close()

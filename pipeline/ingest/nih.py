@@ -91,8 +91,8 @@ def image_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def _png_decoder(data: bytes):
-    return decode_png(data), {}
+def _png_decoder(data: bytes, suffix: str):
+    return decode_png(data, suffix), {}
 
 
 def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: int | None = None) -> dict:
