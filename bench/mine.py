@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.amp import MODES as AMP_MODES, autocast, describe  # noqa: E402
 from pipeline.dataset import CacheDataset, normalize  # noqa: E402
 from pipeline.mining import MiningConfig, mine_shard  # noqa: E402
 from pipeline.mining.boxes import boxes_from_heatmaps  # noqa: E402
@@ -76,8 +77,8 @@ def build_home(tmp: Path, args) -> Path:
 
 
 def config_of(args) -> MiningConfig:
-    return MiningConfig(batch_size=args.batch, device=args.device, bf16=not args.fp32,
-                        channels_last=not args.no_channels_last, compile=args.compile)
+    return MiningConfig(batch_size=args.batch, device=args.device, amp=args.amp,
+                        channels_last=not args.no_channels_last, compile=args.compile).resolved()
 
 
 def _sync(device: str) -> None:
@@ -99,7 +100,7 @@ def forward_rate(model, batches, config: MiningConfig, features) -> tuple[float,
     device = next(model.parameters()).device
 
     def run():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.inference_mode(), autocast(device, config.amp):
             for images in batches:
                 x = normalize(images, device)
                 if config.channels_last:
@@ -125,7 +126,7 @@ def postprocess_speedup(model, ds, n: int, n_reference: int, config, frame: int)
     device = next(model.parameters()).device
     batch = ds.get_batch(np.arange(n))
     b, c = (batch["labels"] > 0).nonzero(as_tuple=True)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+    with torch.inference_mode(), autocast(device, config.amp):
         X = model.forward_features(normalize(batch["image"], device))
     with torch.inference_mode():   # float32 CAMs, outside autocast, as mine_batch makes them
         cams = torch.einsum("mdhw,md->mhw", X[b.to(device)].float(), model.head.weight[c.to(device)].float())
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="default 32, quick 16")
     ap.add_argument("--repeats", type=int, default=None, help="alternating timed repeats (default 3, quick 4)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--amp", default="auto", choices=AMP_MODES, help="autocast (auto: bf16 where native)")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU)")
     ap.add_argument("--workers", type=int, default=1, help="image-writing and ingestion processes (setup only)")
@@ -253,7 +254,7 @@ def main(argv=None) -> None:
 
     threads = torch.get_num_threads()
     print(f"model: {args.arch}+{args.neck} at {args.size}px, frame {args.frame}px, batch {args.batch}, "
-          f"device {args.device}, bf16 {config.bf16}, channels_last {config.channels_last}, "
+          f"device {args.device} ({describe(args.device)}), amp {config.amp}, channels_last {config.channels_last}, "
           f"compile {config.compile}, {threads} threads")
     print(f"reference post-processing is one map at a time on the CPU; the fast one is batched on {args.device}")
     fwd, mine = np.array(fwd), np.array(mine)   # [repeats, (img/s, img per CPU-second)]

@@ -12,6 +12,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest import make_dataset  # noqa: E402  (the radiograph-like PNG writer of bench/ingest.py)
 
 from models import create_model  # noqa: E402
+from pipeline.amp import MODES as AMP_MODES, describe, resolve_amp  # noqa: E402
 from pipeline.dataset import CacheDataset  # noqa: E402
 from pipeline.ingest.nih import ingest_nih  # noqa: E402
 from pipeline.training.config import AugmentConfig, RuntimeConfig  # noqa: E402
@@ -63,7 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="batch (default 32, quick 16)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps of each kind (default 16, quick 8)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
+    ap.add_argument("--amp", default="auto", choices=AMP_MODES, help="autocast (auto: bf16 where native)")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers gathering batches")
     ap.add_argument("--images", type=int, default=None, help="cached images (default 4 batches)")
@@ -74,6 +76,7 @@ def main(argv=None) -> None:
     runtime = RuntimeConfig(device=args.device, amp=args.amp, channels_last=args.channels_last, batch_size=batch,
                             workers=args.workers)
     _, device = init_distributed(runtime)
+    runtime = replace(runtime, amp=resolve_amp(args.amp, device))
     augment = AugmentConfig()
     with tempfile.TemporaryDirectory() as tmp:
         n = args.images or 4 * batch
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
         order = [b for e in range(steps // max(1, n // batch) + 2) for b in epoch_batches(n, batch, seed=e)]
         data, synthetic = measure(step_module, opt, sched, ds, order[:steps + 1], x, y, device, runtime, augment)
         rate = {"data": batch / float(np.median(data)), "synthetic": batch / float(np.median(synthetic))}
-    print(f"device: {device}  model: {args.arch}-{args.neck}  input: {size}  batch: {batch}  amp: {args.amp}  "
+    print(f"device: {device} ({describe(device)})  model: {args.arch}-{args.neck}  input: {size}  batch: {batch}  "
+          f"amp: {runtime.amp}  "
           f"channels_last: {args.channels_last}  workers: {args.workers}")
     print(f"train img/s, cache data path: {rate['data']:.1f}")
     print(f"train img/s, synthetic input: {rate['synthetic']:.1f}")

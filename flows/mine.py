@@ -98,10 +98,15 @@ def list_images(home: Home, split: str) -> list[str]:
 
 
 def mining_config(config=None):
-    """None -> defaults; a dict (e.g. from YAML or a deployment parameter) or a MiningConfig."""
+    """None -> defaults; a dict (e.g. from YAML or a deployment parameter) or a MiningConfig.
+
+    amp `auto` is decided here, for the device this machine's workers use (for a remote cluster of other
+    hardware, set amp explicitly), so the run id, the config hash and the run record name the precision used.
+    """
     from pipeline.mining import MiningConfig
 
-    return config if isinstance(config, MiningConfig) else MiningConfig.from_dict(config)
+    config = config if isinstance(config, MiningConfig) else MiningConfig.from_dict(config)
+    return config.resolved(worker_device())
 
 
 # ---- the task: thin, one pipeline call plus the atomic write -------------------------------------------

@@ -43,9 +43,8 @@ def training_config(base_config, variant: Variant) -> dict:
 
 def stage_model_id(config: dict, stage: str) -> str:
     """The model id that training gives the named stage of `config` (fingerprints are deterministic)."""
-    from pipeline.training.config import load_config
-    from pipeline.training.stages import plan_stages
-    plans = {p.name: p for p in plan_stages(load_config(config))}
+    from pipeline.training.stages import plan_stages, resolved_config
+    plans = {p.name: p for p in plan_stages(resolved_config(config))}
     if stage not in plans:
         raise KeyError(f"stage {stage!r} not in the plan {list(plans)} (0 epochs?)")
     return plans[stage].model_id

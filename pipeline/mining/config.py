@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.amp import MODES as AMP_MODES
+from pipeline.amp import resolve_amp
 from pipeline.training.config import fingerprint, from_dict
 
 # Not part of the rows' identity: the same rows come out whatever these are.
@@ -28,7 +30,9 @@ class MiningConfig:
     input_size: int | None = None   # None: the model's training input size (checkpoint meta)
     unlabeled: bool = False         # mine predicted findings (sigmoid prob >= prob_threshold), not the labels
     prob_threshold: float = 0.5
-    bf16: bool = True               # bf16 autocast for the forward (2.5-4x on CPU, DESIGN.md section 7)
+    amp: str = "auto"               # auto | bf16 | none: autocast of the forward; auto is bf16 where native
+                                    # (pipeline/amp.py). Flows resolve auto before hashing: the hash and the run
+                                    # record the mode used.
     fast: bool = True               # batched torch post-processing; False: the numpy/skimage reference path
     batch_size: int = 32
     device: str = "cpu"
@@ -46,6 +50,8 @@ class MiningConfig:
             raise ValueError(f"thresholds must be 1 or more values in (0, 1], got {self.thresholds}")
         if not 0 <= self.prob_threshold <= 1:
             raise ValueError(f"prob_threshold must be in [0, 1], got {self.prob_threshold}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -61,6 +67,10 @@ class MiningConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MiningConfig":
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def resolved(self, device=None) -> "MiningConfig":
+        """This config with `amp: auto` replaced by the mode `device` (default: `self.device`) runs."""
+        return dataclasses.replace(self, amp=resolve_amp(self.amp, device or self.device))
 
     def config_hash(self) -> str:
         """Stable 16-hex-digit identity of the settings that determine the mined rows."""

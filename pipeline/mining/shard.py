@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.amp import autocast
 from pipeline.dataset import CacheDataset, normalize
 from pipeline.home import Home
 from pipeline.mining.boxes import Boxes, boxes_from_heatmaps
@@ -98,7 +99,7 @@ def _forward(model, images_uint8: torch.Tensor, config: MiningConfig, features=N
     x = normalize(images_uint8, device)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with _eval_mode(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+    with _eval_mode(model), autocast(device, config.amp):
         X = (features or model.forward_features)(x)
         logits = model.forward_head(X)
     return X, torch.sigmoid(logits.float())

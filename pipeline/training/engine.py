@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from models.erasure import erasure_step
 from models.knowledge_preservation import kp_loss
+from pipeline.amp import autocast as amp_autocast
 from pipeline.dataset import normalize
 from pipeline.training.augment import augment_batch
 from pipeline.training.config import AMConfig, AugmentConfig, RuntimeConfig
@@ -50,14 +51,18 @@ class Dist:
             dist.barrier()
 
 
+def device_of(runtime: RuntimeConfig) -> torch.device:
+    """`runtime.device` with `auto` resolved: CUDA when there is one, else the CPU."""
+    if runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(runtime.device)
+
+
 def init_distributed(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    spec = runtime.device
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    device = device_of(runtime)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
@@ -71,7 +76,7 @@ def init_distributed(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
 
 
 def autocast(device: torch.device, runtime: RuntimeConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp == "bf16")
+    return amp_autocast(device, runtime.amp)
 
 
 # ------------------------------------------------------------------ data path

@@ -25,7 +25,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -33,13 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import create_model, freeze_batchnorm, frozen_copy
 from models.head import prior_bias
+from pipeline.amp import resolve_amp
 from pipeline.dataset import CacheDataset
 from pipeline.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
                                           save_checkpoint)
 from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load_config
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
-                                      init_distributed, seed_of, train_one_epoch)
+                                      device_of, init_distributed, seed_of, train_one_epoch)
 from pipeline.weights import load_imagenet
 from warehouse import db
 
@@ -315,10 +316,10 @@ def train(home, config, resume: bool = True, on_step=None) -> str:
     `on_step(model_id, epoch, step)` runs after every optimizer step (progress, tests).
     """
     home = (home if isinstance(home, Home) else Home.resolve(home)).make()
-    cfg = load_config(config)
-    d, device = init_distributed(cfg.runtime)
+    d, device = init_distributed(load_config(config).runtime)
+    cfg = resolved_config(config, device)
     ids = split_ids(home, cfg)
-    log.info("training %s on %s: %d train, %d val, %d AM images, world size %d", cfg.name, device,
+    log.info("training %s on %s (amp %s): %d train, %d val, %d AM images, world size %d", cfg.name, device, cfg.runtime.amp,
              len(ids["train"]), len(ids["val"]), len(ids["am"]), d.world)
     meta = None
     for plan in plan_stages(cfg):
@@ -337,7 +338,15 @@ def train_distributed(home, config_path, nproc: int, resume: bool = True) -> str
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pipeline.training.stages", "--home", str(home.root), "--config", str(config_path)]
     subprocess.run(cmd + ([] if resume else ["--no-resume"]), check=True)
-    return plan_stages(load_config(config_path))[-1].model_id
+    return plan_stages(resolved_config(config_path))[-1].model_id
+
+
+def resolved_config(config, device: torch.device | None = None) -> TrainConfig:
+    """`load_config` with `runtime.amp: auto` replaced by the mode `device` runs (pipeline/amp.py), so stage
+    fingerprints, checkpoints and `models.config` record the precision actually used."""
+    cfg = load_config(config)
+    amp = resolve_amp(cfg.runtime.amp, device or device_of(cfg.runtime))
+    return replace(cfg, runtime=replace(cfg.runtime, amp=amp))
 
 
 def default_nproc() -> int:

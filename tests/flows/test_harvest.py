@@ -15,7 +15,7 @@ from warehouse import db
 TINY = {
     "name": "tiny", "seed": 0, "model": {"arch": "resnet18", "neck": "bilinear", "imagenet": False},
     "data": {"input_size": 64, "val_fraction": 0.2, "augment": {"enabled": False}},
-    "runtime": {"device": "cpu", "amp": "bf16", "batch_size": 8, "eval_batch_size": 16, "log_every": 0},
+    "runtime": {"device": "cpu", "amp": "auto", "batch_size": 8, "eval_batch_size": 16, "log_every": 0},
     "stages": {"base": {"epochs": 1, "lr": 0.05}, "msa_init": {"epochs": 1, "lr": 0.05, "freeze_backbone": True},
                "end_to_end": {"epochs": 1, "lr": 0.01}},
     "am": {"steps": 2, "mode": "kp", "stage": {"epochs": 1, "lr": 0.005}},

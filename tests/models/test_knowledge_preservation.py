@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from models import KP_LAYERS, create_model, freeze_batchnorm, frozen_copy, kp_loss
 
 
+KP_ROUNDING = 1e-6   # float32 rounding of L_KP between equal nets computed by different kernels
+
+
 def kp_loss_reference(feats_a, feats_b, layers=KP_LAYERS):
     """Eq. 4-5 with loops: per layer the mean over images of the per-image l2 distance of GAP features."""
     total = 0.0
@@ -84,12 +87,15 @@ def test_kp_zero_for_identical_nets_positive_after_one_am_update():
         return l_cls, l_kp
 
     l_cls, l_kp = step()
-    assert l_kp.item() == 0.0               # N_A and N_B start identical
+    # N_A and N_B start identical. Not exactly 0: N_A runs on the slice x[n:], whose kernels may block and
+    # round differently from N_B's on the whole batch (seen: 3.4e-08 with 2 threads); one SGD step moves it
+    # by orders of magnitude more (below), so this tolerance still fails for nets that differ.
+    assert l_kp.item() < KP_ROUNDING
     opt.zero_grad()
     (l_cls + 0.5 * l_kp).backward()          # eq. 6, lambda = 0.5
     opt.step()
     _, l_kp = step()
-    assert l_kp.item() > 1e-6
+    assert l_kp.item() > 1000 * KP_ROUNDING
     for k, v in net_a.state_dict().items():  # N_A untouched, BatchNorm statistics included
         assert torch.equal(v, before[k]), k
 
@@ -101,6 +107,6 @@ def test_train_mode_batchnorm_breaks_identity():
     net_a = frozen_copy(net_b)
     x = torch.randn(4, 1, 64, 64)
     freeze_batchnorm(net_b)
-    assert kp_loss(net_a(x), net_b.forward_intermediates(x)).item() == 0.0
+    assert kp_loss(net_a(x), net_b.forward_intermediates(x)).item() < KP_ROUNDING
     net_b.train()                            # batch statistics (and running-stat updates) are back
     assert kp_loss(net_a(x), net_b.forward_intermediates(x)).item() > 1e-4

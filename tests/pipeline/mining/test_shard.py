@@ -70,7 +70,7 @@ def test_prob_is_the_models_sigmoid_probability(mined_home):
     from pipeline.training.checkpoint import load_model
 
     home, ids = mined_home
-    table = mine_shard(home, "tiny", ids, MiningConfig(bf16=False), "run").to_pandas()
+    table = mine_shard(home, "tiny", ids, MiningConfig(amp="none"), "run").to_pandas()
     model, _ = load_model(home, "tiny")
     batch = CacheDataset(home, size=SIZE).get_batch(range(len(ids)))
     with torch.no_grad():
@@ -82,8 +82,8 @@ def test_prob_is_the_models_sigmoid_probability(mined_home):
 
 def test_fast_and_reference_paths_give_the_same_rows(mined_home):
     home, ids = mined_home
-    fast = _sorted(mine_shard(home, "tiny", ids, MiningConfig(bf16=False), "r")).to_pandas()
-    ref = _sorted(mine_shard(home, "tiny", ids, MiningConfig(bf16=False, fast=False), "r")).to_pandas()
+    fast = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none"), "r")).to_pandas()
+    ref = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none", fast=False), "r")).to_pandas()
     assert fast[KEY + ["threshold"]].equals(ref[KEY + ["threshold"]])
     np.testing.assert_allclose(fast[list("xywh")], ref[list("xywh")], atol=1.0)
     np.testing.assert_allclose(fast["score"], ref["score"], atol=1e-3)
@@ -95,9 +95,9 @@ def test_batches_do_not_change_rows_and_the_callers_model_mode_is_kept(mined_hom
     home, ids = mined_home
     model, _ = load_model(home, "tiny")
     model.train()
-    one = _sorted(mine_shard(home, "tiny", ids, MiningConfig(batch_size=2, bf16=False), "r", model=model))
+    one = _sorted(mine_shard(home, "tiny", ids, MiningConfig(batch_size=2, amp="none"), "r", model=model))
     assert model.training
-    every = _sorted(mine_shard(home, "tiny", ids, MiningConfig(batch_size=8, bf16=False), "r"))
+    every = _sorted(mine_shard(home, "tiny", ids, MiningConfig(batch_size=8, amp="none"), "r"))
     assert one.select(KEY).equals(every.select(KEY))
     np.testing.assert_allclose(one["x"].to_numpy(), every["x"].to_numpy(), atol=1.0)
 
@@ -154,8 +154,8 @@ def test_config_hash_dict_round_trip_and_validation(tmp_path):
 def test_gpu_rows_equal_cpu_rows(mined_home):
     """The GPU path (pinned buffer ring, boxes on a side stream while the next forward runs) gives the CPU rows."""
     home, ids = mined_home
-    cpu = _sorted(mine_shard(home, "tiny", ids, MiningConfig(bf16=False, batch_size=2), "g")).to_pandas()
-    gpu = _sorted(mine_shard(home, "tiny", ids, MiningConfig(bf16=False, batch_size=2, device="cuda"), "g")).to_pandas()
+    cpu = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none", batch_size=2), "g")).to_pandas()
+    gpu = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none", batch_size=2, device="cuda"), "g")).to_pandas()
     assert cpu[KEY + ["threshold"]].equals(gpu[KEY + ["threshold"]])
     np.testing.assert_allclose(cpu[list("xywh")], gpu[list("xywh")], atol=1.0)
     np.testing.assert_allclose(cpu["prob"], gpu["prob"], atol=1e-3)

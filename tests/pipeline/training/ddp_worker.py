@@ -71,7 +71,7 @@ def tiny_config(**overrides) -> dict:
         "name": "tiny", "seed": 0,
         "model": {"arch": "resnet18", "neck": "bilinear", "imagenet": False},
         "data": {"input_size": 64, "val_fraction": 0.3},
-        "runtime": {"device": "cpu", "amp": "bf16", "batch_size": 16, "eval_batch_size": 64, "log_every": 0},
+        "runtime": {"device": "cpu", "amp": "auto", "batch_size": 16, "eval_batch_size": 64, "log_every": 0},
         "stages": {"base": {"epochs": 5, "lr": 0.1, "warmup_steps": 4},
                    "msa_init": {"epochs": 2, "lr": 0.1},
                    "end_to_end": {"epochs": 1, "lr": 0.02, "patience": 2}},

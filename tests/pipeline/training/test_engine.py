@@ -161,7 +161,7 @@ def test_a_new_head_starts_at_the_training_prevalence(trained):
     expected = torch.from_numpy(np.log(prevalence / (1 - prevalence))).float()
     assert expected[INDEX[BLOB_FINDINGS[0]]] - expected.min() > 1      # labelled findings vs absent ones
     stages.train(home, cfg)
-    for plan in stages.plan_stages(cfg):                                # base (new head), msa_init (new neck + head)
+    for plan in stages.plan_stages(stages.resolved_config(cfg)):        # base (new head), msa_init (new neck + head)
         bias = checkpoint.load_checkpoint(home / "checkpoints" / plan.model_id / "final.pt")["model"]["head.bias"]
         torch.testing.assert_close(bias, expected)
     off = config.load_config(cfg, {"model": {"head_prior": False}})
