@@ -17,7 +17,7 @@ from flows.export import export_flow
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
-from pipeline.harvest_config import input_size, load_sections
+from pipeline.harvest_config import check, input_size, load_sections
 from pipeline.home import Home
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,8 +108,9 @@ def ensure_phantom(home: Home, config) -> Path:
 
 def _demo(args) -> int:
     t0 = time.perf_counter()
-    home = Home.resolve(args.home).make()
     config = resolve_config(args.config)
+    check(config)   # a bad config fails here, in one line, before the phantom data or a Prefect server
+    home = Home.resolve(args.home).make()
     source = ensure_phantom(home, config)
     print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")
     with prefect_api():
@@ -127,6 +128,7 @@ def _demo(args) -> int:
 
 
 def _harvest(args) -> int:
+    check(resolve_config(args.config))
     with prefect_api():
         summary = harvest_flow(str(Home.resolve(args.home).make().root), args.source, args.config,
                                args.incremental, args.dask_address)

@@ -26,12 +26,13 @@ from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
+from pipeline.harvest_config import SPLITS as IMAGE_SPLITS
 from pipeline.home import Home
 from pipeline.runs import finish_run, start_run
 from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048
-SPLITS = ("train", "val", "test", "all")
+SPLITS = (*IMAGE_SPLITS, "all")
 IMAGE_IDS_KEY = b"cxr_harvest.image_ids"   # Parquet key-value metadata: the images a part covers
 _WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> model
 
@@ -256,9 +257,9 @@ def run(args) -> int:
     from pipeline.mining import MiningConfig
     from pipeline.training.checkpoint import model_row
 
-    home = str(Home.resolve(getattr(args, "home", None)).root)
-    model_row(home, args.model)   # fail fast (no model, no warehouse, bad config) before a server starts
     config = MiningConfig.from_yaml(args.config) if args.config else None
+    home = str(Home.resolve(getattr(args, "home", None)).root)
+    model_row(home, args.model)   # fail fast (bad config, no model, no warehouse) before a server starts
     with prefect_api():
         summary = mine_flow(home=home, model=args.model, split=args.split, shard_size=args.shard_size,
                             dask_address=args.dask_address, config=config, n_workers=args.workers)

@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 from pipeline.home import Home
 from pipeline.runs import recorded_run
-from pipeline.training import default_nproc, lineage, train_distributed
+from pipeline.training import default_nproc, lineage, load_config, train_distributed
 
 
 @contextmanager
@@ -51,6 +51,7 @@ def train_flow(home: str, config_path: str, resume: bool = True, nproc: int | No
 
 
 def _run(args) -> int:
+    load_config(args.config)   # a bad config fails here, in one line, before a Prefect server starts
     home = str(Home.resolve(args.home).make().root)
     train_flow(home, args.config, resume=args.resume, nproc=args.nproc)
     return 0

@@ -5,25 +5,71 @@
     export:   {formats: [coco, yolo, nih-csv], ranks: [1], min_score: null}
 
 `pipeline.training.config.load_config` ignores these sections, so they never change a stage's fingerprint.
+`check(path)` validates the whole file (training config and these sections) before anything runs.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
+from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
+                                  require)
 
 HARVEST_SECTIONS = ("phantom", "mining", "export")
+SPLITS = ("train", "val", "test")   # the warehouse's `images.split` values
 DEFAULTS = {
     "phantom": {"n": 600, "seed": 0, "size": 1024},
     "mining": {"split": "all", "shard_size": 256},
     "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None},
 }
+PHANTOM_KEYS = ("n", "seed", "size", "difficulty")
 
 
 def load_sections(path) -> dict:
-    """The harvest sections of a config file, defaults filled in."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return {k: {**DEFAULTS[k], **(data.get(k) or {})} for k in HARVEST_SECTIONS}
+    """The harvest sections of a config file, defaults filled in and validated (ValueError, one line)."""
+    with config_file(path):
+        data = read_yaml(path)
+        sections = {k: {**DEFAULTS[k], **check_section(k, data.get(k))} for k in HARVEST_SECTIONS}
+        _validate(**sections)
+    return sections
+
+
+def check(path) -> None:
+    """Validate a whole harvest config (training and the sections above): a bad value fails here, in one line,
+    before any data is generated or any Prefect server starts."""
+    from pipeline.training.config import load_config
+    load_config(path)
+    load_sections(path)
+
+
+def _validate(phantom: dict, mining: dict, export: dict) -> None:
+    from pipeline.export import FORMATS
+    from pipeline.mining.config import MiningConfig
+    from pipeline.phantom import parse_difficulty
+
+    check_keys("phantom", phantom, PHANTOM_KEYS)
+    n, seed, size = phantom["n"], phantom["seed"], phantom["size"]
+    require(is_int(n) and n > 0, "phantom.n", n, "must be a positive integer (images)")
+    require(is_int(seed) and seed >= 0, "phantom.seed", seed, "must be an integer >= 0")
+    require(is_int(size) and 64 <= size <= 4096 and size % 16 == 0, "phantom.size", size,
+            "must be a multiple of 16 in [64, 4096] (pixels; NIH images are 1024)")
+    if "difficulty" in phantom:
+        try:
+            parse_difficulty(phantom["difficulty"])
+        except (ValueError, TypeError):
+            raise invalid("phantom.difficulty", phantom["difficulty"],
+                          "must be easy, medium, hard or a number in [0, 1]") from None
+
+    split, shard_size = mining["split"], mining["shard_size"]
+    require(split in (*SPLITS, "all"), "mining.split", split, f"must be one of {', '.join(SPLITS)}, all")
+    require(is_int(shard_size) and shard_size > 0, "mining.shard_size", shard_size, "must be a positive integer")
+    MiningConfig.from_dict({k: v for k, v in mining.items() if k not in DEFAULTS["mining"]}, path="mining")
+
+    check_keys("export", export, DEFAULTS["export"])
+    formats, ranks, min_score = export["formats"], export["ranks"], export["min_score"]
+    require(isinstance(formats, list) and formats and all(f in FORMATS for f in formats), "export.formats",
+            formats, f"must be a non-empty list of {', '.join(FORMATS)}")
+    require(ranks is None or isinstance(ranks, list) and all(is_int(r) and r > 0 for r in ranks), "export.ranks",
+            ranks, "must be a list of positive integers (null or []: every rank)")
+    require(min_score is None or is_number(min_score) and 0 <= min_score <= 1, "export.min_score", min_score,
+            "must be null or a number in [0, 1]")
 
 
 def input_size(path) -> int:

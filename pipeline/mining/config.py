@@ -9,11 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from pipeline.amp import MODES as AMP_MODES
 from pipeline.amp import resolve_amp
-from pipeline.training.config import fingerprint, from_dict
+from pipeline.configcheck import config_file, read_yaml, require
+from pipeline.training.config import SIZE_RULE, device_ok, fingerprint, from_dict, one_of, size_ok
 
 # Not part of the rows' identity: the same rows come out whatever these are.
 _EXECUTION_FIELDS = ("batch_size", "device", "channels_last", "compile", "save_heatmaps")
@@ -42,31 +41,31 @@ class MiningConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        if self.steps < 1:
-            raise ValueError(f"steps (T) must be >= 1, got {self.steps}")
-        if not 0 < self.erase_threshold <= 1:
-            raise ValueError(f"erase_threshold must be in (0, 1], got {self.erase_threshold}")
-        if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds):
-            raise ValueError(f"thresholds must be 1 or more values in (0, 1], got {self.thresholds}")
-        if not 0 <= self.prob_threshold <= 1:
-            raise ValueError(f"prob_threshold must be in [0, 1], got {self.prob_threshold}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for key, ok, allowed in [
+                ("steps", self.steps >= 1, "must be an integer >= 1 (T)"),
+                ("erase_threshold", 0 < self.erase_threshold <= 1, "must be in (0, 1]"),
+                ("thresholds", bool(self.thresholds) and all(0 < t <= 1 for t in self.thresholds),
+                 "must be 1 or more values in (0, 1]"),
+                ("input_size", self.input_size is None or size_ok(self.input_size), f"must be null or {SIZE_RULE}"),
+                ("prob_threshold", 0 <= self.prob_threshold <= 1, "must be in [0, 1]"),
+                ("amp", self.amp in AMP_MODES, one_of(AMP_MODES)),
+                ("batch_size", self.batch_size >= 1, "must be a positive integer"),
+                ("device", device_ok(self.device), "must be cpu, cuda or cuda:N")]:
+            require(ok, key, getattr(self, key), allowed)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-able values (thresholds as a list)."""
         return {**dataclasses.asdict(self), "thresholds": list(self.thresholds)}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "MiningConfig":
-        """Unknown keys raise, naming the valid ones."""
-        return from_dict(cls, data)
+    def from_dict(cls, data: dict | None, path: str = "") -> "MiningConfig":
+        """Unknown keys and bad values raise, naming the key (under `path`, e.g. `mining`)."""
+        return from_dict(cls, data, path)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MiningConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        with config_file(path):
+            return cls.from_dict(read_yaml(path))
 
     def resolved(self, device=None) -> "MiningConfig":
         """This config with `amp: auto` replaced by the mode `device` (default: `self.device`) runs."""

@@ -12,15 +12,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from models import BACKBONES, NECKS
 from models.knowledge_preservation import KP_LAYERS
 from pipeline.amp import MODES as AMP_MODES
-from pipeline.harvest_config import HARVEST_SECTIONS
+from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
+                                  require)
+from pipeline.harvest_config import HARVEST_SECTIONS, SPLITS
 
 
 @dataclass
@@ -128,17 +132,50 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
     def validate(self) -> "TrainConfig":
-        if self.am.mode not in ("kp", "vanilla", "none"):
-            raise ValueError(f"am.mode must be kp, vanilla or none, got {self.am.mode!r}")
-        if not 0 < self.am.am_fraction <= 1:
-            raise ValueError(f"am.am_fraction (n/N) must be in (0, 1], got {self.am.am_fraction}")
-        if self.runtime.amp not in AMP_MODES:
-            raise ValueError(f"runtime.amp must be one of {', '.join(AMP_MODES)}, got {self.runtime.amp!r}")
+        """Ranges and choices (`from_dict` checked the types); ValueError naming the first bad value."""
+        m, d, r, a = self.model, self.data, self.runtime, self.am
+        aug = d.augment
+        checks = [
+            ("name", self.name, self.name != "", "must be a non-empty string"),
+            ("seed", self.seed, self.seed >= 0, "must be an integer >= 0"),
+            ("model.arch", m.arch, m.arch in BACKBONES, one_of(BACKBONES)),
+            ("model.neck", m.neck, m.neck in NECKS, one_of(NECKS)),
+            ("data.input_size", d.input_size, size_ok(d.input_size), f"must be {SIZE_RULE}"),
+            ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "must be in (0, 1)"),
+            ("data.train_splits", list(d.train_splits), bool(d.train_splits) and set(d.train_splits) <= set(SPLITS),
+             f"must be a non-empty list of {', '.join(SPLITS)}"),
+            ("data.am_splits", list(d.am_splits), set(d.am_splits) <= set(SPLITS),
+             f"must be a list of {', '.join(SPLITS)}"),
+            ("data.augment.scale", list(aug.scale), 0 < aug.scale[0] <= aug.scale[1],
+             "must be [low, high] zoom factors with 0 < low <= high"),
+            ("data.augment.shift", aug.shift, 0 <= aug.shift <= 0.5, "must be in [0, 0.5] (a fraction of the side)"),
+            ("data.augment.rotate", aug.rotate, 0 <= aug.rotate <= 180, "must be in [0, 180] (degrees)"),
+            ("runtime.device", r.device, device_ok(r.device, auto=True), "must be auto, cpu, cuda or cuda:N"),
+            ("runtime.amp", r.amp, r.amp in AMP_MODES, one_of(AMP_MODES)),
+            ("runtime.batch_size", r.batch_size, r.batch_size > 0, "must be a positive integer"),
+            ("runtime.eval_batch_size", r.eval_batch_size, r.eval_batch_size > 0, "must be a positive integer"),
+            *((f"runtime.{k}", getattr(r, k), getattr(r, k) >= 0, "must be an integer >= 0")
+              for k in ("workers", "threads", "save_every_steps", "log_every")),
+            ("am.steps", a.steps, a.steps >= 0, "must be an integer >= 0 (T, the number of AM stages)"),
+            ("am.mode", a.mode, a.mode in AM_MODES, one_of(AM_MODES)),
+            ("am.kp_lambda", a.kp_lambda, a.kp_lambda >= 0, "must be >= 0"),
+            ("am.am_fraction", a.am_fraction, 0 < a.am_fraction <= 1, "must be in (0, 1] (n/N)"),
+            ("am.kp_layers", list(a.kp_layers), bool(a.kp_layers) and set(a.kp_layers) <= set(KP_LAYERS),
+             f"must be a non-empty list of {', '.join(KP_LAYERS)}"),
+            ("am.kp_reduction", a.kp_reduction, a.kp_reduction in KP_REDUCTIONS, one_of(KP_REDUCTIONS)),
+        ]
         for name, st in self.stage_configs().items():
-            if st.schedule not in ("cosine", "constant"):
-                raise ValueError(f"{name}.schedule must be cosine or constant, got {st.schedule!r}")
+            p = "am.stage" if name == "am" else f"stages.{name}"
+            checks += [
+                (f"{p}.epochs", st.epochs, st.epochs >= 0, "must be an integer >= 0 (0 skips the stage)"),
+                (f"{p}.momentum", st.momentum, 0 <= st.momentum < 1, "must be in [0, 1)"),
+                (f"{p}.schedule", st.schedule, st.schedule in SCHEDULES, one_of(SCHEDULES)),
+                *((f"{p}.{k}", getattr(st, k), getattr(st, k) >= 0, "must be >= 0")
+                  for k in ("lr", "weight_decay", "warmup_steps", "patience", "min_delta", "clip_grad_norm")),
+            ]
+        for path, value, ok, allowed in checks:
+            require(ok, path, value, allowed)
         return self
-
     def stage_configs(self) -> dict[str, StageConfig]:
         return {"base": self.stages.base, "msa_init": self.stages.msa_init,
                 "end_to_end": self.stages.end_to_end, "am": self.am.stage}
@@ -153,40 +190,77 @@ def _plain(obj):
     return obj
 
 
-def from_dict(cls, data: dict | None):
-    """Build dataclass `cls` from a nested dict; unknown keys raise with the valid ones named.
+def from_dict(cls, data: dict | None, path: str = ""):
+    """Build dataclass `cls` from a nested dict, each value checked against its field's type hint.
 
+    Unknown keys raise with the valid ones named; a value of the wrong type raises naming its dotted key
+    (`runtime.batch_size = 'eight': must be an integer`); `path` is the dotted key of `data` itself. The
+    ValueErrors of `cls`'s own checks (`__post_init__`) name keys relative to `cls` and get `path` prefixed.
     A nested section given in part keeps the field's own defaults for the rest: `base: {epochs: 5}` keeps
     the base stage's lr 0.1 (StagesConfig's default), not StageConfig's generic one.
     """
-    data = dict(data or {})
+    data = check_section(path or "(top level)", data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(fields)}")
+    check_keys(path, data, fields)
     kwargs = {}
     for key, value in data.items():
-        typ = hints[key]
+        typ, key_path = hints[key], f"{path}.{key}" if path else key
         if dataclasses.is_dataclass(typ):
             f = fields[key]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()
-            kwargs[key] = from_dict(typ, merge(_plain(dataclasses.asdict(default)), value or {}))
-        elif typing.get_origin(typ) is tuple:
-            kwargs[key] = tuple(value)
+            section = check_section(key_path, value)
+            kwargs[key] = from_dict(typ, merge(_plain(dataclasses.asdict(default)), section), key_path)
         else:
-            kwargs[key] = value
-    return cls(**kwargs)
+            kwargs[key] = _typed(value, typ, key_path)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{path}.{exc}" if path else str(exc)) from None
+
+
+def _typed(value, typ, path: str):
+    """`value` checked against the type hint `typ`; lists become tuples. An int passes as a float unchanged:
+    the stored config, and so the stage fingerprints, keep what was written."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):          # `int | None`
+        if value is None and type(None) in args:
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
+        return _typed(value, typ, path)
+    if origin is tuple:
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        count = "" if variadic else f"{len(args)} "
+        require(isinstance(value, (list, tuple)) and (variadic or len(value) == len(args)), path, value,
+                f"must be a list of {count}{_PLURAL[args[0]]}")
+        for i, (item, t) in enumerate(zip(value, args[:1] * len(value) if variadic else args)):
+            _typed(item, t, f"{path}[{i}]")
+        return tuple(value)
+    if typ is float and isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value.strip()):
+        raise invalid(path, value, f"must be a number (YAML reads {value} as text: write it with a dot, "
+                                   f"e.g. 1.0e-4)")
+    ok = is_number(value) and math.isfinite(value) if typ is float else \
+        is_int(value) if typ is int else isinstance(value, typ)
+    require(ok, path, value, f"must be {_SINGULAR[typ]}")
+    return value
+
+
+_SINGULAR = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+_EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None = None) -> TrainConfig:
-    """A YAML path, a dict or a TrainConfig -> validated TrainConfig; `overrides` is merged deeply on top."""
-    if isinstance(source, TrainConfig):
-        data = source.to_dict()
-    elif isinstance(source, dict):
-        data = source
-    else:
-        data = yaml.safe_load(Path(source).read_text()) or {}
+    """A YAML path, a dict or a TrainConfig -> validated TrainConfig; `overrides` is merged deeply on top.
+
+    A bad value raises ValueError: one line naming the file, the dotted key, the value and what is allowed."""
+    if isinstance(source, (TrainConfig, dict)):
+        return _load(source.to_dict() if isinstance(source, TrainConfig) else source, overrides)
+    with config_file(source):
+        return _load(read_yaml(source), overrides)
+
+
+def _load(data: dict, overrides: dict | None) -> TrainConfig:
     if overrides:
         data = merge(data, overrides)
     # the sections of other flows: training ignores them, so they never change a stage's fingerprint
@@ -194,10 +268,29 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
     return from_dict(TrainConfig, data).validate()
 
 
+SIZE_RULE = "a multiple of 32, at least 64 (pixels)"
+AM_MODES = ("kp", "vanilla", "none")
+SCHEDULES = ("cosine", "constant")
+KP_REDUCTIONS = ("mean", "literal")     # models.knowledge_preservation.kp_loss
+
+
+def size_ok(size: int) -> bool:
+    return size >= 64 and size % 32 == 0
+
+
+def device_ok(device: str, auto: bool = False) -> bool:
+    """cpu | cuda | cuda:N, and auto where `auto`."""
+    return device in ("cpu", "cuda") or (auto and device == "auto") or re.fullmatch(r"cuda:\d+", device) is not None
+
+
+def one_of(choices) -> str:
+    return f"must be one of {', '.join(choices)}"
+
+
 def merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+        out[k] = merge(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v
     return out
 
 
