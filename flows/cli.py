@@ -71,10 +71,18 @@ def main(argv=None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError, *_one_line_errors())):
+            raise
         print(f"harvest {args.verb}: error: {exc}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def _one_line_errors() -> tuple:
+    """Errors whose message says it all, from modules already imported (importing them here would slow the CLI)."""
+    db = sys.modules.get("warehouse.db")
+    return (db.WarehouseBusy,) if db else ()
 
 
 if __name__ == "__main__":

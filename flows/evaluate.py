@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
+from flows._runtime import prefect_api
 from flows.query import print_table
 from pipeline.evaluation.run import evaluate_run
 from pipeline.home import Home
@@ -62,7 +63,8 @@ def print_results(home, run_id: str, protocol: str, family: str) -> None:
 
 def _run(args) -> int:
     home = str(Home.resolve(args.home).root)
-    out = evaluate_flow(home, args.run, report=not args.no_report)
+    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+        out = evaluate_flow(home, args.run, report=not args.no_report)
     print_results(home, args.run, args.protocol, args.family)
     if out["report"]:
         print(f"\nreport: {out['report']}")

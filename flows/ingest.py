@@ -4,7 +4,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
+from flows._runtime import prefect_api
 from pipeline.home import Home
+from pipeline.ingest.common import ingest_lock
 from pipeline.ingest.dicom import ingest_dicom
 from pipeline.ingest.nih import ingest_nih
 from pipeline.runs import recorded_run
@@ -39,8 +41,11 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def _run(args) -> int:
-    home = str(Home.resolve(args.home).make().root)
-    ingest_flow(home, args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))
+    """Wait here, before the flow, for another ingest of the home (a one-line error after the timeout); run
+    against $PREFECT_API_URL or a loopback server that dies with this process (`prefect_api`)."""
+    home = Home.resolve(args.home).make()
+    with ingest_lock(home), prefect_api():
+        ingest_flow(str(home.root), args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from flows._runtime import prefect_api
 from pipeline.home import Home
 from pipeline.mining.tune import tune_thresholds
 from pipeline.runs import recorded_run
@@ -20,7 +21,8 @@ def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
 
 
 def _run(args) -> int:
-    out = tune_flow(str(Home.resolve(args.home).root), args.model, args.t_iou)
+    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+        out = tune_flow(str(Home.resolve(args.home).root), args.model, args.t_iou)
     print(out["table"].head(10).to_string(index=False))
     print(f"\nbest on the validation split: thresholds {out['thresholds']}; use them with\n"
           f"  mining: {{thresholds: {out['thresholds']}}}   in the config's mining section")

@@ -1,4 +1,5 @@
-"""The `runs` table: one row per flow run, with its params, model and code version."""
+"""The `runs` table: one row per flow run, with its params, model and code version; `run_owners` names the
+process of each, so that a run left `running` by a killed process is marked `killed` (`mark_killed_runs`)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline.lifeline import Owner
 from warehouse import db
 
 
@@ -30,13 +32,30 @@ def code_version() -> str:
 
 def start_run(home, flow: str, params: dict, model_id: str | None = None, run_id: str | None = None) -> str:
     run_id = run_id or f"{flow}-{uuid.uuid4().hex[:12]}"
+    me = Owner.me()
     con = db.connect(home)
     try:
-        con.execute("""INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, now(), NULL, 'running')""",
-                    [run_id, flow, json.dumps(params, default=str, sort_keys=True), model_id, code_version()])
+        with db.transaction(con):
+            con.execute("""INSERT OR REPLACE INTO runs (run_id, flow, params, model_id, code_version, started_at,
+                                                        finished_at, status)
+                           VALUES (?, ?, ?, ?, ?, now(), NULL, 'running')""",
+                        [run_id, flow, json.dumps(params, default=str, sort_keys=True), model_id, code_version()])
+            con.execute("INSERT OR REPLACE INTO run_owners VALUES (?, ?, ?, ?)", [run_id, me.host, me.pid, me.started])
     finally:
         con.close()
     return run_id
+
+
+def mark_killed_runs(con) -> list[str]:
+    """Mark `killed` the running runs whose process, on this host, is gone (or its pid now names another
+    process). Runs of other hosts, and runs recorded without an owner, are left as they are. Returns their ids."""
+    rows = con.execute("""SELECT r.run_id, o.host, o.pid, o.pid_started FROM runs r
+                          JOIN run_owners o USING (run_id) WHERE r.status = 'running'""").fetchall()
+    dead = [run_id for run_id, host, pid, started in rows if Owner(host, pid, started).is_dead()]
+    if dead:
+        con.execute("UPDATE runs SET status = 'killed', finished_at = coalesce(finished_at, now()) "
+                    "WHERE status = 'running' AND run_id IN (SELECT unnest(?))", [dead])
+    return dead
 
 
 def finish_run(home, run_id: str, status: str = "completed", model_id: str | None = None) -> None:

@@ -10,6 +10,8 @@ Parquet parts are written atomically (temp file, then rename): a killed writer l
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -86,6 +88,8 @@ def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.Duck
         if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
             con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
         refresh_views(con, root / "data")
+        from pipeline.runs import mark_killed_runs   # (lazy: pipeline.runs imports this module)
+        mark_killed_runs(con)
     if sandbox:
         con.execute("SET allowed_directories = ?", [[f"{root / 'data'}/"]])
         con.execute("SET enable_external_access = false")
@@ -93,16 +97,60 @@ def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.Duck
     return con
 
 
-def _connect_retry(db: Path, read_only: bool = False, attempts: int = 100) -> duckdb.DuckDBPyConnection:
-    """DuckDB allows one writing process; wait briefly for another writer to finish."""
-    for i in range(attempts):
+LOCK_TIMEOUT_ENV = "HARVEST_LOCK_TIMEOUT"
+WRITE_WAIT_S, READ_WAIT_S = 300.0, 10.0   # defaults; $HARVEST_LOCK_TIMEOUT (seconds) sets both
+WAIT_MESSAGE = "waiting for another harvest process to release the warehouse..."
+
+
+class WarehouseBusy(RuntimeError):
+    """Another process held the warehouse for longer than we wait; the message is one line."""
+
+
+def lock_timeout(read_only: bool) -> float:
+    env = os.environ.get(LOCK_TIMEOUT_ENV)
+    if env:
+        return float(env)
+    return READ_WAIT_S if read_only else WRITE_WAIT_S
+
+
+def wait_unlocked(attempt, timeout: float, busy):
+    """Call `attempt()` until it returns something other than None (None: the lock is held elsewhere), saying
+    WAIT_MESSAGE once on stderr after a second of waiting; after `timeout` seconds raise `WarehouseBusy` with
+    the one line `busy()` (who holds what) and how long we waited."""
+    t0, said, delay = time.monotonic(), False, 0.02
+    while True:
+        got = attempt()
+        if got is not None:
+            return got
+        waited = time.monotonic() - t0
+        if waited >= timeout:
+            raise WarehouseBusy(f"{busy()}; gave up after {waited:.0f} s (set {LOCK_TIMEOUT_ENV} to wait longer)")
+        if waited >= 1.0 and not said:
+            print(WAIT_MESSAGE, file=sys.stderr, flush=True)
+            said = True
+        time.sleep(min(delay, max(0.0, timeout - waited)))
+        delay = min(delay * 1.5, 0.25)
+
+
+def _connect_retry(db: Path, read_only: bool = False, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writing process, and no reader beside it: writers hold it only around short
+    transactions, so wait for the lock (`wait_unlocked`), at most `timeout` seconds (default `lock_timeout`)."""
+    last = [""]
+
+    def attempt():
         try:
             return duckdb.connect(str(db), read_only=read_only)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or i == attempts - 1:
+            if "lock" not in str(exc).lower():
                 raise
-            time.sleep(0.2)
-    raise AssertionError("unreachable")
+            last[0] = str(exc)
+            return None
+
+    def busy() -> str:
+        pid = re.search(r"\(PID (\d+)\)", last[0])
+        return f"{db} is locked by another process" + (f" (pid {pid.group(1)})" if pid else "")
+
+    return wait_unlocked(attempt, lock_timeout(read_only) if timeout is None else timeout, busy)
 
 
 @contextmanager

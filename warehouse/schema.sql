@@ -62,7 +62,16 @@ CREATE TABLE IF NOT EXISTS runs (
     code_version VARCHAR,
     started_at   TIMESTAMP NOT NULL,
     finished_at  TIMESTAMP,
-    status       VARCHAR NOT NULL        -- 'running' | 'completed' | 'failed'
+    status       VARCHAR NOT NULL        -- 'running' | 'completed' | 'failed' | 'killed' (its process died)
+);
+
+-- The process that runs each run: a `running` run whose process is gone (same host, pid dead or reused) is
+-- marked 'killed' by the next writable connection (pipeline.runs.mark_killed_runs).
+CREATE TABLE IF NOT EXISTS run_owners (
+    run_id      VARCHAR PRIMARY KEY,
+    host        VARCHAR NOT NULL,
+    pid         INTEGER NOT NULL,
+    pid_started DOUBLE                   -- the process's start time, epoch seconds (tells a reused pid)
 );
 
 CREATE TABLE IF NOT EXISTS eval_results (

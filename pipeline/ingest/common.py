@@ -2,15 +2,21 @@
 
 Each chunk is committed in one transaction after its cache shards exist, so killing ingestion at any point
 and re-running it loses nothing and duplicates nothing: finished files are recognised by their sha256.
+The warehouse is open only around those commits (one short connection each), never while decoding, so readers
+and other writers get in between. One ingest per home at a time (`ingest_lock`); it starts by sweeping what a
+killed or changed run left behind (`sweep_orphans`). Decode workers die with the ingesting process.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import multiprocessing as mp
 import os
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -22,9 +28,11 @@ from tqdm import tqdm
 
 from pipeline import cache
 from pipeline.dicom import by_rows, to_uint8
+from pipeline.lifeline import die_with_parent
 from pipeline.rejects import MAX_PIXELS, Reject, check_pixels
 from warehouse import db
 
+log = logging.getLogger(__name__)
 CHUNK = 256  # images per transaction and per cache shard
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL warns above it (silenced: decode_png rejects), raises above twice it
 
@@ -136,7 +144,8 @@ def decode_all(items: list[Item], sizes, cached: dict, decoder: Callable, worker
     if workers <= 1 or len(items) < 64:
         yield from map(_decode_item, jobs)
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         yield from pool.map(_decode_item, jobs, chunksize=16)
 
 
@@ -154,6 +163,82 @@ def next_shard(con, home) -> int:
     used = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM cache_entries").fetchone()[0]
     on_disk = [int(p.stem.split("-")[1]) + 1 for p in Path(home.cache).glob("size=*/shard-*.u8")]
     return max([used, *on_disk])
+
+
+_HELD: dict[str, list] = {}   # lock file -> [fd, depth]: an ingest inside an ingest of this process holds it already
+_HELD_GUARD = threading.Lock()
+
+
+@contextmanager
+def ingest_lock(home):
+    """One ingest per home at a time (an exclusive `flock` on cache/.ingest.lock, released by the kernel when
+    its process dies): shard numbers and the orphan sweep are safe from a concurrent ingest. Waits like a
+    warehouse connection (message, then `WarehouseBusy` after `db.lock_timeout`). Re-entrant in a process."""
+    import fcntl
+
+    path = str(Path(home.cache) / ".ingest.lock")
+    with _HELD_GUARD:
+        held = _HELD.get(path)
+        if held:
+            held[1] += 1
+    if not held:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+        def attempt():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            return True
+
+        def busy() -> str:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return f"another ingest into {home.root} is running" + (f" (pid {holder})" if holder else "")
+
+        try:
+            db.wait_unlocked(attempt, db.lock_timeout(read_only=False), busy)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with _HELD_GUARD:
+            _HELD[path] = held = [fd, 1]
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[path]
+                os.close(held[0])   # releases the flock
+
+
+def sweep_orphans(home) -> dict:
+    """Remove what a killed ingest or a changed image left behind (call it holding `ingest_lock`):
+    `cache_entries` rows whose source no image references, then shard files (and temp files) no row
+    references. Rows go first, in one transaction: a kill in between leaves only unreferenced files."""
+    con = db.connect(home)
+    try:
+        with db.transaction(con):
+            rows = con.execute("""DELETE FROM cache_entries WHERE source_sha256 NOT IN
+                (SELECT source_sha256 FROM images WHERE source_sha256 IS NOT NULL)""").fetchone()[0]
+        used = set(con.execute("SELECT DISTINCT size, shard FROM cache_entries").fetchall())
+    finally:
+        con.close()
+    files = 0
+    for path in Path(home.cache).glob("size=*/*"):
+        if path.name.startswith(".shard-") and path.name.endswith(".tmp"):   # a shard write cut short
+            orphan = True
+        elif path.suffix == ".u8" and path.name.startswith("shard-"):
+            orphan = (int(path.parent.name.split("=")[1]), int(path.stem.split("-")[1])) not in used
+        else:
+            continue
+        if orphan:
+            path.unlink(missing_ok=True)
+            files += 1
+    return {"orphan_cache_rows": rows, "orphan_cache_files": files}
 
 
 def reject_rows(con, stage: str, source: str, rejects: Iterable[tuple[str, Reject]]) -> int:
@@ -194,52 +279,69 @@ def upsert_images(con, rows: list[dict], labels: dict[str, list[str]]) -> None:
         con.unregister("_lab")
 
 
-def ingest_images(con, home, items: list[Item], sizes, stage: str, source: str,
+def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
                   decoder: Callable, workers: int | None = None, desc: str = "ingest") -> dict:
-    """Decode `items`, cache them at `sizes` and commit `images`/`labels`/`cache_entries`, chunk by chunk."""
+    """Decode `items`, cache them at `sizes` and commit `images`/`labels`/`cache_entries`, chunk by chunk.
+
+    The warehouse is opened for the sweep and the cached shas, then once per chunk commit; decoding runs with
+    no connection open."""
     counts = {"images": 0, "decoded": 0, "skipped_cached": 0, "rejects": 0}
-    cached = cached_shas(con, sizes)
-    shard = next_shard(con, home)
-    chunk: list[Decoded] = []
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=len(items) < 64)
+    with ingest_lock(home):
+        swept = sweep_orphans(home)
+        if any(swept.values()):
+            log.info("swept %s", ", ".join(f"{k}={v}" for k, v in swept.items()))
+        con = db.connect(home)
+        try:
+            cached = cached_shas(con, sizes)
+            shard = next_shard(con, home)
+        finally:
+            con.close()
+        chunk: list[Decoded] = []
+        bar = tqdm(total=len(items), desc=desc, unit="img", disable=len(items) < 64)
 
-    def commit(chunk: list[Decoded]) -> None:
-        nonlocal shard
-        fresh = [d for d in chunk if d.reject is None and d.pixels is not None]
-        for size in sizes:
+        def commit(chunk: list[Decoded]) -> None:
+            nonlocal shard
+            fresh = [d for d in chunk if d.reject is None and d.pixels is not None]
+            for size in sizes:
+                if fresh:
+                    cache.write_shard(home.cache, size, shard, np.stack([d.pixels[size] for d in fresh]))
+            ok = [d for d in chunk if d.reject is None]
+            rows, labels = [], {}
+            for d in ok:
+                row = {**d.item.row, **{k: v for k, v in d.meta.items() if k in IMAGE_COLUMNS},
+                       "source_sha256": d.sha256}
+                if not row.get("image_id"):   # a DICOM whose content is already ingested: nothing new
+                    continue
+                rows.append(row)
+                labels[row["image_id"]] = d.item.labels
+            con = db.connect(home)
+            try:
+                with db.transaction(con):
+                    upsert_images(con, rows, labels)
+                    if fresh:
+                        entries = pd.DataFrame([(d.sha256, s, shard, k) for s in sizes for k, d in enumerate(fresh)],
+                                               columns=["source_sha256", "size", "shard", "row"])
+                        con.register("_ce", entries)
+                        con.execute("INSERT OR REPLACE INTO cache_entries SELECT * FROM _ce")
+                        con.unregister("_ce")
+                    clear_rejects(con, stage, source, [d.item.rel for d in ok])
+                    counts["rejects"] += reject_rows(con, stage, source,
+                                                     [(d.item.rel, d.reject) for d in chunk if d.reject])
+            finally:
+                con.close()
             if fresh:
-                cache.write_shard(home.cache, size, shard, np.stack([d.pixels[size] for d in fresh]))
-        ok = [d for d in chunk if d.reject is None]
-        rows, labels = [], {}
-        for d in ok:
-            row = {**d.item.row, **{k: v for k, v in d.meta.items() if k in IMAGE_COLUMNS}, "source_sha256": d.sha256}
-            if not row.get("image_id"):   # a DICOM whose content is already ingested: nothing new
-                continue
-            rows.append(row)
-            labels[row["image_id"]] = d.item.labels
-        with db.transaction(con):
-            upsert_images(con, rows, labels)
-            if fresh:
-                entries = pd.DataFrame([(d.sha256, s, shard, k) for s in sizes for k, d in enumerate(fresh)],
-                                       columns=["source_sha256", "size", "shard", "row"])
-                con.register("_ce", entries)
-                con.execute("INSERT OR REPLACE INTO cache_entries SELECT * FROM _ce")
-                con.unregister("_ce")
-            clear_rejects(con, stage, source, [d.item.rel for d in ok])
-            counts["rejects"] += reject_rows(con, stage, source, [(d.item.rel, d.reject) for d in chunk if d.reject])
-        if fresh:
-            shard += 1
-        counts["images"] += len(rows)
-        counts["decoded"] += len(fresh)
-        counts["skipped_cached"] += len(ok) - len(fresh)
+                shard += 1
+            counts["images"] += len(rows)
+            counts["decoded"] += len(fresh)
+            counts["skipped_cached"] += len(ok) - len(fresh)
 
-    for d in decode_all(items, sizes, cached, decoder, workers):
-        chunk.append(d)
-        bar.update(1)
-        if len(chunk) >= CHUNK:
+        for d in decode_all(items, sizes, cached, decoder, workers):
+            chunk.append(d)
+            bar.update(1)
+            if len(chunk) >= CHUNK:
+                commit(chunk)
+                chunk = []
+        if chunk:
             commit(chunk)
-            chunk = []
-    if chunk:
-        commit(chunk)
-    bar.close()
+        bar.close()
     return counts

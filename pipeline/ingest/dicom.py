@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 
 from pipeline.home import Home
-from pipeline.ingest.common import Item, ingest_images
+from pipeline.ingest.common import Item, ingest_images, ingest_lock
 from warehouse import db
 
 STAGE = "ingest.dicom"
@@ -60,11 +60,12 @@ def ingest_dicom(home, root, sizes=(256,), split: str = "train", workers: int | 
     # by the home's secret so that a guessed name cannot be confirmed; find one with `reject_path`.
     items = [Item(path=str(p), rel=reject_path(p.relative_to(root).as_posix(), salt),
                   row={"split": split, "source": "dicom"}) for p in dicom_files(root)]
-    con = db.connect(home)
-    try:
-        # rows named by the unsalted digest of earlier versions would confirm guessed names: this run renames them
-        con.execute("DELETE FROM rejects WHERE stage = ? AND source = ? AND path LIKE 'file-%'", [STAGE, str(root)])
+    with ingest_lock(home):
+        con = db.connect(home)
+        try:
+            # rows named by the unsalted digest of earlier versions would confirm guessed names: this run renames them
+            con.execute("DELETE FROM rejects WHERE stage = ? AND source = ? AND path LIKE 'file-%'", [STAGE, str(root)])
+        finally:
+            con.close()
         decoder = functools.partial(_decode, salt=salt)
-        return ingest_images(con, home, items, sizes, STAGE, str(root), decoder, workers, desc="ingest dicom")
-    finally:
-        con.close()
+        return ingest_images(home, items, sizes, STAGE, str(root), decoder, workers, desc="ingest dicom")

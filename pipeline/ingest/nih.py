@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.coords import box_inside
 from pipeline.home import Home
-from pipeline.ingest.common import Item, decode_png, ingest_images, reject_rows, upsert_images
+from pipeline.ingest.common import Item, decode_png, ingest_images, ingest_lock, reject_rows, upsert_images
 from pipeline.rejects import Reject
 from pipeline.vocab import UnknownFinding, normalize_finding, parse_labels
 from warehouse import db
@@ -138,24 +138,31 @@ def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: i
     spacing = {it.row["image_id"]: (rec.orig_w, rec.orig_h, rec.orig_spacing_x, rec.orig_spacing_y)
                for it, rec in items}
     items = [it for it, _ in items]
-    con = db.connect(home)
-    try:
-        with db.transaction(con):
-            reject_rows(con, STAGE, source, rejects)
-        if metadata_only:
-            for it in items:
-                _set_spacing(it.row, spacing[it.row["image_id"]], NIH_FRAME)
+    with ingest_lock(home):   # short connections only: readers get in between the chunk commits
+        con = db.connect(home)
+        try:
             with db.transaction(con):
-                upsert_images(con, [it.row for it in items], {it.row["image_id"]: it.labels for it in items})
+                reject_rows(con, STAGE, source, rejects)
+            if metadata_only:
+                for it in items:
+                    _set_spacing(it.row, spacing[it.row["image_id"]], NIH_FRAME)
+                with db.transaction(con):
+                    upsert_images(con, [it.row for it in items], {it.row["image_id"]: it.labels for it in items})
+        finally:
+            con.close()
+        if metadata_only:
             counts = {"images": len(items), "decoded": 0, "skipped_cached": 0, "rejects": 0}
         else:
-            counts = ingest_images(con, home, items, sizes, STAGE, source, _png_decoder, workers, desc="ingest nih")
-            _fix_spacing(con, spacing)
-        counts["rejects"] += len(rejects)
-        counts["boxes"], n_box_rejects = _ingest_boxes(con, root, source, phantom)
-        counts["rejects"] += n_box_rejects
-    finally:
-        con.close()
+            counts = ingest_images(home, items, sizes, STAGE, source, _png_decoder, workers, desc="ingest nih")
+        con = db.connect(home)
+        try:
+            if not metadata_only:
+                _fix_spacing(con, spacing)
+            counts["rejects"] += len(rejects)
+            counts["boxes"], n_box_rejects = _ingest_boxes(con, root, source, phantom)
+            counts["rejects"] += n_box_rejects
+        finally:
+            con.close()
     return counts
 
 
