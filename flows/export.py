@@ -7,27 +7,31 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.export import FORMATS, MANIFEST, export
+from pipeline.export import FORMATS, IMAGE_MODES, MANIFEST, export
 from pipeline.home import Home
 from pipeline.runs import recorded_run
 
 
 @task(name="export")
 def export_task(home: str, run_id: str, fmt: str, out_dir: str, min_score: float | None,
-                ranks: list[int] | None, findings: list[str] | None) -> str:
-    return str(export(home, run_id, fmt, out_dir, min_score=min_score, ranks=ranks, findings=findings))
+                ranks: list[int] | None, findings: list[str] | None, images: str = "link",
+                image_roots: list[str] | None = None) -> str:
+    return str(export(home, run_id, fmt, out_dir, min_score=min_score, ranks=ranks, findings=findings,
+                      images=images, image_roots=image_roots or ()))
 
 
 @flow(name="export", log_prints=True)
 def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, min_score: float | None = None,
-                ranks: list[int] | None = (1,), findings: list[str] | None = None) -> dict:
-    """Export run `run_id` as `fmt` (coco | yolo | nih-csv) to `out_dir` (default `<home>/exports/<run>/<fmt>`)."""
+                ranks: list[int] | None = (1,), findings: list[str] | None = None, images: str = "link",
+                image_roots: list[str] | None = None) -> dict:
+    """Export run `run_id` as `fmt` (coco | yolo | nih-csv) to `out_dir` (default `<home>/exports/<run>/<fmt>`),
+    images linked, copied or not written (`images`: link | copy | none)."""
     out_dir = str(out_dir or Home.resolve(home).exports / run_id / fmt)
     ranks = None if ranks is None else list(ranks)
     params = {"run_id": run_id, "format": fmt, "out_dir": out_dir, "min_score": min_score, "ranks": ranks,
-              "findings": findings}
+              "findings": findings, "images": images, "image_roots": image_roots}
     with recorded_run(home, "export", params) as export_run:
-        path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings))
+        path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings, images, image_roots))
     manifest = json.loads((path / MANIFEST).read_text())
     counts = manifest["counts"]
     per_finding = "".join(f"| {name} | {n} |\n" for name, n in counts["per_finding"].items())
@@ -35,9 +39,11 @@ def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, mi
         key="export-summary", description=f"{fmt} export of run {run_id}",
         markdown=f"# Export of run `{run_id}` ({fmt})\n\n"
                  f"- folder: `{path}`\n- model: `{manifest['model_id']}`\n- images: {counts['images']}\n"
-                 f"- boxes: {counts['boxes']}\n- filters: `{json.dumps(manifest['filters'])}`\n"
+                 f"- boxes: {counts['boxes']}\n- negatives: {counts['negatives']}\n"
+                 f"- image files: {manifest['images']['mode']}\n- filters: `{json.dumps(manifest['filters'])}`\n"
                  f"- manifest: `{path / MANIFEST}`\n\n| finding | boxes |\n|---|---|\n{per_finding}")
-    print(f"export {fmt}: {counts['boxes']} boxes on {counts['images']} images -> {path}")
+    print(f"export {fmt}: {counts['boxes']} boxes on {counts['images']} images ({counts['negatives']} without a box) "
+          f"in {', '.join(counts['splits'])} -> {path}")
     return {"path": str(path), "export_run_id": export_run, **counts}
 
 
@@ -48,7 +54,8 @@ def parse_ranks(tokens: list[str]) -> list[int] | None:
 
 def _run(args) -> int:
     home = str(Home.resolve(args.home).make().root)
-    export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings)
+    export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,
+                args.images, args.image_roots)
     return 0
 
 
@@ -67,4 +74,10 @@ def register(sub) -> None:
                    help="findings to keep, e.g. Mass Nodule (default: all 14)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="export folder (default <home>/exports/<run>/<format>)")
+    p.add_argument("--images", default="link", choices=IMAGE_MODES,
+                   help="link (default): hard-link the source images beside the labels, copying across "
+                        "filesystems; copy: always copy; none: write no image, paths relative to the recorded "
+                        "image root (not for YOLO). DICOM images are written decoded as PNG, never linked")
+    p.add_argument("--image-root", dest="image_roots", action="append", default=None, metavar="DIR",
+                   help="folder to search for the source images before the recorded ingest roots (repeatable)")
     p.set_defaults(func=_run)
