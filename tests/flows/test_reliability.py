@@ -260,3 +260,86 @@ def test_a_writer_waits_for_the_lock_then_gives_a_one_line_error(tmp_path):
     assert out.stderr.strip().splitlines() == [
         db.WAIT_MESSAGE, f"harvest status: error: {home / 'warehouse.duckdb'} is locked by another process "
                          f"(pid {holder.pid}); gave up after 2 s (set HARVEST_LOCK_TIMEOUT to wait longer)"]
+
+
+# ---- kill -9 at seeded random points of ingest and mine, then rerun ---------------------------------------
+
+SEED, INGEST_KILLS, MINE_KILLS = 15, 6, 4
+
+
+def kill_at(home, argv, files, at: float, env, log) -> dict:
+    """Start `harvest argv`, SIGKILL it `at` seconds later (unless it ended first); check its tree dies."""
+    before, t0 = len(files(home)), time.monotonic()
+    tree = Tree(harvest_popen(home, *argv, env=env, log=log))
+    while time.monotonic() - t0 < at and tree.proc.poll() is None:
+        tree.poll()
+        time.sleep(0.01)
+    if tree.proc.poll() is not None:   # it finished first: nothing left to kill
+        assert tree.proc.returncode == 0
+        return {"at_s": round(at, 1), "killed": False, "new_files": len(files(home)) - before}
+    gone_in = tree.kill_and_check(within=5)
+    return {"at_s": round(at, 1), "killed": True, "new_files": len(files(home)) - before,
+            "descendants": len(tree.seen), "gone_in_s": round(gone_in, 2)}
+
+
+def kill_until(n: int, out: list, attempt) -> None:
+    """`attempt()` until `n` of them killed their process (a run that ends before its kill time counts not),
+    at most 2n times."""
+    while sum(k["killed"] for k in out) < n and len(out) < 2 * n:
+        out.append(attempt())
+
+
+def timed(home, argv, env, log) -> float:
+    t0 = time.monotonic()
+    proc = harvest_popen(home, *argv, env=env, log=log)
+    assert proc.wait(300) == 0, Path(log.name).read_text()[-3000:]
+    return round(time.monotonic() - t0, 1)
+
+
+def mined_rows(home):
+    parts = sorted((Path(home) / "data" / "mined_boxes").glob("run_id=*/part-*.parquet"))
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    return sorted(rows, key=lambda r: (r["image_id"], r["finding"], r["rank"]))
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_base_home, prefect_api, tmp_path):
+    """Against the session's Prefect server (PREFECT_API_URL): 6 kills of `harvest ingest nih` (1,500 PNGs, 6
+    chunks), 4 of `harvest mine` (40 images, 10 shards), each at a seeded random time within the clean run's
+    duration (start-up, decoding, commits, mining: wherever it falls); then a rerun, compared with the clean run."""
+    rng = random.Random(SEED)
+    env = {**os.environ, "HARVEST_LOCK_TIMEOUT": "60"}
+    log = open(tmp_path / "harvest.log", "ab")
+    report = {"ingest": [], "mine": []}
+
+    root = make_nih([(f"{k:08d}_000.png", "Mass" if k % 3 else "No Finding", k) for k in range(1, 1501)], size=64)
+    ingest = ["ingest", "nih", "--root", str(root), "--sizes", "32"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    report["ingest_clean_s"] = timed(clean, ingest, env, log)
+    kill_until(INGEST_KILLS, report["ingest"], lambda: kill_at(
+        killed, ingest, shard_files, rng.uniform(0.15, 0.7) * report["ingest_clean_s"], env, log))
+    report["ingest_rerun_s"] = timed(killed, ingest, env, log)
+    assert warehouse_rows(killed) == warehouse_rows(clean)
+    assert len(warehouse_rows(killed)["images"]) == 1500
+    assert cache_bytes(killed) == cache_bytes(clean)
+    assert set(run_statuses(killed).values()) <= {"completed", "killed"}
+    # a kill before the flow recorded its run leaves no row; every other killed run is marked by the next one
+    assert 1 <= list(run_statuses(killed).values()).count("killed") <= sum(k["killed"] for k in report["ingest"])
+    assert len(shard_files(killed)) == len(shard_files(clean))   # orphans swept
+
+    parts = lambda home: list((Path(home) / "data" / "mined_boxes").glob("run_id=*/part-*.parquet"))
+    mine = ["mine", "--model", "tiny-r18", "--split", "all", "--shard-size", "4", "--workers", "1"]
+    clean_m, killed_m = (shutil.copytree(mining_base_home, tmp_path / name) for name in ("clean_m", "killed_m"))
+    report["mine_clean_s"] = timed(clean_m, mine, env, log)
+    kill_until(MINE_KILLS, report["mine"], lambda: kill_at(
+        killed_m, mine, parts, rng.uniform(0.15, 0.7) * report["mine_clean_s"], env, log))
+    report["mine_rerun_s"] = timed(killed_m, mine, env, log)
+    got, want = mined_rows(killed_m), mined_rows(clean_m)
+    assert len(got) == len(want) > 0 and got == want
+    assert len(parts(killed_m)) == len(parts(clean_m)) == 10
+    assert set(run_statuses(killed_m).values()) <= {"completed", "killed"}
+    log.close()
+    print(f"\nreliability figures (seed {SEED}): {report}")
+    assert sum(k["killed"] for k in report["ingest"] + report["mine"]) == INGEST_KILLS + MINE_KILLS
+    for stage in ("ingest", "mine"):   # some kills landed mid-work (files written, the run unfinished)
+        assert any(k["killed"] and k["new_files"] for k in report[stage]), report[stage]
