@@ -37,6 +37,11 @@ class ModelConfig:
     # prior from features present in every image, and CAM^c = X·w^c then peaks on anatomy, not on lesions
     # (docs/results.md). See `models.head.prior_bias`.
     head_prior: bool = True
+    # Project-made weights to start from instead of ImageNet (a file written by `python -m pipeline.weights
+    # export`, e.g. models/weights/; relative paths are taken from the config file's folder). The first stage
+    # that runs starts from them: the whole model when its neck matches, else the backbone. Their sha256 enters
+    # the stages' fingerprints.
+    init: str | None = None
 
 
 @dataclass
@@ -140,6 +145,7 @@ class TrainConfig:
             ("seed", self.seed, self.seed >= 0, "must be an integer >= 0"),
             ("model.arch", m.arch, m.arch in BACKBONES, one_of(BACKBONES)),
             ("model.neck", m.neck, m.neck in NECKS, one_of(NECKS)),
+            ("model.init", m.init, m.init is None or Path(m.init).is_file(), "must be an existing weights file"),
             ("data.input_size", d.input_size, size_ok(d.input_size), f"must be {SIZE_RULE}"),
             ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "must be in (0, 1)"),
             ("data.train_splits", list(d.train_splits), bool(d.train_splits) and set(d.train_splits) <= set(SPLITS),
@@ -257,7 +263,11 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
     if isinstance(source, (TrainConfig, dict)):
         return _load(source.to_dict() if isinstance(source, TrainConfig) else source, overrides)
     with config_file(source):
-        return _load(read_yaml(source), overrides)
+        data = read_yaml(source)
+        init = (data.get("model") or {}).get("init") if isinstance(data.get("model"), dict) else None
+        if isinstance(init, str) and not Path(init).is_absolute():
+            data = merge(data, {"model": {"init": str((Path(source).parent / init).resolve())}})
+        return _load(data, overrides)
 
 
 def _load(data: dict, overrides: dict | None) -> TrainConfig:

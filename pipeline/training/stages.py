@@ -41,7 +41,8 @@ from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_me
 from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load_config
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       device_of, init_distributed, seed_of, train_one_epoch)
-from pipeline.weights import load_imagenet
+from pipeline.files import sha256_file
+from pipeline.weights import load_imagenet, load_init
 from warehouse import db
 
 log = logging.getLogger("pipeline.training")
@@ -69,6 +70,8 @@ def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
               "head_prior": cfg.model.head_prior,
               "input_size": cfg.data.input_size, "val_fraction": cfg.data.val_fraction,
               "augment": asdict(cfg.data.augment), "batch_size": cfg.runtime.batch_size, "amp": cfg.runtime.amp}
+    if cfg.model.init:                  # the weights' content, not where the file lies
+        shared["init"] = sha256_file(cfg.model.init)
     steps: list[tuple[str, str, StageConfig, int, dict]] = [
         ("base", "baseline", cfg.stages.base, 0, {"splits": cfg.data.train_splits})]
     if cfg.model.neck != "baseline":
@@ -129,12 +132,16 @@ def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
 # ------------------------------------------------------------------ one stage
 
 def _build(cfg: TrainConfig, plan: StagePlan, home: Home, labels) -> nn.Module:
-    """The stage's model: the parent's weights (backbone only when the neck changes), else ImageNet. A new head
+    """The stage's model: the parent's weights (backbone only when the neck changes), else `model.init`, else
+    ImageNet. A new head
     starts at the prevalence of the stage's training `labels` (`model.head_prior`)."""
     torch.manual_seed(seed_of(cfg.seed, plan.index))
     model = create_model(cfg.model.arch, plan.neck)
     if plan.parent is None:
-        if cfg.model.imagenet:
+        if cfg.model.init:
+            if load_init(model, cfg.model.init, cfg.model.arch):
+                return model                        # trained neck and head too: keep its head
+        elif cfg.model.imagenet:
             load_imagenet(model, cfg.model.arch)
     else:
         state = load_checkpoint(home.checkpoints / plan.parent.model_id / FINAL)["model"]

@@ -168,3 +168,33 @@ def test_a_new_head_starts_at_the_training_prevalence(trained):
     model_id = stages.train(home, off)
     bias = checkpoint.load_checkpoint(home / "checkpoints" / model_id / "final.pt")["model"]["head.bias"]
     assert bias.abs().max() < 1.0 and not torch.allclose(bias, expected)   # nn.Linear's uniform init
+
+
+def test_model_init_starts_the_first_stage_from_exported_weights(trained, tmp_path):
+    """`model.init`: project-made weights (fp16 export of a stage) start the first stage that runs; their
+    content, not their path, enters the fingerprint; a wrong arch is refused."""
+    from pipeline.weights import export_weights
+    home, model_id, _ = trained
+    path = tmp_path / "w" / "init.pt"
+    export_weights(home, model_id, path)
+    frozen = {"stages": {"base": {"epochs": 0}, "msa_init": {"epochs": 0}, "end_to_end": {"epochs": 0}},
+              "am": {"steps": 1, "stage": {"epochs": 1, "lr": 0.0}}}
+    cfg = config.load_config(tiny_config(**frozen, model={"init": str(path)}))
+    started = stages.train(home, cfg)
+    assert [p.name for p in stages.plan_stages(cfg)] == ["am1"]
+    got = checkpoint.load_checkpoint(home / "checkpoints" / started / "final.pt")["model"]
+    src = checkpoint.load_checkpoint(home / "checkpoints" / model_id / "final.pt")["model"]
+    for k, v in src.items():    # lr 0: the stage ends where it started, the exported weights (fp16-rounded)
+        want = v.half().float() if v.is_floating_point() else v
+        torch.testing.assert_close(got[k].to(want.dtype), want, rtol=0, atol=0, msg=k)
+    moved = tmp_path / "elsewhere.pt"
+    path.rename(moved)
+    same = config.load_config(cfg, {"model": {"init": str(moved)}})
+    assert stages.plan_stages(stages.resolved_config(same))[0].model_id == started
+    torch.save({"format": "cxr-harvest-weights/1", "model": {}, "meta": {"arch": "resnet50"}}, path)
+    other = config.load_config(cfg, {"model": {"init": str(path)}})
+    assert stages.plan_stages(stages.resolved_config(other))[0].model_id != started
+    with pytest.raises(ValueError, match="resnet50"):
+        stages.train(home, other)
+    with pytest.raises(ValueError, match="model.init"):
+        config.load_config(cfg, {"model": {"init": str(tmp_path / "missing.pt")}})
