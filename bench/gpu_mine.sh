@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/mine.py on a GPU: ResNet-50 + bilinear MSA at 512, bf16 autocast, channels_last, at batch 128 and 256 on
 # one set of data (built once); with --compile, a last block with torch.compile. Every figure in a block comes
-# from one run (ratios inside one run only). Target (DESIGN.md section 7): end-to-end mining >= 0.9x the bare
+# from one run (ratios inside one run only). Target (docs/design.md#performance): end-to-end mining >= 0.9x the bare
 # forward rate on a GPU. Rates are taken on the larger of the two dataset sizes.
 # Usage: bench/gpu_mine.sh [--quick] [--compile] [extra bench/mine.py args]; PYTHON=... picks the interpreter;
 # BENCH_HOME=DIR keeps the data there (else a temporary folder).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU training bench (DESIGN.md sec. 7), one short run (< 3 min on an H100/H200):
+# GPU training bench (docs/design.md#performance), one short run (< 3 min on an H100/H200):
 #   ResNet-50 + bilinear MSA at 512x512, batch 64, bf16 autocast + channels_last;
 #   absolute img/s of the training step (synthetic input and the uint8-cache data path),
 #   and the data/synthetic ratio (target >= 0.9) as the last line: `train data/synthetic ratio: X`.

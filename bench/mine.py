@@ -1,7 +1,7 @@
 """Mining throughput: bare forward vs end-to-end mining (cache in -> arrow rows out), in one run, same model
 and settings; fast vs reference post-processing per image; peak RSS at two dataset sizes (flat memory).
 
-Targets (DESIGN.md section 7, issue 5): end-to-end mining >= 0.8x the bare forward rate on CPU (0.9x on a GPU).
+Targets (docs/design.md#performance, issue 5): end-to-end mining >= 0.8x the bare forward rate on CPU (0.9x on a GPU).
 Forward and mining runs alternate; the ratio is the median over `--repeats` pairs (a forward run and the mining
 run right after it). On a GPU it is by wall clock; on a CPU by process CPU time, which other processes on a
 shared machine distort less (both are printed). Last line: `mine/forward ratio: X`.

@@ -4,7 +4,7 @@ Data path: shuffled index batches gathered from the cache shards (`CacheDataset.
 workers when `--workers`), uint8 to the device, augmentation and normalization there, then the step.
 Synthetic: the same step on one prepared batch already on the device. Steps alternate one for one, so that
 load from other processes hits both alike; rates are batch / median step time.
-Target (DESIGN.md sec. 7): >= 0.9. Last line: `train data/synthetic ratio: X`.
+Target (docs/design.md#performance): >= 0.9. Last line: `train data/synthetic ratio: X`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Why one real server: without `PREFECT_API_URL` every Python process that runs a Prefect task starts an
 ephemeral server of its own, so each Dask worker process would start one. Distributed runs therefore point
-the flow process and every worker at ONE `prefect server start` on loopback (DESIGN.md section 4).
+the flow process and every worker at ONE `prefect server start` on loopback (docs/design.md#flows).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`harvest mine`: mine boxes for a split, one Prefect task per shard on Dask (DESIGN.md section 4).
+"""`harvest mine`: mine boxes for a split, one Prefect task per shard on Dask (docs/design.md#flows).
 
 Each shard is a task run on prefect-dask's DaskTaskRunner: a LocalCluster sized to the devices, or the
 scheduler at `--dask-address`. A task loads the model once per worker process, calls

@@ -1,4 +1,4 @@
-"""Decode-once image cache (DESIGN.md section 3).
+"""Decode-once image cache (docs/design.md#data-contracts).
 
 Each ingestion chunk decodes its images once, resizes them to every configured size and writes one immutable
 shard per size: `cache/size=<S>/shard-<id>.u8`, raw uint8 `[n, S, S]`, written atomically (temp + rename).

@@ -1,4 +1,4 @@
-"""Conversions between the three frames a box lives in (DESIGN.md section 3).
+"""Conversions between the three frames a box lives in (docs/design.md#data-contracts).
 
 - image frame: the original image, `width x height` pixels (`images.width/height`);
 - input frame: the square model input, `size x size` (images are resized, not padded, so each axis scales alone);

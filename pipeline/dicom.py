@@ -1,4 +1,4 @@
-"""Read one DICOM file into a display-ready 8-bit chest X-ray and PHI-free metadata (DESIGN.md sections 3, 8).
+"""Read one DICOM file into a display-ready 8-bit chest X-ray and PHI-free metadata (docs/design.md#data-contracts, #reliability).
 
 Pixel pipeline (pydicom 3, DICOM PS3.3 C.11 "grayscale pipeline"):
 

@@ -1,4 +1,4 @@
-"""Pseudo-label exports of one mining run: COCO, YOLO and NIH `BBox_List_2017.csv` (DESIGN.md sections 1, 4).
+"""Pseudo-label exports of one mining run: COCO, YOLO and NIH `BBox_List_2017.csv` (docs/design.md#purpose, #flows).
 
 Every export holds every image the run mined, negatives (images without a kept box) included, per warehouse
 split (`images.split`: `train` and `test` for NIH, whatever ingestion stored otherwise; no `val` is carved
@@ -53,7 +53,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 IMAGE_IDS_KEY = b"cxr_harvest.image_ids"  # Parquet metadata of a mined part: the images it covers (flows.mine)
 # BBox_List_2017.csv as NIH ships it: the unquoted header splits into `Bbox [x`, `y`, `w`, `h]` plus three
-# empty columns, and Infiltration is spelled `Infiltrate` (DESIGN.md section 3).
+# empty columns, and Infiltration is spelled `Infiltrate` (docs/design.md#data-contracts).
 NIH_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 NIH_SPELLING = {"Infiltration": "Infiltrate"}
 DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

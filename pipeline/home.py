@@ -1,4 +1,4 @@
-"""The home folder: everything a run writes lives under one directory (DESIGN.md section 3)."""
+"""The home folder: everything a run writes lives under one directory (docs/design.md#data-contracts)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Bad input is a `rejects` row naming the cause, never a crash of the batch (DESIGN.md section 8)."""
+"""Bad input is a `rejects` row naming the cause, never a crash of the batch (docs/design.md#reliability)."""
 from __future__ import annotations
 
 import os

@@ -1,7 +1,7 @@
 """The NIH ChestX-ray14 vocabulary: 14 findings in one fixed order, plus `No Finding`.
 
 Names are normalized once, at ingestion. An unknown name raises :class:`UnknownFinding`; it is never
-silently dropped (DESIGN.md section 3).
+silently dropped (docs/design.md#data-contracts).
 """
 from __future__ import annotations
 

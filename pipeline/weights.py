@@ -1,4 +1,4 @@
-"""Offline ImageNet weights for the backbone (DESIGN.md sec. 5): local torch hub cache only, never a download.
+"""Offline ImageNet weights for the backbone (docs/design.md#method): local torch hub cache only, never a download.
 
 torchvision's file names are taken from its weight enums (data, not code), e.g. resnet50-11ad3fa6.pth
 (IMAGENET1K_V2) or resnet50-0676ba61.pth (V1), looked for in `torch.hub.get_dir()/checkpoints`

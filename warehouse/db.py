@@ -1,4 +1,4 @@
-"""Connection and write helpers for the DuckDB/Parquet warehouse (DESIGN.md section 3).
+"""Connection and write helpers for the DuckDB/Parquet warehouse (docs/design.md#data-contracts).
 
 Small tables live inside `warehouse.duckdb` (transactional). Large, append-mostly tables live as Parquet
 parts under `data/<table>/...` and are exposed as views, so plain `duckdb warehouse.duckdb` sees them.

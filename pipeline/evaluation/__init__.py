@@ -1,4 +1,4 @@
-"""Evaluation: the Wang/Cai localization protocol, MaxBoxAccV2, comparisons and reports (DESIGN.md section 6).
+"""Evaluation: the Wang/Cai localization protocol, MaxBoxAccV2, comparisons and reports (docs/design.md#evaluation).
 
 Modules: `iou` (box overlap: numpy, plain-loop and SQL paths), `protocol` (Acc/AFP, bounded and all modes),
 `maxboxacc` (Choe et al. 2020 summary), `references` (published tables), `compare` (one table across runs),

@@ -1,4 +1,4 @@
-"""Box overlap for the evaluation protocol (DESIGN.md section 6): IoU and IoBB, three ways that must agree.
+"""Box overlap for the evaluation protocol (docs/design.md#evaluation): IoU and IoBB, three ways that must agree.
 
 - :func:`box_overlap`: numpy, vectorised, broadcasting over leading dims (pairs or matrices);
 - :func:`box_overlap_reference`: one pair at a time in plain Python, the obviously correct version;

@@ -1,4 +1,4 @@
-"""The Wang/Cai localization protocol (DESIGN.md section 6; Cai et al. 2018 sec. 3.2; Wang et al. 2017).
+"""The Wang/Cai localization protocol (docs/design.md#evaluation; Cai et al. 2018 sec. 3.2; Wang et al. 2017).
 
 For each boxed finding c and threshold T:
 

@@ -1,4 +1,4 @@
-"""Mining a batch and a shard: cache in, `mined_boxes` rows out (eq. 7-8, sec. 3.2; DESIGN.md section 4).
+"""Mining a batch and a shard: cache in, `mined_boxes` rows out (eq. 7-8, sec. 3.2; docs/design.md#flows).
 
 One backbone forward per image (bf16 autocast and channels_last when the config says so, under
 `torch.inference_mode`) gives X and the sigmoid probabilities; the step-1 CAMs X·w^c are made only for the

@@ -1,4 +1,4 @@
-"""The Wang/Cai protocol (DESIGN.md section 6): hand-computed cases, properties, and the slow reference."""
+"""The Wang/Cai protocol (docs/design.md#evaluation): hand-computed cases, properties, and the slow reference."""
 import math
 
 import numpy as np
