@@ -1,22 +1,32 @@
-"""Flow 5: score a mining run against ground truth (DESIGN.md section 6) and write the report."""
+"""Flow 5: score a mining run against ground truth (docs/design.md#evaluation) and write the report.
+
+Prefect and the evaluation code (torch) are imported on first use (`flows._verbs`), so that `harvest evaluate
+--run RUN` checks the run id in well under two seconds, before any server starts.
+"""
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+import re
 
 from flows._runtime import prefect_api
+from flows._verbs import (create_link_artifact, create_markdown_artifact, create_table_artifact, flow,
+                          require_run, task)
 from flows.query import print_table
-from pipeline.evaluation.run import evaluate_run
 from pipeline.home import Home
 from pipeline.runs import recorded_run
 from warehouse import db
 
 
+def artifact_key(run_id: str) -> str:
+    """The Prefect artifact key of a run's report: lowercase letters, digits and dashes only."""
+    return "evaluation-report-" + (re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-") or "run")
+
+
 @task(name="evaluate-run")
 def evaluate_task(home: str, run_id: str, report: bool) -> dict:
+    from pipeline.evaluation.run import evaluate_run   # torch
     out = evaluate_run(home, run_id, report=report)
     return {"model_id": out["model_id"], "rows": len(out["results"]),
-            "report": str(out["report"]) if out["report"] else None}
+            "report": str(out["report"]) if out["report"] else None, "markdown": out["markdown"]}
 
 
 @flow(name="evaluate", log_prints=True)
@@ -26,6 +36,8 @@ def evaluate_flow(home: str, run_id: str, report: bool = True) -> dict:
     summary = headline(home, run_id)
     create_table_artifact(key="evaluation-summary", table=summary.to_dict("records"),
                           description=f"Acc per finding for mining run {run_id} (evaluation {eval_id})")
+    create_markdown_artifact(key=artifact_key(run_id), markdown=out.pop("markdown"),
+                             description=f"Evaluation report of mining run {run_id} (evaluation {eval_id})")
     if out["report"]:
         create_link_artifact(key="evaluation-report", link=f"file://{out['report']}",
                              description=f"HTML report of mining run {run_id}")
@@ -63,6 +75,7 @@ def print_results(home, run_id: str, protocol: str, family: str) -> None:
 
 def _run(args) -> int:
     home = str(Home.resolve(args.home).root)
+    require_run(home, args.run, "evaluate")   # fails in one line, before Prefect is imported or a server starts
     with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
         out = evaluate_flow(home, args.run, report=not args.no_report)
     print_results(home, args.run, args.protocol, args.family)
@@ -76,7 +89,7 @@ def register(sub) -> None:
                        description="Score the mined boxes of one run: Acc and AFP per finding and T, bounded by "
                                    "Wang's AFP or with all boxes, IoU and IoBB families, MaxBoxAccV2; write "
                                    "eval_results and an HTML report.")
-    p.add_argument("--run", required=True, help="mining run id (see `harvest sql \"SELECT * FROM runs\"`)")
+    p.add_argument("--run", required=True, help="mining run id (see `harvest status`)")
     p.add_argument("--protocol", choices=["bounded", "all"], default="all", help="which table to print")
     p.add_argument("--family", choices=["iou", "iobb"], default="iou", help="overlap family to print")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")

@@ -1,12 +1,14 @@
-"""Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.export`."""
+"""Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.export`.
+
+Prefect is imported on first use (`flows._verbs`), so that `harvest export --run RUN` checks the run id in well
+under two seconds, before any server starts.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
-
+from flows._verbs import create_markdown_artifact, flow, require_run, task
 from pipeline.export import FORMATS, IMAGE_MODES, MANIFEST, export
 from pipeline.home import Home
 from pipeline.runs import recorded_run
@@ -54,6 +56,7 @@ def parse_ranks(tokens: list[str]) -> list[int] | None:
 
 def _run(args) -> int:
     home = str(Home.resolve(args.home).make().root)
+    require_run(home, args.run_id, "export")   # one line, before Prefect is imported or a server starts
     export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,
                 args.images, args.image_roots)
     return 0

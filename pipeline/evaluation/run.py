@@ -18,7 +18,7 @@ import torch
 from pipeline.dataset import CacheDataset, normalize
 from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
-from pipeline.evaluation.report import Case, select_cases, write_report
+from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
 from pipeline.home import Home
 from pipeline.vocab import BOXED_FINDINGS, INDEX
 from warehouse import db
@@ -37,29 +37,38 @@ def run_info(con, run_id: str) -> dict:
     return {"params": json.loads(row[0] or "{}"), "model_id": row[1]}
 
 
+def protocol_results(con, run_id: str) -> tuple[list[pd.DataFrame], dict[str, pd.DataFrame]]:
+    """The Wang/Cai protocol rows of `run_id` on every ground-truth set present, and those sets' boxes."""
+    results, gts = [], {}
+    for gt_set in GT_SETS:
+        view = f"gt_{gt_set}"
+        quoted = run_id.replace("'", "''")   # a view cannot take prepared parameters
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM gt_boxes WHERE source = '{gt_set}'"
+                    + (f" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = '{quoted}')"
+                       if gt_set == "truth" else ""))
+        gt = con.execute(f"SELECT image_id, finding, x, y, w, h FROM {view}").df()
+        if gt.empty:
+            continue
+        gts[gt_set] = gt
+        rows = evaluate_warehouse(con, run_id, gt_table=view)
+        if gt_set != "bbox_list":
+            rows["protocol"] = rows["protocol"] + f"@{gt_set}"
+        results.append(rows)
+    return results, gts
+
+
 def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, device: str = "cpu") -> dict:
-    """Score `run_id` on every ground-truth set present; write `eval_results` and the report."""
+    """Score `run_id` on every ground-truth set present; write `eval_results` and the report.
+
+    Returns `run_id, model_id, results, header` (:func:`report.report_header`), `report` (the HTML path, or
+    None) and `markdown` (:func:`report.report_markdown`)."""
     home = Home.resolve(home)
     con = db.connect(home)
     try:
         info = run_info(con, run_id)
         mined = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
                                            [run_id]).fetchall()]
-        results, gts = [], {}
-        for gt_set in GT_SETS:
-            view = f"gt_{gt_set}"
-            quoted = run_id.replace("'", "''")   # a view cannot take prepared parameters
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM gt_boxes WHERE source = '{gt_set}'"
-                        + (f" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = '{quoted}')"
-                           if gt_set == "truth" else ""))
-            gt = con.execute(f"SELECT image_id, finding, x, y, w, h FROM {view}").df()
-            if gt.empty:
-                continue
-            gts[gt_set] = gt
-            rows = evaluate_warehouse(con, run_id, gt_table=view)
-            if gt_set != "bbox_list":
-                rows["protocol"] = rows["protocol"] + f"@{gt_set}"
-            results.append(rows)
+        results, gts = protocol_results(con, run_id)
         if not results:
             raise ValueError(f"no ground-truth boxes in {home.warehouse}: nothing to evaluate run {run_id} on")
         boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
@@ -74,10 +83,12 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
         write_results(con, table)
     finally:
         con.close()
-    out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "report": None}
+    header = report_header(run_id, info["model_id"], info["params"])
+    out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None}
     if report:
         cases = _cases(home, info, boxes, eval_gt, n_cases, device)
-        out["report"] = write_report(home.reports / run_id, run_id, table, cases)
+        out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header)
+    out["markdown"] = report_markdown(header, table, out["report"])
     return out
 
 

@@ -113,9 +113,9 @@ def test_report_is_self_contained_and_figures_show_boxes(tmp_path):
     first = re.search(r'base64,([^"]+)"', text).group(1)
     assert base64.b64decode(first) == (html_path.parent / "acc_vs_t.png").read_bytes()
 
-    # the case figure shows red GT and green mined boxes on the image
+    # the case figure shows vermillion GT and sky-blue mined boxes (Okabe-Ito) on the image
     img = imread(plot_case(cases[0], tmp_path / "one_case.png"))[..., :3]
-    red = (img[..., 0] > 0.9) & (img[..., 1] < 0.2) & (img[..., 2] < 0.2)
-    green = (img[..., 1] > 0.9) & (img[..., 0] < 0.2) & (img[..., 2] < 0.2)
-    assert red.sum() > 100 and green.sum() > 100
+    vermillion = (img[..., 0] > 0.75) & (abs(img[..., 1] - 0.37) < 0.1) & (img[..., 2] < 0.12)
+    sky_blue = (abs(img[..., 0] - 0.34) < 0.1) & (abs(img[..., 1] - 0.71) < 0.1) & (img[..., 2] > 0.85)
+    assert vermillion.sum() > 100 and sky_blue.sum() > 100
     assert img.shape[1] > 3 * img.shape[0]                    # four panels side by side
