@@ -85,8 +85,8 @@ def register(sub) -> None:
                        description="Train, mine and evaluate the variants of Cai et al.'s Table 1 (necks) and "
                                    "Table 3 (AM steps t=1..3; w/o KP, KP-Vanilla, KP) and write one comparison "
                                    "table beside the paper's and Wang's rows.")
-    p.add_argument("--config", default="configs/demo.yaml",
-                   help="base config (training + phantom + mining sections). The default, configs/demo.yaml, is "
+    p.add_argument("--config", default="configs/demo-scratch.yaml",
+                   help="base config (training + phantom + mining sections). The default, configs/demo-scratch.yaml, is "
                         "CPU-sized and shares its stages with `harvest demo` in the same home; "
                         "configs/ablation-gpu.yaml is the GPU-sized one")
     p.add_argument("--source", default=None, help="NIH-layout folder (default: the config's phantom, generated)")

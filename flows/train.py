@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from flows._runtime import prefect_api
 from pipeline.home import Home
 from pipeline.runs import recorded_run
 from pipeline.training import default_nproc, lineage, load_config, train_distributed
@@ -53,7 +54,8 @@ def train_flow(home: str, config_path: str, resume: bool = True, nproc: int | No
 def _run(args) -> int:
     load_config(args.config)   # a bad config fails here, in one line, before a Prefect server starts
     home = str(Home.resolve(args.home).make().root)
-    train_flow(home, args.config, resume=args.resume, nproc=args.nproc)
+    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+        train_flow(home, args.config, resume=args.resume, nproc=args.nproc)
     return 0
 
 

@@ -65,7 +65,10 @@ def test_configs_load_and_fingerprints_follow_the_stage_chain():
     assert (paper.stages.base.lr, paper.stages.base.epochs, paper.stages.msa_init.epochs) == (0.1, 50, 10)
     assert (paper.am.kp_lambda, paper.am.am_fraction, paper.am.steps) == (0.5, 0.125, 3)
     assert paper.stages.msa_init.freeze_backbone and paper.stages.end_to_end.patience > 0
-    config.load_config(REPO / "configs" / "demo.yaml")
+    demo = config.load_config(REPO / "configs" / "demo.yaml")     # model.init: relative to the config's folder
+    card = (REPO / "models" / "weights" / "README.md").read_text()
+    assert checkpoint.sha256_file(demo.model.init) in card          # the model card names the shipped file
+    config.load_config(REPO / "configs" / "demo-scratch.yaml")
     with pytest.raises(ValueError, match="unknown key"):
         config.load_config({"am": {"lamda": 0.5}})
     assert config.load_config(paper.to_dict()) == paper           # the stored dict rebuilds the config
