@@ -1,6 +1,8 @@
 """Flow 1: dataset ingestion (NIH layout or DICOM folder) into the warehouse and the image cache."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
@@ -43,6 +45,8 @@ def parse_sizes(text: str) -> list[int]:
 def _run(args) -> int:
     """Wait here, before the flow, for another ingest of the home (a one-line error after the timeout); run
     against $PREFECT_API_URL or a loopback server that dies with this process (`prefect_api`)."""
+    if not Path(args.root).is_dir():   # before any server starts or the home is made
+        raise FileNotFoundError(f"--root {args.root}: no such folder")
     home = Home.resolve(args.home).make()
     with ingest_lock(home), prefect_api():
         ingest_flow(str(home.root), args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))

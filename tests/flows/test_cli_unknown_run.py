@@ -48,3 +48,12 @@ def test_the_flows_are_still_prefect_flows():
     assert isinstance(evaluate.evaluate_flow.prefect, Flow) and evaluate.evaluate_flow.name == "evaluate"
     assert isinstance(export.export_task.prefect, Task) and export.export_flow.fn.__name__ == "export_flow"
     assert evaluate.evaluate_flow.__doc__ == evaluate.evaluate_flow.fn.__doc__
+
+
+def test_a_missing_root_fails_in_one_line_before_the_home_or_a_server(tmp_path):
+    home = tmp_path / "home"
+    done = subprocess.run([str(HARVEST), "--home", str(home), "ingest", "nih", "--root", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [f"harvest ingest: error: --root {tmp_path / 'nope'}: no such folder"]
+    assert not home.exists()
