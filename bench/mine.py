@@ -200,10 +200,10 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=None, help="model input (default 512, quick 256)")
     ap.add_argument("--frame", type=int, default=1024, help="original image side (NIH: 1024)")
     ap.add_argument("--n", type=int, nargs=2, default=None,
-                    help="two dataset sizes, 4+ batches each (default 256 1024, quick 48 128); peak RSS on both, "
+                    help="two dataset sizes, 4+ batches each (default 256 1024, quick 48 96); peak RSS on both, "
                          "rates on the larger (a flow's shard is larger still: fill and drain weigh less there)")
     ap.add_argument("--batch", type=int, default=None, help="default 32, quick 16")
-    ap.add_argument("--repeats", type=int, default=None, help="alternating timed repeats (default 3, quick 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating timed repeats (default 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="auto", choices=AMP_MODES, help="autocast (auto: bf16 where native)")
     ap.add_argument("--no-channels-last", action="store_true")
@@ -218,9 +218,9 @@ def main(argv=None) -> None:
     q = args.quick
     args.arch = args.arch or ("resnet18" if q else "resnet50")
     args.size = args.size or (256 if q else 512)
-    args.n = sorted(args.n or ((48, 128) if q else (256, 1024)))
+    args.n = sorted(args.n or ((48, 96) if q else (256, 1024)))
     args.batch = args.batch or (16 if q else 32)
-    repeats = args.repeats or (4 if q else 3)
+    repeats = args.repeats or 3
     config = config_of(args)
 
     if args.device.startswith("cuda"):
