@@ -452,6 +452,8 @@ def test_cli_runs_the_flow_and_leaves_an_artifact(tmp_path, monkeypatch, capsys)
     assert "--min-score" in help_text and "nih-csv" in help_text
 
     with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+        monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())   # as a user's server: no loopback one
         rc = main(["--home", str(home.root), "export", "--run", RUN, "--format", "yolo", "--ranks", "all",
                    "--min-score", "0.5", "--findings", "Cardiomegaly", "Mass"])
         assert rc == 0
