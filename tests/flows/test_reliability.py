@@ -172,7 +172,7 @@ def test_sweep_removes_orphan_shards_and_rows_of_changed_images(make_nih, tmp_pa
 
 @pytest.fixture
 def pngs(make_nih):
-    return make_nih([(f"{k:08d}_000.png", "Mass" if k % 3 else "No Finding", k) for k in range(1, 601)], size=128)
+    return make_nih([(f"{k:08d}_000.png", "Mass" if k % 3 else "No Finding", k) for k in range(1, 1801)], size=128)
 
 
 @pytest.mark.timeout(240)
@@ -192,7 +192,7 @@ def test_killed_ingest_leaves_no_process_and_its_run_is_marked_killed(pngs, tmp_
     t0 = time.monotonic()
     summary = ingest_nih(home, pngs, sizes=(32,))   # the next writer marks it, sweeps, and finishes the job
     assert set(run_statuses(home).values()) == {"killed"}
-    assert summary["images"] == 600 and table(home, "SELECT count(*) FROM images")[0][0] == 600
+    assert summary["images"] == 1800 and table(home, "SELECT count(*) FROM images")[0][0] == 1800
     print(f"rerun {time.monotonic() - t0:.1f} s")
 
 
@@ -231,8 +231,8 @@ def test_readers_and_a_second_ingest_while_an_ingest_is_paused(pngs, tmp_path):
     finally:
         proc.send_signal(signal.SIGCONT)
     assert proc.wait(120) == 0
-    assert table(home, "SELECT count(*) FROM images")[0][0] == 600
-    assert table(home, "SELECT count(DISTINCT source_sha256) FROM cache_entries")[0][0] == 600
+    assert table(home, "SELECT count(*) FROM images")[0][0] == 1800
+    assert table(home, "SELECT count(DISTINCT source_sha256) FROM cache_entries")[0][0] == 1800
 
 
 def test_a_writer_waits_for_the_lock_then_gives_a_one_line_error(tmp_path):
