@@ -71,6 +71,9 @@ def main(argv=None) -> int:
         return 2
     try:
         result = args.func(args)
+    except BrokenPipeError:   # `harvest status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError, *_one_line_errors())):
             raise

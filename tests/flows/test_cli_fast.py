@@ -49,3 +49,12 @@ def test_a_verb_gets_its_own_parser_only_when_chosen():
     assert list(listed) == list(COMMANDS) and "--min-score" not in listed["export"].format_help()   # a placeholder
     export = build_parser(modules=["flows.export"])._subparsers._group_actions[0].choices["export"]
     assert "--min-score" in export.format_help()
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`harvest sql ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    home = make_home(tmp_path / "home").root
+    query = "SELECT * FROM range(100000)"
+    done = subprocess.run(f"{HARVEST} --home {home} sql '{query}' --max-rows 100000 | head -1",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "range" and "Traceback" not in done.stderr, done.stderr
