@@ -78,6 +78,12 @@ def export_weights(home, model_id: str, out: str | os.PathLike) -> str:
     return sha256_file(out)
 
 
+def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load the `backbone.*` entries of a whole model's state dict into `model.backbone` (a new neck or head)."""
+    model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                    if k.startswith("backbone.")})
+
+
 def load_init(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> bool:
     """Load `model.init` weights into `model`: the whole model when every key fits (returns True), else the
     backbone only (a new neck or head: returns False)."""
@@ -92,8 +98,7 @@ def load_init(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> boo
     if whole:
         model.load_state_dict(weights)
     else:
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.items()
-                                        if k.startswith("backbone.")})
+        load_backbone(model, weights)
     log.info("started from %s (%s, stage %s of %s): %s", path, arch, state["meta"].get("stage"),
              state["meta"].get("model_id"), "whole model" if whole else "backbone only")
     return whole

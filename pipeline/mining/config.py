@@ -9,8 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.amp import MODES as AMP_MODES
-from pipeline.amp import resolve_amp
+from pipeline.amp import MODES as AMP_MODES, resolve_amp
 from pipeline.configcheck import config_file, read_yaml, require
 from pipeline.training.config import SIZE_RULE, device_ok, fingerprint, from_dict, one_of, size_ok
 

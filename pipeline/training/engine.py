@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.erasure import erasure_step
 from models.knowledge_preservation import kp_loss
-from pipeline.amp import autocast as amp_autocast
+from pipeline.amp import autocast
 from pipeline.dataset import normalize
 from pipeline.training.augment import augment_batch
 from pipeline.training.config import AMConfig, AugmentConfig, RuntimeConfig
@@ -73,10 +73,6 @@ def init_distributed(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     return info, device
-
-
-def autocast(device: torch.device, runtime: RuntimeConfig):
-    return amp_autocast(device, runtime.amp)
 
 
 # ------------------------------------------------------------------ data path
@@ -213,7 +209,7 @@ def train_step(step_module: nn.Module, optimizer, scheduler, x: torch.Tensor, y:
     it: L_KP (eq. 4) is a norm, not a squared norm, so its gradient keeps unit size however close N_B is
     to N_A, and with momentum the features overshoot and oscillate (L_KP grew to ~10 in a few steps).
     """
-    with autocast(device, runtime):
+    with autocast(device, runtime.amp):
         loss, logs = step_module(x, y)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()}; lower the learning rate")
@@ -272,7 +268,7 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, runtime: Runtim
     batches = [idx[i:i + runtime.eval_batch_size] for i in range(0, len(idx), runtime.eval_batch_size)]
     scores, labels = [np.zeros((0, 14), np.float32)], [np.zeros((0, 14), np.float32)]
     for batch in batch_loader(dataset, batches, runtime, device):
-        with autocast(device, runtime):
+        with autocast(device, runtime.amp):
             logits = model(prepare(batch["image"], device, runtime))
         scores.append(logits.float().cpu().numpy())
         labels.append(batch["labels"].numpy())

@@ -42,7 +42,7 @@ from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       device_of, init_distributed, seed_of, train_one_epoch)
 from pipeline.files import sha256_file
-from pipeline.weights import load_imagenet, load_init
+from pipeline.weights import load_backbone, load_imagenet, load_init
 from warehouse import db
 
 log = logging.getLogger("pipeline.training")
@@ -149,8 +149,7 @@ def _build(cfg: TrainConfig, plan: StagePlan, home: Home, labels) -> nn.Module:
             model.load_state_dict(state)
             return model
         # base -> msa_init: backbone carried over, neck and head new
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
-                                        if k.startswith("backbone.")})
+        load_backbone(model, state)
     if cfg.model.head_prior:
         with torch.no_grad():
             model.head.bias.copy_(prior_bias(labels))
@@ -323,8 +322,9 @@ def train(home, config, resume: bool = True, on_step=None) -> str:
     `on_step(model_id, epoch, step)` runs after every optimizer step (progress, tests).
     """
     home = (home if isinstance(home, Home) else Home.resolve(home)).make()
-    d, device = init_distributed(load_config(config).runtime)
-    cfg = resolved_config(config, device)
+    cfg = load_config(config)
+    d, device = init_distributed(cfg.runtime)
+    cfg = resolved_config(cfg, device)
     ids = split_ids(home, cfg)
     log.info("training %s on %s (amp %s): %d train, %d val, %d AM images, world size %d", cfg.name, device, cfg.runtime.amp,
              len(ids["train"]), len(ids["val"]), len(ids["am"]), d.world)
