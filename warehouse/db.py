@@ -31,8 +31,11 @@ PARQUET_TABLES: dict[str, pa.Schema] = {
         ("finding", pa.string()), ("rank", pa.int8()),
         ("x", pa.float32()), ("y", pa.float32()), ("w", pa.float32()), ("h", pa.float32()),
         ("score", pa.float32()), ("prob", pa.float32()), ("threshold", pa.float32()),
+        ("method", pa.string()),   # 'am' (attention mining, `harvest mine`) | 'detector' (`harvest detector predict`)
     ]),
 }
+# Columns added after parts were written without them: the view reads a part that lacks one as this value.
+PARQUET_DEFAULTS: dict[str, dict[str, str]] = {"mined_boxes": {"method": "am"}}
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER",
                pa.int64(): "BIGINT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
@@ -47,11 +50,17 @@ def _parquet_view_sql(name: str, root: Path, temp: bool = False) -> str:
     view of this connection only, with the absolute glob of `root` (what a read-only connection can create)."""
     part_dir = root / "data" / name
     view = f"CREATE OR REPLACE {'TEMP ' if temp else ''}VIEW {name}"
-    if any(part_dir.rglob("*.parquet")):
-        glob = ((part_dir if temp else Path("data", name)) / "**" / "*.parquet").as_posix().replace("'", "''")
-        return f"{view} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
     cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in PARQUET_TABLES[name])
-    return f"{view} AS SELECT {cols} WHERE false"
+    if not any(part_dir.rglob("*.parquet")):
+        return f"{view} AS SELECT {cols} WHERE false"
+    glob = ((part_dir if temp else Path("data", name)) / "**" / "*.parquet").as_posix().replace("'", "''")
+    # the empty typed relation first: every column of the schema, in its order, whatever the parts hold
+    parts = f"SELECT {cols} WHERE false UNION ALL BY NAME SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+    defaults = PARQUET_DEFAULTS.get(name)
+    if not defaults:
+        return f"{view} AS {parts}"
+    fill = ", ".join(f"coalesce({col}, '{value}') AS {col}" for col, value in defaults.items())
+    return f"{view} AS SELECT * REPLACE ({fill}) FROM ({parts})"
 
 
 def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = False) -> None:

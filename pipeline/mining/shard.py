@@ -178,6 +178,7 @@ def _table(columns: dict, image_ids: list[str], run_id: str, model_id: str) -> p
     data = {"run_id": [run_id] * n, "model_id": [model_id] * n,
             "image_id": [image_ids[i] for i in columns["index"]], "finding": list(columns["finding"])}
     data.update({name: columns[name] for name in _BOX_COLUMNS})
+    data["method"] = ["am"] * n    # attention mining (detector runs write 'detector': pipeline/detector)
     return pa.Table.from_pydict(data, schema=SCHEMA)
 
 

@@ -98,11 +98,12 @@ def json_safe(obj):
 
 
 def model_row(home, model_id: str = "latest") -> dict:
-    """The `models` row of `model_id` ("latest": the most recently created) as a dict."""
+    """The `models` row of `model_id` ("latest": the most recently created classifier, not a detector) as a dict."""
     home = Home.resolve(home) if not isinstance(home, Home) else home
     con = db.connect(home, read_only=True)
     try:
-        query = "SELECT * FROM models " + ("ORDER BY created_at DESC LIMIT 1" if model_id == "latest"
+        query = "SELECT * FROM models " + ("WHERE stage <> 'detector' ORDER BY created_at DESC LIMIT 1"
+                                           if model_id == "latest"
                                            else "WHERE model_id = ?")
         cur = con.execute(query, [] if model_id == "latest" else [model_id])
         row, cols = cur.fetchone(), [d[0] for d in cur.description]

@@ -87,7 +87,8 @@ def make_home(root: Path, images=IMAGES, boxes=BOXES) -> Home:
     n = len(boxes)
     table = pa.table({"run_id": [RUN] * n, "model_id": [MODEL] * n, "image_id": cols[0], "finding": cols[1],
                       "rank": cols[2], "x": cols[3], "y": cols[4], "w": cols[5], "h": cols[6], "score": cols[7],
-                      "prob": [0.9] * n, "threshold": [0.5] * n}, schema=PARQUET_TABLES["mined_boxes"])
+                      "prob": [0.9] * n, "threshold": [0.5] * n, "method": ["am"] * n},
+                     schema=PARQUET_TABLES["mined_boxes"])
     table = table.replace_schema_metadata({ex.IMAGE_IDS_KEY: json.dumps([i[0] for i in images])})
     write_parquet_atomic(table, home.data / "mined_boxes" / f"run_id={RUN}" / "part-00000.parquet")
     return home

@@ -25,7 +25,7 @@ def synthetic(rng, n_images=30):
                               rng.random(), 0.9, 0.5))
     # a second run on the same images must not leak into run r1
     boxes += [("r2", "m1", b[2], b[3], b[4], 0.0, 0.0, 1.0, 1.0, 0.1, 0.9, 0.5) for b in boxes]
-    cols = [f.name for f in PARQUET_TABLES["mined_boxes"]]
+    cols = [f.name for f in PARQUET_TABLES["mined_boxes"] if f.name != "method"]
     return (pd.DataFrame(images, columns=["image_id", "split"]),
             pd.DataFrame(gts, columns=["image_id", "finding", "x", "y", "w", "h"]),
             pd.DataFrame(boxes, columns=cols))
@@ -41,7 +41,7 @@ def warehouse(tmp_path):
     con.executemany("INSERT INTO gt_boxes VALUES (?, ?, ?, ?, ?, ?, 'phantom')", gt.values.tolist())
     schema = PARQUET_TABLES["mined_boxes"]
     for run_id, part in boxes.groupby("run_id"):   # the mining layout: one hive partition per run
-        write_parquet_atomic(pa.Table.from_pandas(part, schema=schema, preserve_index=False),
+        write_parquet_atomic(pa.Table.from_pandas(part.assign(method="am"), schema=schema, preserve_index=False),
                              tmp_path / "data" / "mined_boxes" / f"run_id={run_id}" / "part-00000.parquet")
     refresh_views(con, tmp_path / "data")
     yield con, images, gt, boxes
