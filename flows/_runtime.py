@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +95,9 @@ def sweep_stale_prefect_homes(tmp: str | os.PathLike | None = None) -> list[Path
 
 
 def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
-                         port: int | None = None, timeout: float = 180) -> PrefectServer:
-    """Start `prefect server start` (API only, no UI, no schedulers) and wait for `/api/health`.
+                         port: int | None = None, timeout: float = 180, ui: bool = False,
+                         scheduler: bool = False) -> PrefectServer:
+    """Start `prefect server start` (by default API only: no UI, no scheduler) and wait for `/api/health`.
 
     `prefect_home` (default: a fresh temp folder, removed by `stop()`) holds the server's SQLite database.
     """
@@ -109,13 +110,14 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
         (home / _OWNER).write_text(str(os.getpid()))
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
-    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false"}
+    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": str(ui).lower()}
     env.pop("PREFECT_API_URL", None)   # the server must not talk to another server
     log = home / "server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", _DIE_WITH_PARENT, "-m", "prefect", "server", "start", "--host", host,
-             "--port", str(port), "--no-ui", "--analytics-off", "--no-scheduler", "--no-late-runs"],
+             "--port", str(port), "--ui" if ui else "--no-ui", "--analytics-off",
+             "--scheduler" if scheduler else "--no-scheduler", "--no-late-runs"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     server = PrefectServer(api_url, home, proc, log, own)
     deadline = time.monotonic() + timeout
@@ -175,13 +177,21 @@ def drain_prefect_clients(timeout: float = 10) -> None:
 
 
 @contextmanager
-def prefect_api():
-    """Use `$PREFECT_API_URL` when set (e.g. `harvest serve`, docker compose); else run a loopback server
-    for the duration, so that flow and Dask workers share it."""
+def prefect_api(home=None):
+    """Use `$PREFECT_API_URL` when set (a user's long-lived server, docker compose); else the home's own
+    loopback server, whose database keeps every run's history (`flows._home_server`), shared by the flow,
+    its Dask workers and any other command on the same home. Without a home: a temporary server."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         yield url
         return
+    from flows._home_server import home_prefect_server
+
+    with home_prefect_server(home) if home is not None else nullcontext() as url:
+        if url:
+            with use_prefect_api(url):
+                yield url
+            return
     with prefect_server() as server, use_prefect_api(server.api_url):
         yield server.api_url
 

@@ -73,7 +73,7 @@ def _run(args) -> int:
     if source is None:
         from flows.harvest import ensure_phantom
         source = str(ensure_phantom(home, resolve_config(args.config)))
-    with prefect_api():
+    with prefect_api(home.root):
         out = ablate_flow(str(home.root), source, args.config)
     print(Path(out["report"]).read_text())
     print(f"written: {out['report']} in {out['seconds']} s")

@@ -26,9 +26,11 @@ COMMANDS = {
     "evaluate": ("flows.evaluate", "score a mining run against ground-truth boxes (Wang/Cai protocol)"),
     "ablate": ("flows.ablate", "the paper's ablations (MSA necks, AM steps, KP variants) on phantom data"),
     "export": ("flows.export", "export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels"),
+    "import-review": ("flows.review", "import boxes corrected in Label Studio or CVAT as reviewed ground truth"),
     "demo": ("flows.harvest", "the whole pipeline on the embedded phantom data (about 8 min on 2 cores, 15 at most on AVX2)"),
     "run": ("flows.harvest", "the harvest flow: ingest a folder, train, mine, evaluate, export"),
     "serve": ("flows.serve", "serve the scheduled deployments of prefect.yaml"),
+    "ui": ("flows.serve", "open the Prefect UI on the home's flow-run history"),
 }
 VERBS = list(dict.fromkeys(module for module, _ in COMMANDS.values()))   # the verb modules
 

@@ -76,7 +76,7 @@ def print_results(home, run_id: str, protocol: str, family: str) -> None:
 def _run(args) -> int:
     home = str(Home.resolve(args.home).root)
     require_run(home, args.run, "evaluate")   # fails in one line, before Prefect is imported or a server starts
-    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         out = evaluate_flow(home, args.run, report=not args.no_report)
     print_results(home, args.run, args.protocol, args.family)
     if out["report"]:

@@ -11,29 +11,32 @@ from pathlib import Path
 from flows._verbs import create_markdown_artifact, flow, require_run, task
 from pipeline.export import FORMATS, IMAGE_MODES, MANIFEST, export
 from pipeline.home import Home
+from pipeline.labelstudio import URL_PREFIX
 from pipeline.runs import recorded_run
 
 
 @task(name="export")
 def export_task(home: str, run_id: str, fmt: str, out_dir: str, min_score: float | None,
                 ranks: list[int] | None, findings: list[str] | None, images: str = "link",
-                image_roots: list[str] | None = None) -> str:
+                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX) -> str:
     return str(export(home, run_id, fmt, out_dir, min_score=min_score, ranks=ranks, findings=findings,
-                      images=images, image_roots=image_roots or ()))
+                      images=images, image_roots=image_roots or (), url_prefix=url_prefix))
 
 
 @flow(name="export", log_prints=True)
 def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, min_score: float | None = None,
                 ranks: list[int] | None = (1,), findings: list[str] | None = None, images: str = "link",
-                image_roots: list[str] | None = None) -> dict:
-    """Export run `run_id` as `fmt` (coco | yolo | nih-csv) to `out_dir` (default `<home>/exports/<run>/<fmt>`),
-    images linked, copied or not written (`images`: link | copy | none)."""
+                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX) -> dict:
+    """Export run `run_id` as `fmt` (coco | yolo | nih-csv | labelstudio | cvat) to `out_dir` (default
+    `<home>/exports/<run>/<fmt>`), images linked, copied or not written (`images`: link | copy | none)."""
     out_dir = str(out_dir or Home.resolve(home).exports / run_id / fmt)
     ranks = None if ranks is None else list(ranks)
     params = {"run_id": run_id, "format": fmt, "out_dir": out_dir, "min_score": min_score, "ranks": ranks,
-              "findings": findings, "images": images, "image_roots": image_roots}
+              "findings": findings, "images": images, "image_roots": image_roots,
+              **({"url_prefix": url_prefix} if fmt == "labelstudio" else {})}
     with recorded_run(home, "export", params) as export_run:
-        path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings, images, image_roots))
+        path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings, images, image_roots,
+                                url_prefix))
     manifest = json.loads((path / MANIFEST).read_text())
     counts = manifest["counts"]
     per_finding = "".join(f"| {name} | {n} |\n" for name, n in counts["per_finding"].items())
@@ -58,14 +61,15 @@ def _run(args) -> int:
     home = str(Home.resolve(args.home).make().root)
     require_run(home, args.run_id, "export")   # one line, before Prefect is imported or a server starts
     from flows._runtime import prefect_api
-    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,
-                    args.images, args.image_roots)
+                    args.images, args.image_roots, args.url_prefix)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels",
+    p = sub.add_parser("export", help="export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels, or for "
+                                      "review in Label Studio or CVAT",
                        description="Write the boxes of one mining run as pseudo-labels, with manifest.json "
                                    "tracing them to the run, model, filters and code. Only image ids, findings, "
                                    "boxes and scores are written (no patient data). An earlier export in the "
@@ -85,4 +89,8 @@ def register(sub) -> None:
                         "image root (not for YOLO). DICOM images are written decoded as PNG, never linked")
     p.add_argument("--image-root", dest="image_roots", action="append", default=None, metavar="DIR",
                    help="folder to search for the source images before the recorded ingest roots (repeatable)")
+    p.add_argument("--url-prefix", default=URL_PREFIX, metavar="PREFIX",
+                   help="labelstudio: data.image is PREFIX + the image's path (default %(default)s, Label Studio's "
+                        "local files: serve the export folder, or the image root with --images none, as "
+                        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
     p.set_defaults(func=_run)

@@ -117,7 +117,7 @@ def _demo(args) -> int:
     print(f"hardware: {amp.describe(device_of(load_config(config).runtime))}")
     source = ensure_phantom(home, config)
     print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")
-    with prefect_api():
+    with prefect_api(home.root):
         summary = harvest_flow(str(home.root), str(source), str(config))
     print("\nAcc per finding (protocol all/iou: every mined box counts; @truth: every instance on every mined "
           "image):")
@@ -133,8 +133,9 @@ def _demo(args) -> int:
 
 def _harvest(args) -> int:
     check(resolve_config(args.config))
-    with prefect_api():
-        summary = harvest_flow(str(Home.resolve(args.home).make().root), args.source, args.config,
+    home = str(Home.resolve(args.home).make().root)
+    with prefect_api(home):
+        summary = harvest_flow(home, args.source, args.config,
                                args.incremental, args.dask_address)
     for k in ("model_id", "run_id", "report"):
         print(f"{k}: {summary[k]}")

@@ -48,7 +48,7 @@ def _run(args) -> int:
     if not Path(args.root).is_dir():   # before any server starts or the home is made
         raise FileNotFoundError(f"--root {args.root}: no such folder")
     home = Home.resolve(args.home).make()
-    with ingest_lock(home), prefect_api():
+    with ingest_lock(home), prefect_api(home.root):
         ingest_flow(str(home.root), args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))
     return 0
 

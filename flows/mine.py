@@ -260,7 +260,7 @@ def run(args) -> int:
     config = MiningConfig.from_yaml(args.config) if args.config else None
     home = str(Home.resolve(getattr(args, "home", None)).root)
     model_row(home, args.model)   # fail fast (bad config, no model, no warehouse) before a server starts
-    with prefect_api():
+    with prefect_api(home):
         summary = mine_flow(home=home, model=args.model, split=args.split, shard_size=args.shard_size,
                             dask_address=args.dask_address, config=config, n_workers=args.workers)
     width = max(map(len, summary))

@@ -54,7 +54,7 @@ def train_flow(home: str, config_path: str, resume: bool = True, nproc: int | No
 def _run(args) -> int:
     load_config(args.config)   # a bad config fails here, in one line, before a Prefect server starts
     home = str(Home.resolve(args.home).make().root)
-    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
+    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         train_flow(home, args.config, resume=args.resume, nproc=args.nproc)
     return 0
 

@@ -21,8 +21,9 @@ def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
 
 
 def _run(args) -> int:
-    with prefect_api():   # a loopback server that dies with this process, unless $PREFECT_API_URL is set
-        out = tune_flow(str(Home.resolve(args.home).root), args.model, args.t_iou)
+    home = str(Home.resolve(args.home).root)
+    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
+        out = tune_flow(home, args.model, args.t_iou)
     print(out["table"].head(10).to_string(index=False))
     print(f"\nbest on the validation split: thresholds {out['thresholds']}; use them with\n"
           f"  mining: {{thresholds: {out['thresholds']}}}   in the config's mining section")
