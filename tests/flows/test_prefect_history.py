@@ -3,17 +3,21 @@ server, whose SQLite database persists under <home>/prefect; two commands on one
 killed one does not take it from the other, and nothing outlives the last command."""
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 import psutil
 import pytest
 
-from flows._home_server import prefect_dir, read_state
+from flows._home_server import home_prefect_server, prefect_dir, read_state
 from tests.flows.prefect_server import wait_for
+
+HARVEST = [sys.executable, "-m", "flows.cli"]
 
 # A command of a test: hold the home's server (`prefect_api`), print its URL, run one small flow.
 COMMAND = """
@@ -81,6 +85,17 @@ def test_commands_land_in_one_persistent_history_and_leave_no_server(tmp_path):
     assert second.wait(120) == 0, second.stdout.read()
     assert flow_runs(home) == {"first": "COMPLETED", "second": "COMPLETED"}   # both, in one database
     wait_for(lambda: not servers_of(home), 10, 0.1, "the home's server stopped after its command")
+    ui = subprocess.run([*HARVEST, "--home", str(home), "ui", "--no-wait", "--port", "0"], capture_output=True,
+                        text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+    assert ui.returncode == 0 and ui.stdout.startswith(f"Prefect UI of {home}: http://127.0.0.1:"), ui.stderr
+    with home_prefect_server(home) as url:   # what the UI shows: the server reads the same database
+        request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            names = sorted(run["name"] for run in json.loads(r.read()))
+        with urllib.request.urlopen(url.removesuffix("/api") + "/", timeout=30) as r:
+            assert r.status == 200 and b"<html" in r.read(2000).lower()   # the UI itself
+    assert len(names) == 2
 
 
 @pytest.mark.timeout(240)
