@@ -68,9 +68,9 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels, or for "
-                                      "review in Label Studio or CVAT",
-                       description="Write the boxes of one mining run as pseudo-labels, with manifest.json "
+    p = sub.add_parser("export", help="export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels",
+                       description="Write the boxes of one mining run as pseudo-labels (labelstudio, cvat: for "
+                                   "review, see `harvest import-review`), with manifest.json "
                                    "tracing them to the run, model, filters and code. Only image ids, findings, "
                                    "boxes and scores are written (no patient data). An earlier export in the "
                                    "same folder is replaced atomically.")

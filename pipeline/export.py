@@ -1,4 +1,5 @@
-"""Pseudo-label exports of one mining run: COCO, YOLO and NIH `BBox_List_2017.csv` (docs/design.md#purpose, #flows).
+"""Pseudo-label exports of one mining run: COCO, YOLO, NIH `BBox_List_2017.csv`, and for review Label Studio tasks
+and CVAT's COCO 1.0 (docs/design.md#purpose, #flows).
 
 Every export holds every image the run mined, negatives (images without a kept box) included, per warehouse
 split (`images.split`: `train` and `test` for NIH, whatever ingestion stored otherwise; no `val` is carved
@@ -35,6 +36,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +45,12 @@ import yaml
 
 from pipeline.files import sha256_file
 from pipeline.home import Home
+from pipeline.labelstudio import LABEL_CONFIG, URL_PREFIX, image_url, label_config, task, verify_labelstudio
 from pipeline.runs import code_version
 from pipeline.vocab import FINDINGS, INDEX, NO_FINDING, normalize_finding
 from warehouse.db import connect
 
-FORMATS = ("coco", "yolo", "nih-csv")
+FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
 IMAGE_MODES = ("link", "copy", "none")
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -82,14 +85,15 @@ ORDER BY ids.image_id
 
 def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
            ranks: tuple[int, ...] | None = (1,), findings=None, images: str = "link",
-           image_roots=()) -> Path:
+           image_roots=(), url_prefix: str = URL_PREFIX) -> Path:
     """Export the boxes of run `run_id` as `fmt` into the folder `out_dir`; return that folder.
 
     Filters: `min_score` keeps boxes with score >= it; `ranks` keeps those box ranks (None: all ranks;
     the default keeps the top box per image and finding); `findings` keeps those findings (any spelling
     that :func:`pipeline.vocab.normalize_finding` accepts). `images`: link | copy | none (module docstring);
-    `image_roots`: folders searched for the source files before the recorded ingest roots. An existing
-    export at `out_dir` is replaced.
+    `image_roots`: folders searched for the source files before the recorded ingest roots; `url_prefix`
+    (labelstudio): what `data.image` starts with, before the image's path. An existing export at `out_dir` is
+    replaced.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -111,9 +115,15 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        counts = _WRITERS[fmt](tmp, list(rows.values()), boxes, files, out_dir)
+        write, verify = _WRITERS[fmt], _VERIFY[fmt]
+        if fmt == "labelstudio":   # predictions name the run; the check reads them back into these boxes
+            write = partial(write, run_id=run_id, url_prefix=url_prefix)
+            verify = partial(verify, boxes=boxes, url_prefix=url_prefix)
+        elif fmt == "cvat":
+            verify = partial(verify, boxes=boxes)
+        counts = write(tmp, list(rows.values()), boxes, files, out_dir)
         counts["dropped_outside_frame"] = len(raw_boxes) - len(boxes)
-        _VERIFY[fmt](tmp, files)
+        verify(tmp, files)
         manifest = {"format": fmt, **trace, "filters": filters, "counts": counts,
                     "images": files.summary(),
                     "code_version": code_version(),
@@ -351,10 +361,12 @@ def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path]) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------ writers
 
-def write_coco(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path) -> dict:
+def write_coco(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path,
+               polygons: bool = True) -> dict:
     """Per split: `annotations/instances_<split>.json` (COCO instances: bbox, its polygon as `segmentation`,
     `area`, `iscrowd`) and `annotations/detections_<split>.json` (the `COCO.loadRes` list), images in
-    `images/<split>/` (`file_name` relative to it; with --images none, relative to the image root)."""
+    `images/<split>/` (`file_name` relative to it; with --images none, relative to the image root).
+    `polygons=False`: empty `segmentation` and no detections file (CVAT, `write_cvat`)."""
     ids = {im["image_id"]: k for k, im in enumerate(sorted(images, key=lambda im: im["image_id"]), start=1)}
     per_image: dict[str, list[dict]] = {}
     for b in boxes:
@@ -373,13 +385,43 @@ def write_coco(out: Path, images: list[dict], boxes: list[dict], files: ImageFil
                        "score": _short(b["score"])}
                 detections.append(det)
                 annotations.append({"id": k, **det, "area": w * h, "iscrowd": 0, "rank": int(b["rank"]),
-                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]] if polygons else []})
         coco = {"info": {"description": f"cxr-harvest pseudo-labels (mined boxes), {split} split"},
                 "images": entries, "annotations": annotations,
                 "categories": [{"id": i, "name": name, "supercategory": "finding"}
                                for i, name in enumerate(FINDINGS, start=1)]}
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        (out / "annotations" / f"detections_{split}.json").write_text(json.dumps(detections))
+        if polygons:
+            (out / "annotations" / f"detections_{split}.json").write_text(json.dumps(detections))
+    return _counts(images, boxes)
+
+
+def write_cvat(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, dest: Path) -> dict:
+    """CVAT's "COCO 1.0" dataset layout (`images/<split>/`, `annotations/instances_<split>.json`, a subset per
+    split), with empty `segmentation`: CVAT imports a COCO annotation as a rectangle only then (a polygon stays a
+    polygon). `cvat_labels.json`: the 14 findings for a project's Raw label editor."""
+    counts = write_coco(out, images, boxes, files, dest, polygons=False)
+    (out / "cvat_labels.json").write_text(json.dumps(
+        [{"name": name, "type": "rectangle", "attributes": []} for name in FINDINGS], indent=1) + "\n")
+    return counts
+
+
+def write_labelstudio(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path, *,
+                      run_id: str, url_prefix: str = URL_PREFIX) -> dict:
+    """Per split `tasks_<split>.json`: one task per image, its mined boxes as a prediction of model_version
+    `run_id` (pipeline.labelstudio); `label_config.xml`; images in `images/<split>/` (`data.image`: url_prefix +
+    `images/<split>/<name>`; with --images none, + the path under the image root)."""
+    per_image: dict[str, list[dict]] = {}
+    for b in boxes:
+        per_image.setdefault(b["image_id"], []).append(b)
+    for split, ims in _by_split(images).items():
+        tasks = []
+        for im in ims:
+            name = files.place(im, out, f"images/{split}")
+            path = name if files.mode == "none" else f"images/{split}/{name}"
+            tasks.append(task(im, image_url(path, url_prefix), per_image.get(im["image_id"], []), run_id))
+        (out / f"tasks_{split}.json").write_text(json.dumps(tasks, indent=1))
+    (out / LABEL_CONFIG).write_text(label_config())
     return _counts(images, boxes)
 
 
@@ -452,7 +494,8 @@ def write_nih_csv(out: Path, images: list[dict], boxes: list[dict], files: Image
     return _counts(images, boxes)
 
 
-_WRITERS = {"coco": write_coco, "yolo": write_yolo, "nih-csv": write_nih_csv}
+_WRITERS = {"coco": write_coco, "yolo": write_yolo, "nih-csv": write_nih_csv, "labelstudio": write_labelstudio,
+            "cvat": write_cvat}
 
 
 # ------------------------------------------------------------------------------------------ write-time checks
@@ -533,7 +576,33 @@ def verify_nih_csv(out: Path, files: ImageFiles) -> None:
             raise ValueError(f"images/{missing[0]} is listed in Data_Entry_2017.csv but not written")
 
 
-_VERIFY = {"coco": verify_coco, "yolo": verify_yolo, "nih-csv": verify_nih_csv}
+def verify_cvat(out: Path, files: ImageFiles, boxes: list[dict]) -> None:
+    """pycocotools loads each subset; every annotation is a rectangle for CVAT (empty `segmentation`); images are
+    where CVAT's layout puts them; and `harvest import-review`'s COCO reader gives back the exported boxes."""
+    from pycocotools.coco import COCO
+
+    from pipeline.review import coco_items
+    ids, got = {b["image_id"] for b in boxes}, []
+    for ann in sorted((out / "annotations").glob("instances_*.json")):
+        split = ann.stem.removeprefix("instances_")
+        dataset = _quiet(COCO, str(ann)).dataset
+        if any(a.get("segmentation") != [] for a in dataset["annotations"]):
+            raise ValueError(f"{ann.name}: CVAT reads an annotation as a rectangle only with empty segmentation")
+        missing = [i["file_name"] for i in dataset["images"] if not (out / "images" / split / i["file_name"]).is_file()]
+        if files.mode != "none" and missing:
+            raise ValueError(f"{ann.name}: images/{split}/{missing[0]} is not written")
+        for item in coco_items(dataset):
+            found = [n for n in item.names if n in ids]
+            if item.problems or (item.boxes and not found):
+                raise ValueError(f"{ann.name}: {item.where} does not read back: {item.problems[:1]}")
+            got += [(found[0], b["finding"], *(float(np.float32(b[c])) for c in "xywh")) for b in item.boxes]
+    want = [(b["image_id"], b["finding"], *(float(np.float32(b[c])) for c in "xywh")) for b in boxes]
+    if sorted(got) != sorted(want):
+        raise ValueError(f"CVAT export: the {len(want)} exported boxes do not read back ({len(got)} read)")
+
+
+_VERIFY = {"coco": verify_coco, "yolo": verify_yolo, "nih-csv": verify_nih_csv, "labelstudio": verify_labelstudio,
+           "cvat": verify_cvat}
 
 
 # ------------------------------------------------------------------------------------------ atomic replace

@@ -29,7 +29,19 @@ CREATE TABLE IF NOT EXISTS gt_boxes (
     image_id VARCHAR NOT NULL,
     finding  VARCHAR NOT NULL,
     x DOUBLE NOT NULL, y DOUBLE NOT NULL, w DOUBLE NOT NULL, h DOUBLE NOT NULL,
-    source   VARCHAR NOT NULL            -- 'nih' | 'phantom' | 'export'
+    source   VARCHAR NOT NULL            -- 'bbox_list' | 'truth' (phantom) | 'review' (harvest import-review)
+);
+
+-- Images a person reviewed (harvest import-review): one row per image, its latest import. Its `review` rows in
+-- gt_boxes are the boxes of that import; n_boxes = 0 is a reviewed negative.
+CREATE TABLE IF NOT EXISTS reviews (
+    image_id    VARCHAR PRIMARY KEY,
+    file        VARCHAR NOT NULL,        -- the imported file (absolute path)
+    file_sha256 VARCHAR NOT NULL,
+    format      VARCHAR NOT NULL,        -- 'labelstudio' | 'coco'
+    run_id      VARCHAR,                 -- the mining run whose boxes were reviewed, when known
+    n_boxes     INTEGER NOT NULL,
+    imported_at TIMESTAMP NOT NULL
 );
 
 -- Decode-once image cache: one row per (source file content, input size).

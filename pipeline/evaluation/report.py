@@ -49,6 +49,7 @@ CURVES = {
                           "-.", "^"),
     "all/iou": ("ours all/iou (boxed subset)", OKABE_ITO["orange"], "-", "D"),
     "bounded/iou": ("ours bounded/iou (boxed subset)", OKABE_ITO["vermillion"], "-.", "v"),
+    "all/iou@review": ("ours all/iou@review (reviewed images, people's boxes)", OKABE_ITO["sky blue"], "-", "P"),
 }
 WANG_STYLE = dict(color=OKABE_ITO["black"], linestyle="--", marker="", label="Wang 2017 (Table 7)")
 CAI_STYLE = dict(color=OKABE_ITO["reddish purple"], linestyle=":", marker="s", label="Cai 2018 (Table 3, KP t=3)")
@@ -271,15 +272,16 @@ def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Ca
              "<p>Protocol: docs/design.md#evaluation (in the cxr-harvest repository). Acc and AFP are separate "
              "columns. <code>bounded</code> stops at Wang's AFP (Cai Table 2); <code>all</code> counts every box "
              "(Cai Table 3). <code>@truth</code> protocols score every mined image against a phantom's exact "
-             "boxes; the others score the boxed subset. Protocol names that contain <code>oracle</code> were "
+             "boxes, <code>@review</code> ones the reviewed images against people's boxes (harvest import-review); "
+             "the others score the boxed subset. Protocol names that contain <code>oracle</code> were "
              "tuned on the evaluation boxes.</p>"]
     curves = plot_acc_curves(results, out_dir / "acc_vs_t.png")
     parts.append(_img_tag(curves, "Acc vs T(IoU) per finding: "
                                   + "; ".join(CURVES[p][0] for p in curve_protocols(results))
                                   + "; dashed black: Wang 2017 Table 7; dotted purple: Cai 2018 Table 3 (KP, t=3)"))
     acc = results[results["metric"] == "acc"]
-    gt_set = np.where(acc["protocol"].str.contains("@truth", regex=False), "every mined image (@truth)",
-                      "boxed subset")
+    gt_set = np.select([acc["protocol"].str.contains(s, regex=False) for s in ("@truth", "@review")],
+                       ["every mined image (@truth)", "reviewed images (@review)"], "boxed subset")
     counts = acc.assign(gt_set=gt_set).drop_duplicates(["gt_set", "finding"]).pivot(
         index="finding", columns="gt_set", values=["n_gt", "n_images"])
     parts += ["<h2>Evaluation set</h2>", counts.T.to_html(border=0)]

@@ -5,6 +5,8 @@ Ground-truth sets (`gt_boxes.source`):
   Protocol names are the plain ones (`bounded/iou`, `all/iou`, `all/iobb`).
 - `truth`: a phantom's exact box of every finding instance, scored over every image the run mined. This is the
   harvest quality users get. Protocol names carry `@truth` (`all/iou@truth`).
+- `review`: boxes people corrected (`harvest import-review`, pipeline.review), scored over the reviewed images
+  the run mined. Protocol names carry `@review`.
 MaxBoxAccV2 picks its CAM threshold on validation images: mined images with `truth` boxes that are not
 evaluation images (phantom only). Without them the summary is labeled oracle (`maxboxacc/oracle`).
 """
@@ -23,7 +25,7 @@ from pipeline.home import Home
 from pipeline.vocab import BOXED_FINDINGS, INDEX
 from warehouse import db
 
-GT_SETS = ("bbox_list", "truth")
+GT_SETS = ("bbox_list", "truth", "review")
 MAX_VAL_MAPS = 400   # validation heatmaps for the MaxBoxAcc threshold choice
 
 
@@ -45,7 +47,7 @@ def protocol_results(con, run_id: str) -> tuple[list[pd.DataFrame], dict[str, pd
         quoted = run_id.replace("'", "''")   # a view cannot take prepared parameters
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM gt_boxes WHERE source = '{gt_set}'"
                     + (f" AND image_id IN (SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = '{quoted}')"
-                       if gt_set == "truth" else ""))
+                       if gt_set != "bbox_list" else ""))
         gt = con.execute(f"SELECT image_id, finding, x, y, w, h FROM {view}").df()
         if gt.empty:
             continue
@@ -75,7 +77,7 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
                             [run_id]).df()
     finally:
         con.close()   # the heatmap pass below opens the warehouse read-only (model, cache index)
-    eval_gt = gts.get("bbox_list", gts.get("truth"))
+    eval_gt = next(gts[s] for s in GT_SETS if s in gts)   # MaxBoxAccV2's evaluation boxes
     results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
     table = pd.concat(results, ignore_index=True)
     con = db.connect(home)
