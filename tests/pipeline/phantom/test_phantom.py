@@ -26,12 +26,33 @@ def phantom(tmp_path_factory):
 
 def test_ct_files_are_checked():
     paths = anatomy.check_files()
-    assert set(paths) == {"cxr.nii.gz", "mask.nii.gz", "structures.csv"}
+    assert set(paths) == {"cxr.nii.gz", "mask.nii.gz", "structures.csv", "ct"}
+    assert paths["ct"] == paths["cxr.nii.gz"]
     assert sha256_file(paths["mask.nii.gz"]) == anatomy.SHA256["mask.nii.gz"]
     ids = anatomy.structures(paths["structures.csv"])
     for name in list(anatomy.LOBES) + ["heart", "aorta", "rib_left_1", "vertebrae_T5", "clavicula_left",
                                        "scapula_right"]:
         assert name in ids
+
+
+def test_the_raw_ct_of_the_gpu_kit_is_accepted_and_a_changed_one_is_not(tmp_path):
+    """`cxr.nii` (the wheel's gzip, uncompressed) in place of `cxr.nii.gz`: the same voxels, another sha256."""
+    import gzip
+    import shutil
+    wheel = anatomy.check_files()
+    for name in ("mask.nii.gz", "structures.csv"):
+        (tmp_path / name).symlink_to(wheel[name])
+    with gzip.open(wheel["cxr.nii.gz"]) as src, open(tmp_path / "cxr.nii", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    paths = anatomy.check_files(tmp_path)
+    assert paths["ct"] == tmp_path / "cxr.nii" and sha256_file(paths["ct"]) == anatomy.CT_RAW[1]
+    with open(tmp_path / "cxr.nii", "r+b") as f:   # one voxel byte changed
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(anatomy.AnatomyError, match="expected 5fbab6a7"):
+        anatomy.check_files(tmp_path)
 
 
 def test_nih_layout(phantom):
