@@ -203,12 +203,18 @@ def _store(con, path: Path, sha: str, fmt: str, run_id, items: list[ReviewItem],
         add_reject(con, STAGE, str(path), where, reason, detail)
     if accepted:
         ids = sorted(accepted)
-        con.execute("DELETE FROM gt_boxes WHERE source = 'review' AND image_id IN (SELECT unnest(?))", [ids])
-        rows = [(iid, *box) for iid in ids for box in accepted[iid]]
-        if rows:
-            con.executemany("INSERT INTO gt_boxes VALUES (?, ?, ?, ?, ?, ?, 'review')", rows)
-        con.executemany("INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?, ?, now())",
-                        [(iid, str(path), sha, fmt, run_id, len(accepted[iid])) for iid in ids])
+        boxes = pd.DataFrame([(iid, *box) for iid in ids for box in accepted[iid]],
+                             columns=["image_id", "finding", "x", "y", "w", "h"]).astype({c: float for c in "xywh"})
+        images = pd.DataFrame({"image_id": ids, "n_boxes": [len(accepted[i]) for i in ids]})
+        con.register("_review_boxes", boxes)
+        con.register("_review_images", images)
+        con.execute("DELETE FROM gt_boxes WHERE source = 'review' "
+                    "AND image_id IN (SELECT image_id FROM _review_images)")
+        con.execute("INSERT INTO gt_boxes SELECT image_id, finding, x, y, w, h, 'review' FROM _review_boxes")
+        con.execute("INSERT OR REPLACE INTO reviews SELECT image_id, ?, ?, ?, ?, n_boxes, now() FROM _review_images",
+                    [str(path), sha, fmt, run_id])
+        con.unregister("_review_boxes")
+        con.unregister("_review_images")
     return {"images": len(accepted), "boxes": sum(map(len, accepted.values())),
             "negatives": sum(not b for b in accepted.values()), "rejects": len(problems),
             "rejected_images": rejected}
