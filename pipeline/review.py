@@ -89,15 +89,15 @@ def coco_items(data) -> list[ReviewItem]:
         names = {c.get("id"): c.get("name") for c in part["categories"] if isinstance(c, dict)}
         by_id: dict = {}
         for k, im in enumerate(part["images"]):
-            ok = isinstance(im, dict) and _positive(im.get("width"), im.get("height"))
-            item = ReviewItem(len(items), f"image {im.get('id') if isinstance(im, dict) else '#' + str(k)}"
-                              + (f" ({im.get('file_name')})" if ok else ""),
-                              name_candidates(im.get("file_name")) if ok else [],
-                              *(((im["width"], im["height"]),) * 2 if ok else ()))
-            if not ok:
+            if not (isinstance(im, dict) and _positive(im.get("width"), im.get("height"))):
+                item = ReviewItem(len(items), f"image #{k}", [])
                 item.bad("malformed", "a COCO image needs an id, a file_name and a positive width and height")
+            else:   # boxes in pixels of the file's frame: scale and frame are its width and height
+                frame = (im["width"], im["height"])
+                item = ReviewItem(len(items), f"image {im.get('id')} ({im.get('file_name')})",
+                                  name_candidates(im.get("file_name")), scale=frame, frame=frame)
+                by_id.setdefault(im.get("id"), item)
             items.append(item)
-            by_id.setdefault(im.get("id") if isinstance(im, dict) else None, item)
         for a in part["annotations"]:
             _read_annotation(a, by_id, names, items)
     return items
@@ -187,13 +187,14 @@ def _store(con, path: Path, sha: str, fmt: str, run_id, items: list[ReviewItem],
             item.bad("unknown_image", f"no image {item.names[0] if item.names else '(no name)'!r} in the warehouse; "
                                       "review exports of this home's runs (data.image_id or the file name names it)")
         elif image_id in first_where:
-            item.bad("duplicate_image", f"{image_id} is reviewed again in this file (first in {first_where[image_id]});"
-                                        " the first is kept")
+            item.bad("duplicate_image", f"{image_id} is reviewed again in this file; only its first review "
+                                        f"({first_where[image_id]}) is read")
         if image_id is not None:
             first_where.setdefault(image_id, item.where)
         rows = [] if item.problems else _pixels(item, image_id, frames[image_id])
         if item.problems:
-            keep = f"; {image_id} is not imported (an earlier review of it stays)" if image_id else ""
+            keep = f"; {image_id} is not imported (an earlier review of it stays)" \
+                if image_id and image_id not in accepted else ""
             problems += [(reason, detail + keep, where) for reason, detail, where in item.problems]
             rejected += 1
             continue

@@ -231,6 +231,22 @@ def test_files_that_are_not_reviews(base, home, tmp_path):
     assert import_review(home, _write(tmp_path / "fresh.json", ts))["images"] == 0 and gt_rows(home) == []
 
 
+def test_an_image_reviewed_twice_in_a_file_or_in_another_frame(base, home, tmp_path):
+    ts = tasks(base[1])
+    t = by_image(ts)
+    annotate(t[A], [box(A, "Mass", 10, 10, 20, 20)], "2026-11-21T10:00:00Z")
+    again = copy.deepcopy(t[A])
+    again["id"], again["annotations"][0]["result"] = 77, []
+    squeezed = box(B, "Mass", 10, 10, 20, 20)
+    squeezed["original_width"] = 512                     # a 512x1024 picture is not B's 1024x1024 one
+    annotate(t[B], [squeezed], "2026-11-21T10:00:00Z")
+    out = import_review(home, _write(tmp_path / "twice.json", [*ts, again]))
+    assert (out["images"], out["rejects"]) == (1, 2) and gt_rows(home) == [(A, "Mass", *f32(10, 10, 20, 20))]
+    reasons = {r[0]: r for r in review_rejects(home)}
+    assert set(reasons) == {"duplicate_image", "frame_mismatch"} and "task 77" in reasons["duplicate_image"][1]
+    assert "not imported" not in reasons["duplicate_image"][2] and "not imported" in reasons["frame_mismatch"][2]
+
+
 def test_cvat_export_is_coco_with_rectangles_and_its_coco_export_comes_back(base, home, tmp_path):
     out = ex.export(base[0], RUN, "cvat", tmp_path / "cvat", ranks=None)
     assert sorted(p.name for p in (out / "annotations").iterdir()) == \
