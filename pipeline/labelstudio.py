@@ -165,7 +165,8 @@ def review_items(tasks, use_predictions: bool = False) -> list[ReviewItem]:
     for k, t in enumerate(tasks):
         if not isinstance(t, dict) or not isinstance(t.get("data"), dict):
             item = ReviewItem(k, f"task #{k}", [])
-            item.bad("malformed", "a task is an object with a `data` object")
+            item.bad("malformed", "a task is an object with a `data` object (export the project as JSON, "
+                                  "not JSON-MIN or CSV)")
             items.append(item)
             continue
         ann = (t.get("predictions") or [None])[0] if use_predictions else latest_annotation(t)
