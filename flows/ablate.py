@@ -68,6 +68,8 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
 
 
 def _run(args) -> int:
+    from pipeline.harvest_config import check
+    check(resolve_config(args.config))   # a bad config fails here, in one line, before the phantom or a server
     home = Home.resolve(args.home).make()
     source = args.source
     if source is None:

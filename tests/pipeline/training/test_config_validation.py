@@ -141,7 +141,7 @@ def test_mining_config_file(tmp_path):
     assert MiningConfig.from_dict({"input_size": None, "thresholds": [0.5, 1]}).thresholds == (0.5, 1.0)
 
 
-@pytest.mark.parametrize("verb", ["train", "demo"])
+@pytest.mark.parametrize("verb", ["train", "demo", "ablate"])
 def test_cli_rejects_a_bad_config_in_one_line(tmp_path, verb):
     bad = tmp_path / "bad.yaml"
     bad.write_text("runtime:\n  batch_size: eight\n")
