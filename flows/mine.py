@@ -10,12 +10,9 @@ the task skips its part if the lost attempt had already written it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
@@ -26,76 +23,14 @@ from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
-from pipeline.harvest_config import SPLITS as IMAGE_SPLITS
 from pipeline.home import Home
+from pipeline.mining.runs import (IMAGE_IDS_KEY, SPLITS, finished_parts, list_images, mining_run_id,  # noqa: F401
+                                  part_path, plan_shards, run_dir, write_part)
 from pipeline.runs import finish_run, start_run
 from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048
-SPLITS = (*IMAGE_SPLITS, "all")
-IMAGE_IDS_KEY = b"cxr_harvest.image_ids"   # Parquet key-value metadata: the images a part covers
 _WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> model
-
-
-# ---- plan: pure functions, testable without Prefect or Dask ------------------------------------------
-
-def mining_run_id(model_id: str, config_hash: str, split: str) -> str:
-    """Deterministic in (model, mining config, split): a rerun of the same mining resumes the same run."""
-    digest = hashlib.sha256(f"{model_id}\0{config_hash}\0{split}".encode()).hexdigest()[:12]
-    return f"mine-{split}-{digest}"
-
-
-def run_dir(home: Home, run_id: str) -> Path:
-    return home.data / "mined_boxes" / f"run_id={run_id}"
-
-
-def part_path(home: Home, run_id: str, shard: int) -> Path:
-    return run_dir(home, run_id) / f"part-{shard:05d}.parquet"
-
-
-def finished_parts(folder: Path) -> dict[int, list[str]]:
-    """Shard index -> image ids covered, from the parts already on disk (temp files are not `*.parquet`)."""
-    done = {}
-    for path in sorted(folder.glob("part-*.parquet")):
-        meta = pq.read_schema(path).metadata or {}
-        done[int(path.stem.split("-")[1])] = json.loads(meta.get(IMAGE_IDS_KEY, b"[]"))
-    return done
-
-
-def plan_shards(image_ids: list[str], shard_size: int, done: dict[int, list[str]]) -> list[tuple[int, list[str]]]:
-    """Shards still to mine, as (index, image ids).
-
-    Shard i is images[i*size:(i+1)*size] of the sorted ids; it is skipped when its images are covered by
-    existing parts. Images whose shard index is taken by a part covering other images (the image list or the
-    shard size changed since that part was written) go to new indices after the last one, so a rerun never
-    duplicates or drops an image whatever changed.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    ids = sorted(set(image_ids))
-    covered = {i for part in done.values() for i in part}
-    jobs, moved = [], []
-    for index in range(0, (len(ids) + shard_size - 1) // shard_size):
-        todo = [i for i in ids[index * shard_size:(index + 1) * shard_size] if i not in covered]
-        if todo and index in done:
-            moved.extend(todo)
-        elif todo:
-            jobs.append((index, todo))
-    start = max([*done, *(j for j, _ in jobs), -1]) + 1
-    jobs += [(start + k, moved[k * shard_size:(k + 1) * shard_size])
-             for k in range((len(moved) + shard_size - 1) // shard_size)]
-    return jobs
-
-
-def list_images(home: Home, split: str) -> list[str]:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    con = db.connect(home, read_only=True)
-    try:
-        sql = "SELECT image_id FROM images" + ("" if split == "all" else " WHERE split = ?")
-        return sorted(r[0] for r in con.execute(sql, [] if split == "all" else [split]).fetchall())
-    finally:
-        con.close()
 
 
 def mining_config(config=None):
@@ -142,8 +77,7 @@ def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], mo
     model, out["loaded_model"] = _worker_model(home, model_id, sha256)
     out["device"] = str(next(model.parameters()).device)
     table = mine_shard(home, model_id, image_ids, config, run_id, model=model)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), IMAGE_IDS_KEY: json.dumps(image_ids)})
-    db.write_parquet_atomic(table, path)
+    write_part(home, run_id, shard, table, image_ids)
     return {**out, "rows": table.num_rows, "seconds": round(time.perf_counter() - t0, 3), "skipped": False}
 
 

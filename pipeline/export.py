@@ -40,12 +40,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline.files import sha256_file
 from pipeline.home import Home
 from pipeline.labelstudio import LABEL_CONFIG, URL_PREFIX, image_url, label_config, task, verify_labelstudio
+from pipeline.mining.runs import IMAGE_IDS_KEY, mined_image_ids  # noqa: F401 (IMAGE_IDS_KEY for readers)
 from pipeline.runs import code_version
 from pipeline.vocab import FINDINGS, INDEX, NO_FINDING, normalize_finding
 from warehouse.db import connect
@@ -54,7 +54,6 @@ FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
 IMAGE_MODES = ("link", "copy", "none")
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-IMAGE_IDS_KEY = b"cxr_harvest.image_ids"  # Parquet metadata of a mined part: the images it covers (flows.mine)
 # BBox_List_2017.csv as NIH ships it: the unquoted header splits into `Bbox [x`, `y`, `w`, `h]` plus three
 # empty columns, and Infiltration is spelled `Infiltrate` (docs/design.md#data-contracts).
 NIH_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
@@ -185,14 +184,6 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
                 record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
     trace = {"run_id": run_id, "model_id": model_id, "run": run, "model": model, "box_model_ids": model_ids}
     return {im["image_id"]: im for im in images}, boxes, trace, roots
-
-
-def mined_image_ids(home: Home, run_id: str) -> list[str]:
-    """Every image the run's parts cover, boxed or not (the parts' `IMAGE_IDS_KEY` metadata)."""
-    ids = []
-    for part in sorted((home.data / "mined_boxes" / f"run_id={run_id}").glob("part-*.parquet")):
-        ids += json.loads((pq.read_schema(part).metadata or {}).get(IMAGE_IDS_KEY, b"[]"))
-    return ids
 
 
 def _dicts(cursor) -> list[dict]:

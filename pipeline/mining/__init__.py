@@ -1,9 +1,16 @@
 """Mining: attention mining at inference, fused heatmaps (eq. 7-8) and boxes (sec. 3.2), shard by shard.
 
 Fast paths are batched torch on the model's device (`heatmap_fusion`, `boxes`); `reference` is the numpy and
-scikit-image version of the same, one map at a time, which the tests hold them to.
+scikit-image version of the same, one map at a time, which the tests hold them to. `runs` (run ids, parts on
+disk) needs no torch, so names are imported lazily.
 """
-from pipeline.mining.config import MiningConfig
-from pipeline.mining.shard import mine_batch, mine_shard
+import importlib
 
-__all__ = ["MiningConfig", "mine_batch", "mine_shard"]
+_EXPORTS = {"MiningConfig": "config", "mine_batch": "shard", "mine_shard": "shard"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
