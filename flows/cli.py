@@ -25,6 +25,7 @@ COMMANDS = {
     "tune": ("flows.tune", "choose mining box thresholds on the validation split"),
     "evaluate": ("flows.evaluate", "score a mining run against ground-truth boxes (Wang/Cai protocol)"),
     "ablate": ("flows.ablate", "the paper's ablations (MSA necks, AM steps, KP variants) on phantom data"),
+    "detector": ("flows.detector", "train a detector on a mining run's boxes, predict, compare on truth"),
     "export": ("flows.export", "export a mining run's boxes as COCO, YOLO or NIH CSV pseudo-labels"),
     "import-review": ("flows.review", "import boxes corrected in Label Studio or CVAT as reviewed ground truth"),
     "demo": ("flows.harvest", "the whole pipeline on the embedded phantom data (about 8 min on 2 cores, 15 at most on AVX2)"),
