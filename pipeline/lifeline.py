@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,15 +43,36 @@ def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
 
 
 def process_started(pid: int) -> float | None:
-    """Start time of process `pid` (seconds since the epoch), None when there is no such process."""
-    import psutil   # a dependency of distributed
-
+    """Start time of process `pid` (seconds since the epoch), None when there is no such process (or a zombie)."""
+    try:
+        import psutil   # a dependency of distributed
+    except ImportError:   # a bare host (the GPU kit has no psutil): Linux's /proc, psutil's own formula
+        return proc_started(pid)
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except psutil.AccessDenied:
         return float("nan")   # alive, start unknown
+
+
+def proc_started(pid: int) -> float | None:
+    """`process_started` from /proc: boot time + the start time in clock ticks (field 22 of /proc/PID/stat)."""
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return float("nan")   # no /proc to read: alive or not, start unknown
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2:].split()   # after the command name, which may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
