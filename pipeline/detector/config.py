@@ -41,12 +41,14 @@ class ModelSection:
     input_size: int | None = None
     representation: int = 256           # width of the RoI head's two MLP layers
     init: bool = True                   # start the ResNet from the mining run's classifier (else random)
+    trainable_layers: int = 5           # ResNet stages trained, from the top (5: all; 3: conv1 and layer1 fixed)
     rpn_top_n: tuple[int, int] = (600, 300)   # proposals per image kept before / after NMS (training)
     box_batch: int = 128                # RoIs sampled per image for the box head's loss
 
     def __post_init__(self):
         require(self.input_size is None or size_ok(self.input_size), "input_size", self.input_size,
                 f"must be null or {SIZE_RULE}")
+        require(0 <= self.trainable_layers <= 5, "trainable_layers", self.trainable_layers, "must be in 0..5")
         require(self.representation >= 8, "representation", self.representation, "must be >= 8")
         require(all(n >= 1 for n in self.rpn_top_n), "rpn_top_n", list(self.rpn_top_n), "must be positive")
         require(self.box_batch >= 1, "box_batch", self.box_batch, "must be a positive integer")

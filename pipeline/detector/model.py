@@ -49,13 +49,13 @@ def fit_anchors(wh: np.ndarray, size: int, n_levels: int = N_LEVELS) -> dict:
 
 def build_detector(arch: str, size: int, anchors: dict, *, representation: int = 256, score_thresh: float = 0.01,
                    detections_per_img: int = 100, rpn_top_n: tuple[int, int] = (600, 300),
-                   box_batch: int = 128) -> FasterRCNN:
+                   box_batch: int = 128, trainable_layers: int = 5) -> FasterRCNN:
     """A Faster R-CNN for 1-channel `size` px images with random weights (see :func:`init_from_classifier`).
     `rpn_top_n`: proposals kept before/after NMS per image (training; half at inference)."""
     resnet = getattr(torchvision.models, arch)(weights=None, norm_layer=FrozenBatchNorm2d)
     old = resnet.conv1
     resnet.conv1 = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
-    backbone = _resnet_fpn_extractor(resnet, trainable_layers=5, returned_layers=list(RETURNED_LAYERS),
+    backbone = _resnet_fpn_extractor(resnet, trainable_layers, returned_layers=list(RETURNED_LAYERS),
                                      extra_blocks=LastLevelMaxPool())
     generator = AnchorGenerator(sizes=tuple((s,) for s in anchors["sizes"]),
                                 aspect_ratios=(tuple(anchors["ratios"]),) * len(anchors["sizes"]))

@@ -145,7 +145,8 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
             return p.model_id
     torch.manual_seed(seed_of(cfg.seed, 11))
     model = build_detector(p.arch, p.size, p.anchors, representation=cfg.model.representation,
-                           rpn_top_n=tuple(cfg.model.rpn_top_n), box_batch=cfg.model.box_batch)
+                           rpn_top_n=tuple(cfg.model.rpn_top_n), box_batch=cfg.model.box_batch,
+                           trainable_layers=cfg.model.trainable_layers)
     if cfg.model.init:
         init_from_classifier(model, load_checkpoint(home.root / p.source.checkpoint)["model"])
     model.to(p.device)
