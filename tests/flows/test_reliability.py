@@ -267,12 +267,15 @@ def test_a_writer_waits_for_the_lock_then_gives_a_one_line_error(tmp_path):
 SEED, INGEST_KILLS, MINE_KILLS = 15, 6, 4
 
 
-def kill_at(home, argv, files, at: float, env, log) -> dict:
-    """Start `harvest argv`, SIGKILL it `at` seconds later (unless it ended first); check its tree dies."""
+def kill_at(home, argv, files, at: float, env, log, mid_work: bool = False) -> dict:
+    """Start `harvest argv`, SIGKILL it `at` seconds later (unless it ended first), or with `mid_work` as soon
+    as it has written its first new file; check its tree dies."""
     before, t0 = len(files(home)), time.monotonic()
     tree = Tree(harvest_popen(home, *argv, env=env, log=log))
     while time.monotonic() - t0 < at and tree.proc.poll() is None:
         tree.poll()
+        if mid_work and len(files(home)) > before:
+            break
         time.sleep(0.01)
     if tree.proc.poll() is not None:   # it finished first: nothing left to kill
         assert tree.proc.returncode == 0
@@ -306,7 +309,9 @@ def mined_rows(home):
 def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_base_home, prefect_api, tmp_path):
     """Against the session's Prefect server (PREFECT_API_URL): 6 kills of `harvest ingest nih` (1,500 PNGs, 6
     chunks), 4 of `harvest mine` (40 images, 10 shards), each at a seeded random time within the clean run's
-    duration (start-up, decoding, commits, mining: wherever it falls); then a rerun, compared with the clean run."""
+    duration (start-up, decoding, commits, mining: wherever it falls), the last of each right after its first
+    new file (mid-work even when a loaded machine stretches the start-up); then a rerun, compared with the
+    clean run."""
     rng = random.Random(SEED)
     env = {**os.environ, "HARVEST_LOCK_TIMEOUT": "60"}
     log = open(tmp_path / "harvest.log", "ab")
@@ -316,8 +321,9 @@ def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_
     ingest = ["ingest", "nih", "--root", str(root), "--sizes", "32"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     report["ingest_clean_s"] = timed(clean, ingest, env, log)
-    kill_until(INGEST_KILLS, report["ingest"], lambda: kill_at(
+    kill_until(INGEST_KILLS - 1, report["ingest"], lambda: kill_at(
         killed, ingest, shard_files, rng.uniform(0.15, 0.7) * report["ingest_clean_s"], env, log))
+    report["ingest"].append(kill_at(killed, ingest, shard_files, 300, env, log, mid_work=True))   # whatever the load
     report["ingest_rerun_s"] = timed(killed, ingest, env, log)
     assert warehouse_rows(killed) == warehouse_rows(clean)
     assert len(warehouse_rows(killed)["images"]) == 1500
@@ -331,8 +337,9 @@ def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_
     mine = ["mine", "--model", "tiny-r18", "--split", "all", "--shard-size", "4", "--workers", "1"]
     clean_m, killed_m = (shutil.copytree(mining_base_home, tmp_path / name) for name in ("clean_m", "killed_m"))
     report["mine_clean_s"] = timed(clean_m, mine, env, log)
-    kill_until(MINE_KILLS, report["mine"], lambda: kill_at(
+    kill_until(MINE_KILLS - 1, report["mine"], lambda: kill_at(
         killed_m, mine, parts, rng.uniform(0.15, 0.7) * report["mine_clean_s"], env, log))
+    report["mine"].append(kill_at(killed_m, mine, parts, 300, env, log, mid_work=True))
     report["mine_rerun_s"] = timed(killed_m, mine, env, log)
     got, want = mined_rows(killed_m), mined_rows(clean_m)
     assert len(got) == len(want) > 0 and got == want
