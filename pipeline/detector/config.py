@@ -80,14 +80,18 @@ class TrainSection:
 
 @dataclass
 class PredictSection:
-    score_threshold: float = 0.01       # detections below are dropped
+    # 0: a labeled finding always gets its best boxes, however low their score, as attention mining always
+    # boxes every labeled finding; raise it to drop low-scoring boxes
+    score_threshold: float = 0.0
     per_finding: int = 3                # boxes kept per (image, finding), as ranks 1..n (AM mines 3)
     labels: bool = True                 # keep the image's labeled findings only, as attention mining does
+    max_detections: int = 1000          # per image, all findings, before the per-finding cut (torchvision: 100)
     batch_size: int = 16
 
     def __post_init__(self):
         require(0 <= self.score_threshold < 1, "score_threshold", self.score_threshold, "must be in [0, 1)")
         require(self.per_finding >= 1, "per_finding", self.per_finding, "must be >= 1")
+        require(self.max_detections >= 1, "max_detections", self.max_detections, "must be >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 

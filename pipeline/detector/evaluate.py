@@ -2,14 +2,16 @@
 
 The evaluation images are the detector run's images that the detector never trained on (its checkpoint lists
 its training images), that the mining run also covered; the ground truth is `gt_boxes.source = 'truth'` on
-them, boxed findings only. Both runs are scored on exactly these images:
+them, boxed findings only. Scored on exactly these images: `am`, the mining run's boxes (every rank), `targets`,
+the same boxes under the detector's training filter (`boxes.ranks`, `min_score`, `findings`: what it learned
+from), and `detector`, the detector run's boxes:
 
 - the Wang/Cai protocol, mode `all`, IoU family (`all/iou@truth`: Acc and AFP at T = 0.1..0.7; per-image
   counts of `pipeline.evaluation.bootstrap`, equal to `pipeline.evaluation.protocol`'s numbers);
 - COCO detection metrics with pycocotools (`COCOeval`, bbox, maxDets 100, area `all`): AP at IoU 0.3 (AP30),
   0.5 (AP50) and mAP over 0.5:0.95, per finding;
 - 95 % bootstrap intervals: images resampled with replacement (`n_boot` times, seeded), every metric of both
-  runs computed on the same resample, so the detector - mined difference gets a paired interval too. COCO
+  runs computed on the same resample, so `detector - am` and `detector - targets` get paired intervals. COCO
   matching is done once (`COCOeval.evaluate`); each resample re-accumulates it with the images' multiplicities.
 """
 from __future__ import annotations
@@ -151,9 +153,9 @@ def metrics(coco: CocoMatches, acc: AccCounts, findings, weights=None) -> dict[t
 
 
 def compare(runs: dict[str, pd.DataFrame], gt: pd.DataFrame, image_ids: list[str], findings=BOXED_FINDINGS,
-            n_boot: int = 1000, seed: int = 0, reference: str | None = None) -> pd.DataFrame:
-    """Score each run's boxes (`runs`: name -> boxes) on `image_ids` against `gt`; with `reference` (a name),
-    also `<name> - <reference>` differences, paired. Rows: finding, metric, method, value, lo, hi, n_gt, n_images."""
+            n_boot: int = 1000, seed: int = 0, differences=()) -> pd.DataFrame:
+    """Score each run's boxes (`runs`: name -> boxes) on `image_ids` against `gt`, and the paired differences
+    `a - b` for each (a, b) of `differences`. Rows: finding, metric, method, value, lo, hi, n_gt, n_images."""
     findings = [f for f in findings if (gt["finding"] == f).any()]
     scored = {name: (coco_matches(b, gt, image_ids, findings)[0], acc_counts(b, gt, image_ids, findings))
               for name, b in runs.items()}
@@ -165,7 +167,7 @@ def compare(runs: dict[str, pd.DataFrame], gt: pd.DataFrame, image_ids: list[str
         for name, s in scored.items():
             boots[name].append(metrics(*s, findings, w))
     keys = list(point[next(iter(point))])
-    methods = list(runs) + ([f"{n} - {reference}" for n in runs if n != reference] if reference else [])
+    methods = list(runs) + [f"{a} - {b}" for a, b in differences]
 
     def series(method: str, src: str) -> tuple[float, np.ndarray]:
         if " - " not in method:
@@ -226,6 +228,7 @@ def evaluation_set(home, detector_run: str, baseline_run: str | None = None) -> 
     keep = set(images)
     boxes = {run: b[b["image_id"].isin(keep)].reset_index(drop=True) for run, b in boxes.items()}
     return {"images": images, "truth": truth.reset_index(drop=True), "boxes": boxes, "baseline_run": baseline_run,
+            "mining_run": params["mining_run"], "boxes_filter": meta["config"]["boxes"],
             "detector": params["detector"], "trained_overlap": len(trained & set(mined_image_ids(home, detector_run)))}
 
 
@@ -233,25 +236,33 @@ def evaluate_detector(home, detector_run: str, baseline_run: str | None = None, 
                       seed: int = 0) -> dict:
     """Detector run vs its mining run on held-out truth; returns the table (`compare`) and what was compared."""
     s = evaluation_set(home, detector_run, baseline_run)
-    table = compare({"am": s["boxes"][s["baseline_run"]], "detector": s["boxes"][detector_run]}, s["truth"],
-                    s["images"], n_boot=n_boot, seed=seed, reference="am")
+    am = s["boxes"][s["baseline_run"]]
+    runs = {"am": am, "detector": s["boxes"][detector_run]}
+    differences = [("detector", "am")]
+    if s["baseline_run"] == s["mining_run"]:   # the boxes it learned from: the run's, under its training filter
+        f = s["boxes_filter"]
+        keep = am["rank"].isin(f["ranks"]) & (am["score"] >= f["min_score"])
+        runs["targets"] = am[keep & (am["finding"].isin(f["findings"]) if f["findings"] else keep)]
+        differences.append(("detector", "targets"))
+    table = compare(runs, s["truth"], s["images"], n_boot=n_boot, seed=seed, differences=differences)
     return {"table": table, "images": len(s["images"]), "detector_run": detector_run,
             "baseline_run": s["baseline_run"], "detector": s["detector"], "n_boot": n_boot,
             "excluded_training_images": s["trained_overlap"]}
 
 
 def markdown(table: pd.DataFrame, metrics_shown=("acc@0.3", "ap30", "ap50", "map"),
-             methods=("am", "detector", "detector - am")) -> str:
-    """One row per finding: n_gt, and each metric per method as `value [lo, hi]`."""
-    t = table[table["metric"].isin(metrics_shown) & table["method"].isin(methods)]
-    head = ["finding", "n_gt"] + [f"{m} {x}" for m in metrics_shown for x in methods]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f in [*[f for f in BOXED_FINDINGS if f in set(t["finding"])], "mean"]:
-        r = t[t["finding"] == f]
-        cells = [f, str(int(r["n_gt"].iloc[0]))]
-        for m in metrics_shown:
-            for x in methods:
-                v = r[(r["metric"] == m) & (r["method"] == x)].iloc[0]
-                cells.append(f"{v.value:.2f} [{v.lo:.2f}, {v.hi:.2f}]" if np.isfinite(v.value) else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+             methods=("am", "targets", "detector", "detector - am", "detector - targets")) -> str:
+    """One table per metric: a row per finding (and their mean), each method's `value [lo, hi]`."""
+    methods = [m for m in methods if m in set(table["method"])]
+    out = []
+    for metric in metrics_shown:
+        t = table[(table["metric"] == metric) & table["method"].isin(methods)]
+        lines = [f"**{metric}**", "", "| finding | n_gt | " + " | ".join(methods) + " |",
+                 "|---|---|" + "---|" * len(methods)]
+        for f in [*[f for f in BOXED_FINDINGS if f in set(t["finding"])], "mean"]:
+            r = t[t["finding"] == f].set_index("method")
+            cells = [f"{r.loc[m, 'value']:.2f} [{r.loc[m, 'lo']:.2f}, {r.loc[m, 'hi']:.2f}]"
+                     if np.isfinite(r.loc[m, "value"]) else "-" for m in methods]
+            lines.append(f"| {f} | {int(r['n_gt'].iloc[0])} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)

@@ -53,6 +53,7 @@ def predict_table(home, model, meta: dict, image_ids, run_id: str, config: Predi
     """Detect on `image_ids` (read from the cache at the classifier's size) -> a `mined_boxes` table."""
     device = next(model.parameters()).device
     model.roi_heads.score_thresh = config.score_threshold
+    model.roi_heads.detections_per_img = config.max_detections
     ds = CacheDataset(home, size=meta["cache_size"], image_ids=list(image_ids))
     size = int(meta["input_size"])
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}

@@ -34,7 +34,7 @@ def test_train_predict_evaluate_then_evaluate_export_sql(tmp_path, prefect_api, 
 
     assert main([*h, "detector", "evaluate", "--run", run, "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out
-    assert "| mean |" in out and "acc@0.3 detector" in out
+    assert "| mean |" in out and "**acc@0.3**" in out and "detector - targets" in out
     report = json.loads((home / "reports" / run / "detector-eval.json").read_text())
     assert report["baseline_run"] == RUN and report["excluded_training_images"] > 0   # never its training images
     assert report["images"] + report["excluded_training_images"] == 48

@@ -166,7 +166,7 @@ def test_bootstrap_intervals_hold_the_estimate():
     ids, gt, boxes = synthetic(2, n_images=40)
     worse = boxes.assign(x=boxes["x"] + 80.0)
     t = compare({"am": worse, "detector": boxes}, gt, ids, findings=("Mass", "Nodule", "Effusion"), n_boot=50,
-                reference="am")
+                differences=[("detector", "am")])
     assert set(t["method"]) == {"am", "detector", "detector - am"}
     ok = t.dropna(subset=["value", "lo"])
     assert (ok["lo"] <= ok["value"] + 1e-9).all() and (ok["value"] <= ok["hi"] + 1e-9).all()
