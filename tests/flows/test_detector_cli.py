@@ -12,7 +12,7 @@ from tests.pipeline.test_detector import CLASSIFIER, RUN, TINY, build_home
 
 
 def value(out: str, key: str) -> str:
-    return re.search(rf"^{key}\s+(\S+)$", out, re.M).group(1)
+    return re.search(rf"^{key}\s+(\S+)$", out, re.MULTILINE).group(1)
 
 
 def test_train_predict_evaluate_then_evaluate_export_sql(tmp_path, prefect_api, capsys):
@@ -47,8 +47,8 @@ def test_train_predict_evaluate_then_evaluate_export_sql(tmp_path, prefect_api, 
     coco = json.loads(next((tmp_path / "coco" / "annotations").glob("instances_*.json")).read_text())
     assert coco["images"]
     capsys.readouterr()
-    assert main([*h, "sql", "SELECT method, count(DISTINCT run_id) AS runs FROM mined_boxes GROUP BY 1 "
-                            "ORDER BY 1"]) == 0
+    query = "SELECT method, count(DISTINCT run_id) AS runs FROM mined_boxes GROUP BY 1 ORDER BY 1"
+    assert main([*h, "sql", query]) == 0
     out = capsys.readouterr().out
     assert re.search(r"am\s.*1", out) and re.search(r"detector\s.*1", out)
 
