@@ -88,11 +88,21 @@ def test_valid_values_keep_their_form():
     assert load_config({"runtime": None}) == TrainConfig()                 # an empty section: its defaults
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+DETECTOR_CONFIGS = sorted((REPO / "configs").glob("detector*.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(set((REPO / "configs").glob("*.yaml")) - set(DETECTOR_CONFIGS)),
+                         ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
     check(path)
     assert set(load_sections(path)) == {"phantom", "mining", "export"}
+
+
+@pytest.mark.parametrize("path", DETECTOR_CONFIGS, ids=lambda p: p.name)
+def test_shipped_detector_configs_load(path):
+    from pipeline.detector.config import DetectorConfig
+    assert DetectorConfig.load(path) == DetectorConfig.load(path)   # validated, and deterministic
 
 
 @pytest.mark.parametrize("sections, key, value", [
