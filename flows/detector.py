@@ -130,9 +130,7 @@ def predict_flow(home: str, model: str, split: str = "test", shard_size: int = D
     jobs = plan_shards(images, shard_size, done)
     params = {"detector": model_id, "mining_run": stored["mining_run"], "split": split, "predict": predict,
               "amp": amp, "shard_size": shard_size, "method": "detector"}
-    # runs.model_id: the classifier the detector started from, whose heatmaps `harvest evaluate` draws
-    # (MaxBoxAccV2, report cases); the boxes' own model is mined_boxes.model_id (the detector)
-    start_run(home_, "detect", params, row["parent_id"], run_id)
+    start_run(home_, "detect", params, model_id, run_id)   # evaluation draws no heatmaps for a detector run
     try:
         results = [predict_shard(str(home_.root), run_id, index, ids, model_id, predict, amp, str(dev))
                    for index, ids in jobs]

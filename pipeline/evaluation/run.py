@@ -75,10 +75,14 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
             raise ValueError(f"no ground-truth boxes in {home.warehouse}: nothing to evaluate run {run_id} on")
         boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
                             [run_id]).df()
+        # a detector run (`harvest detector predict`) has boxes but no heatmaps: no MaxBoxAccV2, no heatmap cases
+        heatmaps = not con.execute("SELECT count(*) FROM mined_boxes WHERE run_id = ? AND method = 'detector'",
+                                   [run_id]).fetchone()[0]
     finally:
         con.close()   # the heatmap pass below opens the warehouse read-only (model, cache index)
     eval_gt = next(gts[s] for s in GT_SETS if s in gts)   # MaxBoxAccV2's evaluation boxes
-    results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
+    if heatmaps:
+        results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
     table = pd.concat(results, ignore_index=True)
     con = db.connect(home)
     try:
@@ -88,7 +92,7 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     header = report_header(run_id, info["model_id"], info["params"])
     out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None}
     if report:
-        cases = _cases(home, info, boxes, eval_gt, n_cases, device)
+        cases = _cases(home, info, boxes, eval_gt, n_cases, device) if heatmaps else []
         out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header)
     out["markdown"] = report_markdown(header, table, out["report"])
     return out

@@ -42,6 +42,14 @@ def test_train_predict_evaluate_then_evaluate_export_sql(tmp_path, prefect_api, 
     # the detector run is a run like any other
     assert main([*h, "evaluate", "--run", run, "--no-report"]) == 0
     assert "all/iou@truth" in capsys.readouterr().out
+    from warehouse import db
+    con = db.connect(home, read_only=True)
+    try:   # the run names its detector; a detector has no heatmaps, so no MaxBoxAccV2 rows
+        assert con.execute("SELECT model_id FROM runs WHERE run_id = ?", [run]).fetchone()[0] == model_id
+        assert con.execute("SELECT count(*) FROM eval_results WHERE run_id = ? AND metric = 'maxboxacc'",
+                           [run]).fetchone()[0] == 0
+    finally:
+        con.close()
     assert main([*h, "export", "--run", run, "--format", "coco", "--images", "none", "--image-root",
                  str(tmp_path / "phantom"), "--out", str(tmp_path / "coco")]) == 0
     coco = json.loads(next((tmp_path / "coco" / "annotations").glob("instances_*.json")).read_text())
