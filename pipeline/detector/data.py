@@ -48,7 +48,7 @@ class Targets:
 
 
 def mining_source(home: Home, run_id: str) -> MiningSource:
-    """The run's classifier from its `runs` row (a detector run names the classifier its detector started from)."""
+    """The run's classifier from its `runs` row (a detector run names its detector: refused)."""
     home = Home.resolve(home)
     con = db.connect(home, read_only=True)
     try:
