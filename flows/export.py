@@ -60,6 +60,8 @@ def parse_ranks(tokens: list[str]) -> list[int] | None:
 def _run(args) -> int:
     home = str(Home.resolve(args.home).make().root)
     require_run(home, args.run_id, "export")   # one line, before Prefect is imported or a server starts
+    from pipeline.export import preflight
+    preflight(home, args.run_id, args.fmt, args.images, args.image_roots)   # missing images: one line, no flow
     from flows._runtime import prefect_api
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,

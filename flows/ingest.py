@@ -27,6 +27,9 @@ def ingest_dicom_task(home: str, root: str, sizes: list[int]) -> dict:
 @flow(name="ingest", log_prints=True)
 def ingest_flow(home: str, kind: str, root: str, sizes: list[int] = (256,), metadata_only: bool = False) -> dict:
     params = {"kind": kind, "root": root, "sizes": list(sizes), "metadata_only": metadata_only}
+    source, home_dir = Path(root).resolve(), Path(home).resolve()
+    if source.is_relative_to(home_dir):   # a source inside the home (the demo's phantom) moves with it
+        params["root_in_home"] = source.relative_to(home_dir).as_posix()
     with recorded_run(home, "ingest", params) as run_id:
         if kind == "nih":
             counts = ingest_nih_task(home, root, list(sizes), metadata_only)

@@ -94,13 +94,6 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     (labelstudio): what `data.image` starts with, before the image's path. An existing export at `out_dir` is
     replaced.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if images not in IMAGE_MODES:
-        raise ValueError(f"unknown image mode {images!r}; choose one of {', '.join(IMAGE_MODES)}")
-    if fmt == "yolo" and images == "none":
-        raise ValueError("YOLO readers find a label by replacing /images/ with /labels/ in its image's path, "
-                         "so a YOLO export needs its images: use --images link or copy")
     home = home if isinstance(home, Home) else Home.resolve(home)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_replaceable(out_dir)
@@ -108,9 +101,8 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
                "ranks": None if ranks is None else sorted({int(r) for r in ranks}),
                "findings": None if findings is None else sorted({normalize_finding(f) for f in findings},
                                                                  key=INDEX.__getitem__)}
-    rows, raw_boxes, trace, roots = _read_run(home, run_id, filters, pseudonyms=fmt == "nih-csv")
+    rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters)
     boxes = [c for b in raw_boxes if (c := _clip(b, rows[b["image_id"]]))]
-    files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots), *roots])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -134,6 +126,23 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap `tmp` holds the old export
     return out_dir
+
+
+def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(), filters: dict | None = None):
+    """What `export` checks before it writes anything: the format, the image mode, and that every source image
+    is found (one-line errors naming the fix). Returns the run's images, boxes, trace and `ImageFiles`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if images not in IMAGE_MODES:
+        raise ValueError(f"unknown image mode {images!r}; choose one of {', '.join(IMAGE_MODES)}")
+    if fmt == "yolo" and images == "none":
+        raise ValueError("YOLO readers find a label by replacing /images/ with /labels/ in its image's path, "
+                         "so a YOLO export needs its images: use --images link or copy")
+    home = home if isinstance(home, Home) else Home.resolve(home)
+    filters = filters or {"min_score": None, "ranks": None, "findings": None}
+    rows, raw_boxes, trace, roots = _read_run(home, run_id, filters, pseudonyms=fmt == "nih-csv")
+    files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots])
+    return rows, raw_boxes, trace, files
 
 
 def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
@@ -165,9 +174,10 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         roots = []
         for (params,) in con.execute("SELECT params FROM runs WHERE flow = 'ingest' "
                                      "ORDER BY started_at DESC").fetchall():
-            root = (json.loads(params) if isinstance(params, str) else params or {}).get("root")
-            if root and Path(root) not in roots:
-                roots.append(Path(root))
+            params = json.loads(params) if isinstance(params, str) else params or {}
+            inside = params.get("root_in_home")   # a source inside the home: found where the home is now
+            found = ([home.root / inside] if inside else []) + ([Path(params["root"])] if params.get("root") else [])
+            roots += [root for root in found if root not in roots]
     finally:
         con.close()
     salt = None

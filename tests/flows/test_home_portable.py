@@ -11,7 +11,7 @@ from flows.cli import main
 from pipeline.home import Home
 from pipeline.evaluation.run import protocol_results
 from pipeline.export import export
-from tests.pipeline.test_export import BOXES, RUN, make_home
+from tests.pipeline.test_export import BOXES, DICOM_ID, RUN, make_home
 from warehouse import db
 
 COUNT = "SELECT count(*) FROM mined_boxes"
@@ -86,3 +86,35 @@ def test_empty_mined_boxes_has_its_columns(tmp_path):
         rel = con.sql("SELECT * FROM mined_boxes")
         assert rel.fetchall() == [] and rel.columns == [name for name, _ in expected]
         con.close()
+
+
+def test_sources_inside_a_moved_home_are_found_where_the_home_is_now(tmp_path, capsys):
+    """The demo's phantom lives in its home: ingest records it relative to the home too (`root_in_home`), so
+    an export of the moved home links the images from their new place."""
+    root = make_home(tmp_path / "original").root
+    shutil.move(tmp_path / "original-src", root / "src")   # the sources, now inside the home
+    assert main(["--home", str(root), "export", "--run", RUN, "--format", "coco", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err   # not yet recorded as inside: one line naming the fix, before any flow
+    assert len(err.strip().splitlines()) == 1 and "source image(s) not found" in err and "--image-root" in err
+    con = db.connect(root)
+    for kind in ("nih", "dicom"):
+        con.execute("UPDATE runs SET params = ? WHERE run_id = ?",
+                    [json.dumps({"kind": kind, "root": str(root / "src" / kind), "root_in_home": f"src/{kind}",
+                                 "sizes": [256]}), f"ingest-{kind}"])
+    con.close()
+    moved = shutil.move(root, tmp_path / "moved")
+    out = export(moved, RUN, "coco", tmp_path / "coco", ranks=None)   # images linked (the default)
+    nih = [p for p in (out / "images").rglob("*.png") if p.name != f"{DICOM_ID}.png"]   # DICOMs are decoded anew
+    assert nih and all(p.stat().st_nlink == 2 for p in nih)   # hard links to the moved home's files
+
+
+def test_ingest_records_a_source_inside_the_home_relative_to_it(make_nih, prefect_api, tmp_path):
+    from flows.ingest import ingest_flow
+    home = tmp_path / "home"
+    home.mkdir()
+    inside = shutil.move(make_nih([("00000001_000.png", "Mass", 1)], size=64), home / "phantom")
+    ingest_flow(str(home), "nih", str(inside), sizes=[32])
+    con = db.connect(home, read_only=True)
+    params = json.loads(con.execute("SELECT params FROM runs WHERE flow = 'ingest'").fetchone()[0])
+    con.close()
+    assert params["root_in_home"] == "phantom" and params["root"] == str(inside)
