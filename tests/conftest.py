@@ -58,15 +58,17 @@ def make_nih(tmp_path):
 
 
 def register_tiny_model(home, model_id: str = "tiny", arch: str = "resnet18", neck: str = "bilinear",
-                        input_size: int = 64, seed: int = 0, config: dict | None = None) -> str:
-    """Save an untrained model as a checkpoint and register it in the `models` table (mining and flow tests)."""
+                        input_size: int = 64, seed: int = 0, config: dict | None = None, stage: str = "base",
+                        parent_id: str | None = None) -> str:
+    """Save an untrained model as a checkpoint and register it in the `models` table (mining and flow tests);
+    `stage` and `parent_id` make lineages."""
     import torch
 
     from models import create_model
     from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
     torch.manual_seed(seed)
     model = create_model(arch, neck, 14)
-    meta = model_meta(model_id=model_id, parent_id=None, stage="base", arch=arch, neck=neck, num_classes=14,
+    meta = model_meta(model_id=model_id, parent_id=parent_id, stage=stage, arch=arch, neck=neck, num_classes=14,
                       input_size=input_size, config=config or {})
     path = Path(home) / "checkpoints" / model_id / "final.pt"
     register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))

@@ -2,8 +2,6 @@
 answers a hand-made map must give, and run over every stage of a model's lineage on a real phantom home."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from pipeline.evaluation.diagnose import (STATS, diagnose, localization_stats, main, map_stats,
                                           map_stats_reference)
 from pipeline.evaluation.maxboxacc import Heatmap
+from tests.conftest import register_tiny_model
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -51,19 +50,6 @@ def test_statistics_are_averaged_per_map_and_finding():
     assert table.to_dict("records")[0]["pointing"] == 0.5 and table["n"].tolist() == [2]
 
 
-def _register_stage(home, model_id: str, stage: str, parent: str | None, config: dict, seed: int) -> None:
-    import torch
-
-    from models import create_model
-    from pipeline.training.checkpoint import model_meta, register_model, save_checkpoint
-    torch.manual_seed(seed)
-    model = create_model("resnet18", "bilinear", 14)
-    meta = model_meta(model_id=model_id, parent_id=parent, stage=stage, arch="resnet18", neck="bilinear",
-                      num_classes=14, input_size=64, config=config)
-    path = Path(home) / "checkpoints" / model_id / "final.pt"
-    register_model(home, meta, path, save_checkpoint({"model": model.state_dict(), "meta": meta}, path))
-
-
 @pytest.fixture(scope="module")
 def staged_home(tmp_path_factory):
     """A phantom (exact truth) in a 64 px cache, and a two-stage lineage of untrained models."""
@@ -74,8 +60,8 @@ def staged_home(tmp_path_factory):
     generate(base / "phantom", n=40, seed=3, size=128, workers=1, progress=False)
     home = base / "home"
     ingest_nih(home, base / "phantom", sizes=(64,))
-    _register_stage(home, "s-base", "base", None, {}, 0)
-    _register_stage(home, "s-am1", "am1", "s-base", {}, 1)
+    register_tiny_model(home, "s-base", seed=0)
+    register_tiny_model(home, "s-am1", seed=1, stage="am1", parent_id="s-base")
     return home
 
 
