@@ -22,11 +22,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows._runtime import healthy, start_prefect_server
 from pipeline.lifeline import Owner
 
 FOLDER, LOCK, STATE, LEASES, LOG = "prefect", ".lock", "server.json", "leases", "supervisor.log"
@@ -47,14 +46,6 @@ def _locked(folder: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -137,7 +128,7 @@ def _running(folder: Path) -> dict | None:
         return None
     if state["host"] != socket.gethostname():
         return state    # another host's: the caller decides
-    if _owner(state).is_dead() or not _healthy(state["api_url"]):
+    if _owner(state).is_dead() or not healthy(state["api_url"]):
         return None
     return state
 
@@ -167,13 +158,11 @@ def home_prefect_server(home, port: int | None = None):
 
 def supervise(folder: Path, port: int = 0, poll: float = 0.2) -> int:
     """Run the home's server until no live lease is left for the linger time. Returns the exit code."""
-    from flows._runtime import start_prefect_server
-
     linger = float(os.environ.get(LINGER_ENV, "1"))
     server = start_prefect_server(folder, port=port or None, ui=True, scheduler=True)
     me = Owner.me()
     _write_json(folder / STATE, {"api_url": server.api_url, "host": me.host, "pid": me.pid, "started": me.started,
-                                 "server_pid": server.process.pid, "ui_url": server.api_url.removesuffix("/api")})
+                                 "server_pid": server.process.pid})
     print(f"serving {server.api_url} (database {folder / 'prefect.db'})", flush=True)
     idle_since = None
     try:

@@ -94,6 +94,15 @@ def sweep_stale_prefect_homes(tmp: str | os.PathLike | None = None) -> list[Path
     return removed
 
 
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """The Prefect API at `api_url` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
                          port: int | None = None, timeout: float = 180, ui: bool = False,
                          scheduler: bool = False) -> PrefectServer:
@@ -126,12 +135,8 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
             server.stop()
             raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log}:\n"
                                + log.read_text(errors="replace")[-2000:])
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if healthy(api_url):
+            return server
         time.sleep(0.25)
     server.stop()
     raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout:.0f}s; see {log}")
