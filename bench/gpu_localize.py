@@ -150,21 +150,26 @@ def thresholds(home: Home, model_id: str, candidates: int | None) -> tuple[float
     return tuple(best)
 
 
-def truth(home: Home, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
+def test_truth(home: Home) -> tuple[pd.DataFrame, list[str]]:
+    """The exact truth of the test split (the evaluation images) and their ids."""
     from warehouse import db
     con = db.connect(home, read_only=True)
     try:
-        boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
-                            [run_id]).df()
-        ids = sorted(r[0] for r in con.execute(
-            "SELECT DISTINCT image_id FROM gt_boxes WHERE source = 'truth' AND image_id IN "
-            "(SELECT image_id FROM images WHERE split = 'test')").fetchall())
-        gt = con.execute("SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE source = 'truth' "
-                         "AND image_id IN (SELECT unnest(?))", [ids]).df()
-        results = con.execute("SELECT * FROM eval_results WHERE run_id = ?", [run_id]).df()
+        gt = con.execute("SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE source = 'truth' AND image_id IN "
+                         "(SELECT image_id FROM images WHERE split = 'test') ORDER BY ALL").df()
     finally:
         con.close()
-    return boxes, gt, ids, results
+    return gt, sorted(set(gt["image_id"]))
+
+
+def run_boxes(home: Home, run_id: str) -> pd.DataFrame:
+    from warehouse import db
+    con = db.connect(home, read_only=True)
+    try:
+        return con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
+                           [run_id]).df()
+    finally:
+        con.close()
 
 
 def score(home: Home, config, settings: list[str], out: Path, recipe: str, device: str, n_boot: int,
@@ -180,14 +185,13 @@ def score(home: Home, config, settings: list[str], out: Path, recipe: str, devic
            for s in settings}
     head = ids.get(HEADLINE, next(iter(ids.values())))
     mining["thresholds"] = list(thresholds(home, head, candidates))
+    gt, image_ids = test_truth(home)
     rows, results = [], []
     for s in settings:
         t0 = time.perf_counter()
         run_id = mine(home, ids[s], "test", {**mining, "steps": variant(s).steps}, device)
-        evaluate_run(home, run_id, report=(s == HEADLINE), device=device)
-        boxes, gt, image_ids, res = truth(home, run_id)
-        results.append(res.assign(setting=s))
-        ci = acc_intervals(boxes, gt, image_ids, BOXED_FINDINGS, n_boot=n_boot)
+        results.append(evaluate_run(home, run_id, report=(s == HEADLINE), device=device)["results"].assign(setting=s))
+        ci = acc_intervals(run_boxes(home, run_id), gt, image_ids, BOXED_FINDINGS, n_boot=n_boot)
         rows.append(ci.assign(recipe=recipe, setting=s, phantom_seed=phantom.get("seed"),
                               difficulty=phantom.get("difficulty"), protocol="all/iou@truth"))
         print(f"score {s}: model {ids[s]}, run {run_id} ({time.perf_counter() - t0:.0f} s)")
@@ -207,13 +211,14 @@ def summary(acc: pd.DataFrame, model_id: str, thresholds) -> str:
     cai = cai[(cai["setting"] == "KP") & (cai["t_iou"].round(2) == 0.3)].set_index("finding")["acc"]
     lines = [f"# Localization, model {model_id}, thresholds {tuple(thresholds)}", "",
              "| setting | " + " | ".join(BOXED_FINDINGS) + " | mean | >= Cai |", "|---|" + "---:|" * 10]
+    cai = cai.reindex(BOXED_FINDINGS)
     for s, g in acc[acc["t"].round(2) == 0.3].groupby("setting", sort=False):
-        v = g.set_index("finding")["acc"].reindex(BOXED_FINDINGS)
-        cells = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
-                 zip(v, g.set_index("finding")["lo"].reindex(BOXED_FINDINGS), g.set_index("finding")["hi"].reindex(BOXED_FINDINGS))]
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.nanmean(v):.3f} | {int((v >= cai.reindex(BOXED_FINDINGS)).sum())}/8 |")
+        g = g.set_index("finding").reindex(BOXED_FINDINGS)
+        cells = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in zip(g["acc"], g["lo"], g["hi"])]
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.nanmean(g['acc']):.3f} | "
+                     f"{int((g['acc'] >= cai).sum())}/8 |")
     lines += ["", "| Cai 2018 (NIH, KP, t=3) | " + " | ".join(f"{cai[f]:.2f}" for f in BOXED_FINDINGS)
-              + f" | {cai.reindex(BOXED_FINDINGS).mean():.3f} | |", "",
+              + f" | {cai.mean():.3f} | |", "",
               "Target (#11): at or above Cai on 6 of 8 findings and a mean of at least 0.43.", ""]
     return "\n".join(lines)
 
