@@ -66,10 +66,9 @@ def train_flow(home: str, run_id: str, config: dict | None = None, resume: bool 
 @task(name="detector-predict-shard", task_run_name="detector-predict-{shard:05d}")
 def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, predict: dict,
                   amp: str, device: str) -> dict:
-    from flows.mine import IMAGE_IDS_KEY, part_path
     from pipeline.detector.config import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
-    from warehouse import db
+    from pipeline.mining.runs import part_path, write_part
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
@@ -77,8 +76,7 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
         return {"shard": shard, "images": len(image_ids), "rows": 0, "skipped": True}
     model, meta = _loaded(home, model_id, device, load_detector)
     table = predict_table(home, model, meta, image_ids, run_id, PredictSection(**predict), amp)
-    table = table.replace_schema_metadata({IMAGE_IDS_KEY: json.dumps(image_ids)})
-    db.write_parquet_atomic(table, path)
+    write_part(home, run_id, shard, table, image_ids)
     return {"shard": shard, "images": len(image_ids), "rows": table.num_rows, "skipped": False}
 
 
@@ -113,7 +111,7 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict]:
 @flow(name="detector-predict", log_prints=True)
 def predict_flow(home: str, model: str, split: str = "test", shard_size: int = DEFAULT_SHARD_SIZE,
                  config=None, device: str = "auto") -> dict:
-    from flows.mine import finished_parts, list_images, plan_shards, run_dir
+    from pipeline.mining.runs import finished_parts, list_images, plan_shards, run_dir
     from pipeline.amp import resolve_amp
     from pipeline.detector.train import device_of
 

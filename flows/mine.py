@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
 from pipeline.home import Home
-from pipeline.mining.runs import (IMAGE_IDS_KEY, SPLITS, finished_parts, list_images, mining_run_id,  # noqa: F401
-                                  part_path, plan_shards, run_dir, write_part)
+from pipeline.mining.runs import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
+                                  run_dir, write_part)
 from pipeline.runs import finish_run, start_run
 from warehouse import db
 

@@ -45,7 +45,7 @@ import yaml
 from pipeline.files import sha256_file
 from pipeline.home import Home
 from pipeline.labelstudio import LABEL_CONFIG, URL_PREFIX, image_url, label_config, task, verify_labelstudio
-from pipeline.mining.runs import IMAGE_IDS_KEY, mined_image_ids  # noqa: F401 (IMAGE_IDS_KEY for readers)
+from pipeline.mining.runs import mined_image_ids
 from pipeline.runs import code_version
 from pipeline.vocab import FINDINGS, INDEX, NO_FINDING, normalize_finding
 from warehouse.db import connect

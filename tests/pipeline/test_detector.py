@@ -24,9 +24,10 @@ TINY = {"model": {"representation": 16, "rpn_top_n": [40, 20], "box_batch": 16},
 def build_home(base, n: int = 48):
     """A phantom ingested at 64 px, a tiny ResNet-18 classifier registered with a training config, and its
     mining run of every image written as `harvest mine` writes it (one part, its image list, a `runs` row)."""
-    from pipeline.export import IMAGE_IDS_KEY
     from pipeline.ingest.nih import ingest_nih
+    from pipeline.home import Home
     from pipeline.mining import MiningConfig, mine_shard
+    from pipeline.mining.runs import write_part
     from pipeline.phantom import generate
     from pipeline.runs import finish_run, start_run
 
@@ -40,9 +41,7 @@ def build_home(base, n: int = 48):
     ids = sorted(r[0] for r in con.execute("SELECT image_id FROM images").fetchall())
     con.close()
     start_run(home, "mine", {"split": "all"}, CLASSIFIER, RUN)
-    table = mine_shard(home, CLASSIFIER, ids, MiningConfig(), RUN)
-    table = table.replace_schema_metadata({IMAGE_IDS_KEY: json.dumps(ids)})
-    db.write_parquet_atomic(table, home / "data" / "mined_boxes" / f"run_id={RUN}" / "part-00000.parquet")
+    write_part(Home.resolve(home), RUN, 0, mine_shard(home, CLASSIFIER, ids, MiningConfig(), RUN), ids)
     finish_run(home, RUN)
     return home
 

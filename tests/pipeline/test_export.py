@@ -17,9 +17,10 @@ from PIL import Image
 from pipeline import export as ex
 from pipeline.files import sha256_file
 from pipeline.home import Home
-from pipeline.vocab import FINDINGS, INDEX, normalize_finding
+from pipeline.mining.runs import write_part
+from pipeline.vocab import FINDINGS, INDEX
 from tests.pipeline.dicom_fixtures import chest, write_dicom
-from warehouse.db import PARQUET_TABLES, connect, write_parquet_atomic
+from warehouse.db import PARQUET_TABLES, connect
 
 RUN, MODEL = "mine-20261126-a", "m-stage2-0001"
 PHI = "PHI-PATIENT-7f3c91"  # a marker that must never leave the warehouse
@@ -89,8 +90,7 @@ def make_home(root: Path, images=IMAGES, boxes=BOXES) -> Home:
                       "rank": cols[2], "x": cols[3], "y": cols[4], "w": cols[5], "h": cols[6], "score": cols[7],
                       "prob": [0.9] * n, "threshold": [0.5] * n, "method": ["am"] * n},
                      schema=PARQUET_TABLES["mined_boxes"])
-    table = table.replace_schema_metadata({ex.IMAGE_IDS_KEY: json.dumps([i[0] for i in images])})
-    write_parquet_atomic(table, home.data / "mined_boxes" / f"run_id={RUN}" / "part-00000.parquet")
+    write_part(home, RUN, 0, table, [i[0] for i in images])
     return home
 
 

@@ -7,12 +7,14 @@ import json
 import pytest
 
 from pipeline.evaluation.run import evaluate_run
-from pipeline.export import IMAGE_IDS_KEY, export
+from pipeline.export import export
+from pipeline.home import Home
 from pipeline.labelstudio import to_percent
+from pipeline.mining.runs import write_part
 from pipeline.review import import_review, reviewed
 from pipeline.runs import recorded_run
 from tests.conftest import register_tiny_model
-from warehouse.db import connect, write_parquet_atomic
+from warehouse.db import connect
 
 FRAME, SIZE, RUN = 256, 64, "mine-review-loop"
 ROWS = [("a.png", "Effusion", 1), ("b.png", "Mass|Nodule", 2), ("c.png", "Cardiomegaly", 3), ("d.png", "No Finding", 4)]
@@ -30,9 +32,7 @@ def mined(make_nih, tmp_path):
     ids = [r[0] for r in ROWS]
     config = MiningConfig()
     with recorded_run(home, "mine", {"config": config.__dict__}, model_id="tiny", run_id=RUN):
-        table = mine_shard(home, "tiny", ids, config, RUN)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), IMAGE_IDS_KEY: json.dumps(ids)})
-        write_parquet_atomic(table, home / "data" / "mined_boxes" / f"run_id={RUN}" / "part-00000.parquet")
+        write_part(Home.resolve(home), RUN, 0, mine_shard(home, "tiny", ids, config, RUN), ids)
     return home
 
 
