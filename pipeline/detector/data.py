@@ -76,7 +76,7 @@ def _meta_input_size(home: Home, checkpoint: str) -> int:
 def training_images(home: Home, source: MiningSource) -> list[str]:
     """The classifier's training images (same splits as `harvest train`) that the mining run covered."""
     home = Home.resolve(home)
-    from pipeline.export import mined_image_ids
+    from pipeline.mining.runs import mined_image_ids
     from pipeline.training.config import load_config
     from pipeline.training.stages import split_ids
 

@@ -197,7 +197,7 @@ def evaluation_set(home, detector_run: str, baseline_run: str | None = None) -> 
     """The held-out images, their truth, and both runs' boxes on them (see the module doc)."""
     import torch
 
-    from pipeline.export import mined_image_ids
+    from pipeline.mining.runs import mined_image_ids
     home = Home.resolve(home)
     con = db.connect(home, read_only=True)
     try:
