@@ -55,12 +55,12 @@ class Tree:
         except psutil.NoSuchProcess:
             return
         for child in children:
-            if child.pid not in self.seen:
-                try:
-                    self.cmd[child.pid] = " ".join(child.cmdline())
-                except psutil.Error:
-                    continue
-                self.seen[child.pid] = child
+            # read again at every poll: a child caught between fork and exec still shows its parent's command line
+            try:
+                self.cmd[child.pid] = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            self.seen.setdefault(child.pid, child)
 
     def running(self, text: str = "") -> int:
         return sum(text in self.cmd[pid] for pid, p in self.seen.items() if alive(p))
@@ -267,21 +267,22 @@ def test_a_writer_waits_for_the_lock_then_gives_a_one_line_error(tmp_path):
 SEED, INGEST_KILLS, MINE_KILLS = 15, 6, 4
 
 
-def kill_at(home, argv, files, at: float, env, log, mid_work: bool = False) -> dict:
-    """Start `harvest argv`, SIGKILL it `at` seconds later (unless it ended first), or with `mid_work` as soon
-    as it has written its first new file; check its tree dies."""
-    before, t0 = len(files(home)), time.monotonic()
+def kill_at(home, argv, files, at: float, env, log, max_new: int) -> dict:
+    """Start `harvest argv`, SIGKILL it `at` seconds later, or as soon as it has written `max_new` files of new
+    names, whichever comes first; check its tree dies. The cap keeps work for the next kill: an attempt that
+    finished the whole job would leave the later ones nothing to interrupt."""
+    before, t0 = set(files(home)), time.monotonic()
     tree = Tree(harvest_popen(home, *argv, env=env, log=log))
     while time.monotonic() - t0 < at and tree.proc.poll() is None:
         tree.poll()
-        if mid_work and len(files(home)) > before:
+        if len(set(files(home)) - before) >= max_new:
             break
         time.sleep(0.01)
     if tree.proc.poll() is not None:   # it finished first: nothing left to kill
         assert tree.proc.returncode == 0
-        return {"at_s": round(at, 1), "killed": False, "new_files": len(files(home)) - before}
+        return {"at_s": round(at, 1), "killed": False, "new_files": len(set(files(home)) - before)}
     gone_in = tree.kill_and_check(within=5)
-    return {"at_s": round(at, 1), "killed": True, "new_files": len(files(home)) - before,
+    return {"at_s": round(at, 1), "killed": True, "new_files": len(set(files(home)) - before),
             "descendants": len(tree.seen), "gone_in_s": round(gone_in, 2)}
 
 
@@ -309,9 +310,9 @@ def mined_rows(home):
 def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_base_home, prefect_api, tmp_path):
     """Against the session's Prefect server (PREFECT_API_URL): 6 kills of `harvest ingest nih` (1,500 PNGs, 6
     chunks), 4 of `harvest mine` (40 images, 10 shards), each at a seeded random time within the clean run's
-    duration (start-up, decoding, commits, mining: wherever it falls), the last of each right after its first
-    new file (mid-work even when a loaded machine stretches the start-up); then a rerun, compared with the
-    clean run."""
+    duration (start-up, decoding, commits, mining: wherever it falls) or right after its first new file (ingest)
+    or second (mine), so that no attempt finishes the job; the last of each right after its first new file
+    (mid-work even when a loaded machine stretches the start-up); then a rerun, compared with the clean run."""
     rng = random.Random(SEED)
     env = {**os.environ, "HARVEST_LOCK_TIMEOUT": "60"}
     log = open(tmp_path / "harvest.log", "ab")
@@ -321,9 +322,9 @@ def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_
     ingest = ["ingest", "nih", "--root", str(root), "--sizes", "32"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     report["ingest_clean_s"] = timed(clean, ingest, env, log)
-    kill_until(INGEST_KILLS - 1, report["ingest"], lambda: kill_at(
-        killed, ingest, shard_files, rng.uniform(0.15, 0.7) * report["ingest_clean_s"], env, log))
-    report["ingest"].append(kill_at(killed, ingest, shard_files, 300, env, log, mid_work=True))   # whatever the load
+    kill_until(INGEST_KILLS - 1, report["ingest"], lambda: kill_at(   # at most 5 of the 6 chunks written
+        killed, ingest, shard_files, rng.uniform(0.15, 0.7) * report["ingest_clean_s"], env, log, max_new=1))
+    report["ingest"].append(kill_at(killed, ingest, shard_files, 300, env, log, max_new=1))   # whatever the load
     report["ingest_rerun_s"] = timed(killed, ingest, env, log)
     assert warehouse_rows(killed) == warehouse_rows(clean)
     assert len(warehouse_rows(killed)["images"]) == 1500
@@ -337,9 +338,9 @@ def test_kill_9_at_random_points_of_ingest_and_mine_then_rerun(make_nih, mining_
     mine = ["mine", "--model", "tiny-r18", "--split", "all", "--shard-size", "4", "--workers", "1"]
     clean_m, killed_m = (shutil.copytree(mining_base_home, tmp_path / name) for name in ("clean_m", "killed_m"))
     report["mine_clean_s"] = timed(clean_m, mine, env, log)
-    kill_until(MINE_KILLS - 1, report["mine"], lambda: kill_at(
-        killed_m, mine, parts, rng.uniform(0.15, 0.7) * report["mine_clean_s"], env, log))
-    report["mine"].append(kill_at(killed_m, mine, parts, 300, env, log, mid_work=True))
+    kill_until(MINE_KILLS - 1, report["mine"], lambda: kill_at(   # at most 6 of the 10 parts written
+        killed_m, mine, parts, rng.uniform(0.15, 0.7) * report["mine_clean_s"], env, log, max_new=2))
+    report["mine"].append(kill_at(killed_m, mine, parts, 300, env, log, max_new=1))
     report["mine_rerun_s"] = timed(killed_m, mine, env, log)
     got, want = mined_rows(killed_m), mined_rows(clean_m)
     assert len(got) == len(want) > 0 and got == want
