@@ -4,19 +4,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows._runtime import prefect_api
+from flows._verbs import create_markdown_artifact, flow
 from flows.harvest import resolve_config
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.ablation import stage_model_id, training_config, variants
-from pipeline.evaluation.compare import comparison_table, to_markdown
-from pipeline.evaluation.run import evaluate_run
 from pipeline.harvest_config import input_size, load_sections
 from pipeline.home import Home
 from warehouse import db
@@ -26,6 +22,10 @@ PROTOCOLS = ("all/iou", "all/iou@truth", "bounded/iou")
 
 @flow(name="ablate", log_prints=True)
 def ablate_flow(home: str, source: str | None, config: str) -> dict:
+    import pandas as pd
+
+    from pipeline.evaluation.compare import comparison_table, to_markdown
+    from pipeline.evaluation.run import evaluate_run
     t0 = time.perf_counter()
     config = str(resolve_config(config))
     mining = load_sections(config)["mining"]

@@ -1,7 +1,8 @@
 """The whole chain, `ingest -> train -> mine -> evaluate -> export`, as one flow; and `harvest demo`.
 
 The scheduled deployment (prefect.yaml) runs this flow with `incremental=True`: it ingests what was added to
-the source folder since the last run and mines only those images, with the current model.
+the source folder since the last run and mines only those images, with the current model. `harvest_flow` is a
+deployment's entrypoint, so it is a Prefect flow from import on; torch loads only when a verb runs.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pipeline import amp
 from pipeline.harvest_config import check, input_size, load_sections
 from pipeline.home import Home
 from pipeline.training.config import load_config
-from pipeline.training.engine import device_of
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -114,6 +114,7 @@ def _demo(args) -> int:
     config = resolve_config(args.config)
     check(config)   # a bad config fails here, in one line, before the phantom data or a Prefect server
     home = Home.resolve(args.home).make()
+    from pipeline.training.engine import device_of
     print(f"hardware: {amp.describe(device_of(load_config(config).runtime))}")
     source = ensure_phantom(home, config)
     print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")

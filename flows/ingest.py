@@ -3,24 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.artifacts import create_table_artifact
-
 from flows._runtime import prefect_api
+from flows._verbs import create_table_artifact, flow, task
 from pipeline.home import Home
-from pipeline.ingest.common import ingest_lock
-from pipeline.ingest.dicom import ingest_dicom
-from pipeline.ingest.nih import ingest_nih
 from pipeline.runs import recorded_run
 
 
 @task(name="ingest-nih")
 def ingest_nih_task(home: str, root: str, sizes: list[int], metadata_only: bool) -> dict:
+    from pipeline.ingest.nih import ingest_nih
     return ingest_nih(home, root, sizes=tuple(sizes), metadata_only=metadata_only)
 
 
 @task(name="ingest-dicom")
 def ingest_dicom_task(home: str, root: str, sizes: list[int]) -> dict:
+    from pipeline.ingest.dicom import ingest_dicom
     return ingest_dicom(home, root, sizes=tuple(sizes))
 
 
@@ -50,6 +47,7 @@ def _run(args) -> int:
     against $PREFECT_API_URL or a loopback server that dies with this process (`prefect_api`)."""
     if not Path(args.root).is_dir():   # before any server starts or the home is made
         raise FileNotFoundError(f"--root {args.root}: no such folder")
+    from pipeline.ingest.common import ingest_lock
     home = Home.resolve(args.home).make()
     with ingest_lock(home), prefect_api(home.root):
         ingest_flow(str(home.root), args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))

@@ -188,10 +188,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run the flow against $PREFECT_API_URL, or a loopback Prefect server shared with the Dask workers."""
-    from pipeline.mining import MiningConfig
-    from pipeline.training.checkpoint import model_row
+    from pipeline.mining.config import MiningConfig
 
-    config = MiningConfig.from_yaml(args.config) if args.config else None
+    config = MiningConfig.from_yaml(args.config) if args.config else None   # checked before torch loads
+    from pipeline.training.checkpoint import model_row
     home = str(Home.resolve(getattr(args, "home", None)).root)
     model_row(home, args.model)   # fail fast (bad config, no model, no warehouse) before a server starts
     with prefect_api(home):

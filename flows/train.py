@@ -1,17 +1,16 @@
 """Flow 2: staged training (base -> MSA init -> end-to-end -> AM/KP stages), a thin wrapper of
-`pipeline.training`. `harvest train --config configs/demo.yaml`."""
+`pipeline.training`. `harvest train --config configs/demo.yaml`. Prefect and torch load only once the config
+has passed its checks (`flows._verbs`)."""
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
-
 from flows._runtime import prefect_api
+from flows._verbs import create_table_artifact, flow, task
 from pipeline.home import Home
 from pipeline.runs import recorded_run
-from pipeline.training import default_nproc, lineage, load_config, train_distributed
+from pipeline.training.config import load_config
 
 
 @contextmanager
@@ -33,12 +32,16 @@ def forward_logs(name: str, target: logging.LoggerAdapter):
 
 @task(name="train-stages")
 def train_task(home: str, config_path: str, nproc: int, resume: bool) -> str:
+    from prefect import get_run_logger
+
+    from pipeline.training import train_distributed
     with forward_logs("pipeline.training", get_run_logger()):
         return train_distributed(home, config_path, nproc, resume=resume)
 
 
 @flow(name="train", log_prints=True)
 def train_flow(home: str, config_path: str, resume: bool = True, nproc: int | None = None) -> str:
+    from pipeline.training import default_nproc, lineage
     nproc = nproc or default_nproc()
     params = {"config": config_path, "resume": resume, "nproc": nproc}
     with recorded_run(home, "train", params) as run_id:

@@ -1,11 +1,20 @@
-"""Pure torch modules: backbone registry, MSA necks, class-wise head, erasure, KP loss. No I/O."""
-from models.backbones import BACKBONES, register_backbone
-from models.head import ClassWiseHead, classwise_logits_reference
-from models.knowledge_preservation import KP_LAYERS, freeze_batchnorm, frozen_copy, kp_loss
-from models.msa import NECKS
-from models.resnet_msa import ResNetMSA, create_model, list_models
+"""Pure torch modules: backbone registry, MSA necks, class-wise head, erasure, KP loss. No I/O.
 
-__all__ = [
-    "BACKBONES", "NECKS", "KP_LAYERS", "ClassWiseHead", "ResNetMSA", "classwise_logits_reference",
-    "create_model", "freeze_batchnorm", "frozen_copy", "kp_loss", "list_models", "register_backbone",
-]
+Names are imported lazily: `models.names` (what a config may name) loads without torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "BACKBONES": "backbones", "register_backbone": "backbones", "NECKS": "msa",
+    "ClassWiseHead": "head", "classwise_logits_reference": "head",
+    "KP_LAYERS": "knowledge_preservation", "freeze_batchnorm": "knowledge_preservation",
+    "frozen_copy": "knowledge_preservation", "kp_loss": "knowledge_preservation",
+    "ResNetMSA": "resnet_msa", "create_model": "resnet_msa", "list_models": "resnet_msa",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"models.{_EXPORTS[name]}"), name)

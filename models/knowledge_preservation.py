@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-KP_LAYERS: tuple[str, ...] = ("layer3", "layer4", "msa", "logits")
+from models.names import KP_LAYERS
 
 
 def gap_features(t: torch.Tensor) -> torch.Tensor:

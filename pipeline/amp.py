@@ -7,14 +7,18 @@ docs/benchmarks.md). An explicit `bf16` or `none` is honoured; a forced bf16 on 
 
 The AVX2-only path can be emulated on a bigger CPU with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`;
 both variables are read here, so `auto` then decides as that CPU would.
+
+torch is imported on first call, not at import: config checks read `MODES` without loading it.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,8 @@ _CAPPED_ISAS = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2")
 
 def cpu_bf16_native() -> bool:
     """True when this CPU (as torch and oneDNN are allowed to use it) runs bf16 kernels natively."""
+    import torch
+
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").lower()
     if isa in _CAPPED_ISAS:
         return False
@@ -34,6 +40,8 @@ def cpu_bf16_native() -> bool:
 
 
 def bf16_native(device: torch.device | str) -> bool:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -44,11 +52,15 @@ def bf16_native(device: torch.device | str) -> bool:
 
 def resolve_amp(mode: str, device: torch.device | str) -> str:
     """`auto` | `bf16` | `none` -> the mode to run on `device`: `bf16` or `none`."""
+    import torch
+
     return _resolve(mode, torch.device(device))
 
 
 @functools.lru_cache(maxsize=None)   # decided (and warned about) once per mode and device
 def _resolve(mode: str, device: torch.device) -> str:
+    import torch
+
     if mode not in MODES:
         raise ValueError(f"amp must be one of {', '.join(MODES)}, got {mode!r}")
     native = bf16_native(device)
@@ -63,6 +75,8 @@ def _resolve(mode: str, device: torch.device) -> str:
 
 def describe(device: torch.device | str) -> str:
     """One line for benches and logs: the device and what `auto` picks there."""
+    import torch
+
     device = torch.device(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()}"
@@ -71,4 +85,6 @@ def describe(device: torch.device | str) -> str:
 
 def autocast(device: torch.device, mode: str):
     """The autocast context of `mode` (`auto` resolved for `device`) for a forward on `device`."""
+    import torch
+
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_amp(mode, device) == "bf16")

@@ -14,13 +14,13 @@ import hashlib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import BACKBONES, NECKS
-from models.knowledge_preservation import KP_LAYERS
+from models.names import BACKBONE_NAMES, KP_LAYERS, NECK_NAMES
 from pipeline.amp import MODES as AMP_MODES
 from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
                                   require)
@@ -143,8 +143,8 @@ class TrainConfig:
         checks = [
             ("name", self.name, self.name != "", "must be a non-empty string"),
             ("seed", self.seed, self.seed >= 0, "must be an integer >= 0"),
-            ("model.arch", m.arch, m.arch in BACKBONES, one_of(BACKBONES)),
-            ("model.neck", m.neck, m.neck in NECKS, one_of(NECKS)),
+            ("model.arch", m.arch, m.arch in backbone_names(), one_of(backbone_names())),
+            ("model.neck", m.neck, m.neck in NECK_NAMES, one_of(NECK_NAMES)),
             ("model.init", m.init, m.init is None or Path(m.init).is_file(), "must be an existing weights file"),
             ("data.input_size", d.input_size, size_ok(d.input_size), f"must be {SIZE_RULE}"),
             ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "must be in (0, 1)"),
@@ -282,6 +282,13 @@ SIZE_RULE = "a multiple of 32, at least 64 (pixels)"
 AM_MODES = ("kp", "vanilla", "none")
 SCHEDULES = ("cosine", "constant")
 KP_REDUCTIONS = ("mean", "literal")     # models.knowledge_preservation.kp_loss
+
+
+def backbone_names() -> tuple[str, ...]:
+    """The built-in backbones, and any that code registered (`models.register_backbone`, which needs the
+    registry imported): the check stays torch-free when nothing was registered."""
+    registry = sys.modules.get("models.backbones")
+    return tuple(dict.fromkeys([*BACKBONE_NAMES, *(registry.BACKBONES if registry else ())]))
 
 
 def size_ok(size: int) -> bool:

@@ -30,10 +30,32 @@ def test_the_command_answers_in_well_under_two_seconds(home, args):
     assert seconds < 5, f"harvest {args[0]} took {seconds:.2f} s"   # about 0.1-0.4 s on 2 idle cores
 
 
-def test_the_query_module_imports_neither_prefect_nor_torch():
-    code = "import sys, flows.query; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'torch'}))"
+@pytest.mark.parametrize("modules, heavy", [
+    ("flows.query", {"prefect", "torch"}),
+    # what checks a config: a bad one fails before torch loads
+    ("pipeline.training.config, pipeline.mining.config, pipeline.detector.config, pipeline.harvest_config", {"torch"}),
+    # verbs whose flows are built on first use (flows._verbs)
+    ("flows.train, flows.ingest, flows.tune, flows.evaluate, flows.export, flows.detector", {"prefect", "torch"}),
+    # a deployment's entrypoint is a Prefect flow at import, so these load Prefect, but not torch
+    ("flows.harvest, flows.ablate, flows.mine", {"torch"})])
+def test_verb_and_config_modules_import_no_heavy_library(modules, heavy):
+    code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("verb, config", [("train", "runtime: {batch_size: -1}"), ("demo", "runtime: {amp: fp8}"),
+                                          ("mine", "batch_size: 0")])
+def test_a_bad_config_fails_in_one_line_before_torch_loads(tmp_path, verb, config):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config + "\n")
+    start = time.perf_counter()
+    done = subprocess.run([str(HARVEST), "--home", str(tmp_path / "home"), verb, "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"harvest {verb}: error: config {bad}: ")
+    assert seconds < 5, f"took {seconds:.2f} s"   # 0.3-1.5 s on 2 idle cores; torch alone takes 4-5
 
 
 def test_each_verb_module_registers_the_verbs_listed_for_it():

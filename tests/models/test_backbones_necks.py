@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from models import BACKBONES, NECKS, create_model, list_models
+from models.names import BACKBONE_NAMES, NECK_NAMES
 
 CHANNELS = {"resnet18": (256, 512), "resnet34": (256, 512), "resnet50": (1024, 2048)}
 
@@ -16,6 +17,7 @@ def _seed():
 @pytest.mark.parametrize("arch,neck", list_models())
 def test_contract_shapes(arch, neck):
     assert set(BACKBONES) == set(CHANNELS) and set(NECKS) == {"baseline", "bilinear", "deconv"}
+    assert tuple(BACKBONES) == BACKBONE_NAMES and tuple(NECKS) == NECK_NAMES   # what configs check, torch-free
     m = create_model(arch, neck, num_classes=14).eval()
     c3, c4 = CHANNELS[arch]
     S = 64
