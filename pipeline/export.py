@@ -354,10 +354,24 @@ def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path]) -> dict[str, 
     found = {}
     for root in roots:
         for path in dicom_files(root) if root.is_dir() and len(found) < len(by_sha) else []:
-            iid = by_sha.get(sha256_file(path))
+            iid = by_sha.get(content_sha256(path))
             if iid is not None and iid not in found:
                 found[iid] = path.resolve()
     return found
+
+
+_SHA_BY_STAT: dict[tuple, str] = {}
+
+
+def content_sha256(path: Path) -> str:
+    """`sha256_file`, remembered for this process by the file's identity and version (device, inode, size,
+    mtime, ctime): `harvest export` checks its sources before the flow, and the flow finds them again without reading
+    every DICOM file a second time. A file rewritten since is read anew."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA_BY_STAT:
+        _SHA_BY_STAT[key] = sha256_file(path)
+    return _SHA_BY_STAT[key]
 
 
 # ------------------------------------------------------------------------------------------ writers

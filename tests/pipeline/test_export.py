@@ -473,3 +473,19 @@ def test_cli_runs_the_flow_and_leaves_an_artifact(tmp_path, monkeypatch, capsys)
     runs = con.execute("SELECT status, params FROM runs WHERE flow = 'export' ORDER BY started_at").fetchall()
     con.close()
     assert [(s, json.loads(p)["run_id"]) for s, p in runs] == [("completed", RUN)]
+
+
+def test_a_dicom_source_is_hashed_once_per_process_and_again_once_rewritten(tmp_path):
+    """`harvest export` checks its sources, then its flow finds them again: the second pass reads no DICOM file
+    (a cached hash made wrong on purpose is believed), and a file rewritten since is read anew."""
+    home = make_home(tmp_path / "home")
+    dcm = tmp_path / "home-src" / "dicom" / "Doe^Jane.dcm"
+    ex.preflight(home, RUN, "coco")
+    st = dcm.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert ex._SHA_BY_STAT[key] == sha256_file(dcm)
+    ex._SHA_BY_STAT[key] = "0" * 64
+    with pytest.raises(FileNotFoundError, match=DICOM_ID):
+        ex.preflight(home, RUN, "coco")
+    dcm.write_bytes(dcm.read_bytes())   # the same bytes, a new version of the file
+    assert ex.preflight(home, RUN, "coco")[3].sources[DICOM_ID] == dcm.resolve()
