@@ -95,7 +95,7 @@ def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val",
 
     home = Home.resolve(home)
     stages = lineage(home, model_id)   # first stage first
-    _, meta = load_model(home, stages[-1]["model_id"])
+    last, meta = load_model(home, stages[-1]["model_id"], device=device)   # loaded once: meta now, maps below
     con = db.connect(home, read_only=True)
     try:
         if image_ids is not None:
@@ -116,7 +116,7 @@ def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val",
     pos = {iid: i for i, iid in enumerate(ds.image_ids)}
     tables = []
     for row in stages:
-        model, _ = load_model(home, row["model_id"], device=device)
+        model = last if row is stages[-1] else load_model(home, row["model_id"], device=device)[0]
         hms = heatmaps(model, ds, [pos[i] for i in pairs["image_id"]], list(pairs["finding"]), steps, device)
         maps = {"cam": [], "fused": []}
         for (iid, f), h in zip(pairs.itertuples(index=False), hms):
