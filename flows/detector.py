@@ -22,7 +22,7 @@ import time
 from flows._runtime import prefect_api
 from flows._verbs import create_markdown_artifact, create_table_artifact, flow, require_run, task
 from pipeline.home import Home
-from pipeline.runs import finish_run, recorded_run, start_run
+from pipeline.runs import recorded_run
 
 DEFAULT_SHARD_SIZE = 512
 
@@ -68,27 +68,17 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
                   amp: str, device: str) -> dict:
     from pipeline.detector.config import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
-    from pipeline.mining.runs import part_path, write_part
+    from pipeline.mining.runs import part_path, process_model, write_part
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
     if path.exists():
         return {"shard": shard, "images": len(image_ids), "rows": 0, "skipped": True}
-    model, meta = _loaded(home, model_id, device, load_detector)
+    (model, meta), _ = process_model((str(home.root), model_id, device),
+                                     lambda: load_detector(home, model_id, device))
     table = predict_table(home, model, meta, image_ids, run_id, PredictSection(**predict), amp)
     write_part(home, run_id, shard, table, image_ids)
     return {"shard": shard, "images": len(image_ids), "rows": table.num_rows, "skipped": False}
-
-
-_MODEL: dict = {}
-
-
-def _loaded(home: Home, model_id: str, device: str, load):
-    key = (str(home.root), model_id, device)
-    if key not in _MODEL:
-        _MODEL.clear()
-        _MODEL[key] = load(home, model_id, device)
-    return _MODEL[key]
 
 
 def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict]:
@@ -111,7 +101,7 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict]:
 @flow(name="detector-predict", log_prints=True)
 def predict_flow(home: str, model: str, split: str = "test", shard_size: int = DEFAULT_SHARD_SIZE,
                  config=None, device: str = "auto") -> dict:
-    from pipeline.mining.runs import finished_parts, list_images, plan_shards, run_dir
+    from pipeline.mining.runs import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
     from pipeline.amp import resolve_amp
     from pipeline.detector.train import device_of
 
@@ -128,14 +118,10 @@ def predict_flow(home: str, model: str, split: str = "test", shard_size: int = D
     jobs = plan_shards(images, shard_size, done)
     params = {"detector": model_id, "mining_run": stored["mining_run"], "split": split, "predict": predict,
               "amp": amp, "shard_size": shard_size, "method": "detector"}
-    start_run(home_, "detect", params, model_id, run_id)   # evaluation draws no heatmaps for a detector run
-    try:
+    # flow 'detect': evaluation draws no heatmaps for a detector run
+    with recorded_parts_run(home_, "detect", params, model_id, run_id):
         results = [predict_shard(str(home_.root), run_id, index, ids, model_id, predict, amp, str(dev))
                    for index, ids in jobs]
-    except BaseException:
-        finish_run(home_, run_id, "failed")
-        raise
-    finish_run(home_, run_id, "completed")
     summary = {"run_id": run_id, "detector": model_id, "split": split, "images": len(images),
                "shards_done_before": len(done), "shards_predicted": sum(not r["skipped"] for r in results),
                "rows": sum(r["rows"] for r in results), "amp": amp, "seconds": round(time.perf_counter() - t0, 1)}

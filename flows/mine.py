@@ -25,12 +25,10 @@ from tqdm.auto import tqdm
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
 from pipeline.home import Home
 from pipeline.mining.runs import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
-                                  run_dir, write_part)
-from pipeline.runs import finish_run, start_run
+                                  process_model, recorded_parts_run, run_dir, write_part)
 from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048
-_WORKER_MODEL: dict = {}                   # per worker process: (home, model_id, sha256) -> model
 
 
 def mining_config(config=None):
@@ -47,19 +45,6 @@ def mining_config(config=None):
 
 # ---- the task: thin, one pipeline call plus the atomic write -------------------------------------------
 
-def _worker_model(home: Home, model_id: str, sha256: str) -> tuple:
-    """-> (model, loaded now). The model is loaded once per worker process, keyed by checkpoint sha so a
-    retrained id never goes stale."""
-    from pipeline.training.checkpoint import load_model
-
-    key = (str(home.root), model_id, sha256)
-    if key in _WORKER_MODEL:
-        return _WORKER_MODEL[key], False
-    _WORKER_MODEL.clear()   # one model per worker: bounded memory across runs on a long-lived cluster
-    _WORKER_MODEL[key] = load_model(home, model_id, device=worker_device())[0]
-    return _WORKER_MODEL[key], True
-
-
 @task(name="mine-shard", task_run_name="mine-shard-{shard:05d}", retries=2, retry_delay_seconds=1,
       cache_policy=NO_CACHE, persist_result=False)
 def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, sha256: str,
@@ -67,6 +52,7 @@ def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], mo
     """Mine one shard into its part. A part already present (written by an attempt on a lost worker, or by
     the killed run) is final: parts are written whole or not at all."""
     from pipeline.mining import mine_shard
+    from pipeline.training.checkpoint import load_model
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
@@ -74,7 +60,9 @@ def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], mo
     if path.exists():
         return {**out, "rows": pq.read_metadata(path).num_rows, "seconds": 0.0, "skipped": True}
     t0 = time.perf_counter()
-    model, out["loaded_model"] = _worker_model(home, model_id, sha256)
+    # keyed by checkpoint sha, so a retrained id never goes stale
+    model, out["loaded_model"] = process_model((str(home.root), model_id, sha256),
+                                               lambda: load_model(home, model_id, device=worker_device())[0])
     out["device"] = str(next(model.parameters()).device)
     table = mine_shard(home, model_id, image_ids, config, run_id, model=model)
     write_part(home, run_id, shard, table, image_ids)
@@ -107,14 +95,13 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
     jobs = plan_shards(image_ids, shard_size, done)
     params = {"model": model, "split": split, "shard_size": shard_size, "dask_address": dask_address,
               "config": cfg.to_dict(), "config_hash": cfg.config_hash()}
-    start_run(home, "mine", params, model_id, run_id)
-    if dask_address and not PREFECT_API_URL.value():
-        get_run_logger().warning("no PREFECT_API_URL: each worker of %s starts a Prefect server of its own; "
-                                 "use `harvest mine` or set PREFECT_API_URL", dask_address)
-    progress = create_progress_artifact(0.0 if jobs else 100.0, key=f"{run_id}-progress",
-                                        description=f"mining {len(image_ids)} {split} images with {model_id}")
-    results, failures = [], []
-    try:
+    with recorded_parts_run(home, "mine", params, model_id, run_id):   # a writable connect refreshes the views
+        if dask_address and not PREFECT_API_URL.value():
+            get_run_logger().warning("no PREFECT_API_URL: each worker of %s starts a Prefect server of its own; "
+                                     "use `harvest mine` or set PREFECT_API_URL", dask_address)
+        progress = create_progress_artifact(0.0 if jobs else 100.0, key=f"{run_id}-progress",
+                                            description=f"mining {len(image_ids)} {split} images with {model_id}")
+        results, failures = [], []
         if jobs:
             with dask_task_runner(dask_address, n_workers, _api_url()) as runner:
                 futures = [runner.submit(mine_shard_task, dict(
@@ -130,12 +117,6 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
         if failures:
             raise RuntimeError(f"{len(failures)} of {len(jobs)} shard(s) of {run_id} failed (first: "
                                f"{failures[0]!r}); rerun the same command to mine only what is missing")
-    except BaseException:
-        finish_run(home, run_id, "failed")
-        raise
-    for tmp in run_dir(home, run_id).glob(".part-*.tmp"):   # left by writers killed mid-write
-        tmp.unlink(missing_ok=True)
-    finish_run(home, run_id, "completed")   # a writable connect also refreshes the Parquet views
     summary = _summary(home, run_id, model_id, split, image_ids, done, results, time.perf_counter() - t0)
     create_table_artifact([summary], key=f"{run_id}-summary", description=f"harvest mine {split} with {model_id}")
     get_run_logger().info("mined %s", ", ".join(f"{k}={v}" for k, v in summary.items()))

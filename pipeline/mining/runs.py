@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.harvest_config import SPLITS as IMAGE_SPLITS
 from pipeline.home import Home
+from pipeline.runs import recorded_run
 from warehouse import db
 
 SPLITS = (*IMAGE_SPLITS, "all")
@@ -91,3 +94,26 @@ def write_part(home: Home, run_id: str, shard: int, table: pa.Table, image_ids: 
 def mined_image_ids(home: Home, run_id: str) -> list[str]:
     """Every image the run's parts cover, boxed or not."""
     return [i for ids in finished_parts(run_dir(home, run_id)).values() for i in ids]
+
+
+@contextmanager
+def recorded_parts_run(home: Home, flow: str, params: dict, model_id: str, run_id: str):
+    """`pipeline.runs.recorded_run` under the run's own id (its parts' folder); once every part is written, the
+    temporary files of writers killed mid-write are removed before the run is marked completed."""
+    with recorded_run(home, flow, params, model_id, run_id):
+        yield run_id
+        for tmp in run_dir(home, run_id).glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+_MODEL: dict = {}   # per process: one model, by key
+
+
+def process_model(key: tuple, load: Callable[[], object]) -> tuple[object, bool]:
+    """-> (the model of `key`, loaded now). Loaded once per process (a Dask worker mines many shards), and one
+    kept at a time: bounded memory across runs on a long-lived cluster."""
+    if key in _MODEL:
+        return _MODEL[key], False
+    _MODEL.clear()
+    _MODEL[key] = load()
+    return _MODEL[key], True
