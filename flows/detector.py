@@ -81,8 +81,9 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
     return {"shard": shard, "images": len(image_ids), "rows": table.num_rows, "skipped": False}
 
 
-def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict]:
-    """(the detector's models row, predict settings: its config's `predict`, updated by `config`'s)."""
+def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict]:
+    """(the detector's models row, its stored config, predict settings: the stored `predict`, updated by
+    `config`'s)."""
     from pipeline.detector.config import DetectorConfig, PredictSection
     from pipeline.training.checkpoint import model_row
 
@@ -95,7 +96,7 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict]:
     if config is not None:
         predict.update(DetectorConfig.load(config).to_dict()["predict"] if not isinstance(config, dict)
                        else config.get("predict", {}))
-    return row, PredictSection(**predict).__dict__
+    return row, stored, PredictSection(**predict).__dict__
 
 
 @flow(name="detector-predict", log_prints=True)
@@ -107,8 +108,7 @@ def predict_flow(home: str, model: str, split: str = "test", shard_size: int = D
 
     t0 = time.perf_counter()
     home_ = Home.resolve(home)
-    row, predict = predict_settings(home_, model, config)
-    stored = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+    row, stored, predict = predict_settings(home_, model, config)
     dev = device_of(device)
     amp = resolve_amp(stored["runtime"]["amp"], dev)
     model_id = row["model_id"]

@@ -272,17 +272,18 @@ def kill_at(home, argv, files, at: float, env, log, max_new: int) -> dict:
     names, whichever comes first; check its tree dies. The cap keeps work for the next kill: an attempt that
     finished the whole job would leave the later ones nothing to interrupt."""
     before, t0 = set(files(home)), time.monotonic()
+    new_files = lambda: len(set(files(home)) - before)   # noqa: E731
     tree = Tree(harvest_popen(home, *argv, env=env, log=log))
     while time.monotonic() - t0 < at and tree.proc.poll() is None:
         tree.poll()
-        if len(set(files(home)) - before) >= max_new:
+        if new_files() >= max_new:
             break
         time.sleep(0.01)
     if tree.proc.poll() is not None:   # it finished first: nothing left to kill
         assert tree.proc.returncode == 0
-        return {"at_s": round(at, 1), "killed": False, "new_files": len(set(files(home)) - before)}
+        return {"at_s": round(at, 1), "killed": False, "new_files": new_files()}
     gone_in = tree.kill_and_check(within=5)
-    return {"at_s": round(at, 1), "killed": True, "new_files": len(set(files(home)) - before),
+    return {"at_s": round(at, 1), "killed": True, "new_files": new_files(),
             "descendants": len(tree.seen), "gone_in_s": round(gone_in, 2)}
 
 

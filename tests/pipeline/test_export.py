@@ -3,9 +3,12 @@ checker when installed), NIH CSV re-ingestion into a fresh home."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +263,6 @@ def test_yolo_has_the_ultralytics_layout(home, tmp_path):
 def test_yolo_passes_ultralytics_check_det_dataset(home, tmp_path):
     """Ultralytics' own dataset checker, offline, in a process of its own (importing ultralytics sets process-wide
     options). `make test` installs it without its dependencies (Makefile `TEST_READERS`); skipped where absent."""
-    import importlib.util
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("ultralytics") is None:
         pytest.skip("ultralytics is not installed (`make test` installs it)")
     out = ex.export(home, RUN, "yolo", tmp_path / "yolo")
@@ -291,7 +290,6 @@ def test_nih_csv_has_nih_layout_and_reingests(home, tmp_path):
     csv = out / "BBox_List_2017.csv"
     lines = csv.read_text().splitlines()
     import gzip
-    import importlib.util
     xrv = importlib.util.find_spec("torchxrayvision")  # its data file only: importing it loads torch
     real = Path(xrv.submodule_search_locations[0]) / "data" / "BBox_List_2017.csv.gz"
     with gzip.open(real, "rt") as f:
