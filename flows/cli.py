@@ -20,6 +20,7 @@ COMMANDS = {
     "sql": ("flows.query", "run a read-only SQL query over the warehouse and print a table"),
     "status": ("flows.query", "counts per table, last runs, rejects by reason"),
     "phantom": ("flows.phantom", "write a phantom ChestX-ray14 in the NIH layout (exact boxes in truth.csv)"),
+    "pretrain": ("flows.pretrain", "make starting weights from a phantom of a seed reserved for pretraining"),
     "train": ("flows.train", "train the ResNet-MSA classifier with attention mining and KP"),
     "mine": ("flows.mine", "mine boxes with a trained model, sharded on Dask"),
     "tune": ("flows.tune", "choose mining box thresholds on the validation split"),

@@ -22,6 +22,7 @@ from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
 from pipeline.home import Home
+from pipeline.phantom.seeds import check_scorable, ingested_phantom_seeds
 from pipeline.vocab import BOXED_FINDINGS, INDEX
 from warehouse import db
 
@@ -67,6 +68,8 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     home = Home.resolve(home)
     con = db.connect(home)
     try:
+        for seed in ingested_phantom_seeds(con, home):
+            check_scorable(seed)
         info = run_info(con, run_id)
         mined = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
                                            [run_id]).fetchall()]
