@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows._runtime import prefect_api  # noqa: E402
-from pipeline.home import Home  # noqa: E402
+from pipeline.base.home import Home  # noqa: E402
 from warehouse import db  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.amp import describe
+    from pipeline.base.amp import describe
     from pipeline.detector.config import DetectorConfig
 
     t0 = time.perf_counter()

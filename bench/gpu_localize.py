@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.ablation import stage_model_id, training_config, variants  # noqa: E402
 from pipeline.evaluation.bootstrap import acc_intervals  # noqa: E402
 from pipeline.evaluation.references import cai_table3  # noqa: E402
-from pipeline.home import Home  # noqa: E402
-from pipeline.vocab import BOXED_FINDINGS  # noqa: E402
+from pipeline.base.home import Home  # noqa: E402
+from pipeline.base.vocab import BOXED_FINDINGS  # noqa: E402
 
 # The settings of docs/results/gpu-phantom-acc.csv -> (group, setting) of pipeline.ablation.variants()
 SETTINGS = {"am3-kp": ("KP", "KP"), "am1": ("AM", "t=1"), "am2": ("AM", "t=2"), "am3-none": ("KP", "w/o KP"),
@@ -124,8 +124,8 @@ def train(home: Home, config, settings: list[str], minutes: float) -> int:
 def mine(home: Home, model_id: str, split: str, mining: dict, device: str) -> str:
     """Mine `split` with `model_id` into a recorded run (the parts of `harvest mine`, without Prefect)."""
     from pipeline.mining import MiningConfig, mine_shard
-    from pipeline.mining.runs import finished_parts, list_images, mining_run_id, plan_shards, run_dir, write_part
-    from pipeline.runs import finish_run, start_run
+    from pipeline.runs.parts import finished_parts, list_images, mining_run_id, plan_shards, run_dir, write_part
+    from pipeline.runs.record import finish_run, start_run
     from pipeline.training.checkpoint import load_model
     cfg = MiningConfig.from_dict({**mining, "device": device}).resolved(device)
     run_id = mining_run_id(model_id, cfg.config_hash(), split)

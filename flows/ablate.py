@@ -14,7 +14,7 @@ from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.ablation import stage_model_id, training_config, variants
 from pipeline.harvest_config import input_size, load_sections
-from pipeline.home import Home
+from pipeline.base.home import Home
 from warehouse import db
 
 PROTOCOLS = ("all/iou", "all/iou@truth", "bounded/iou")

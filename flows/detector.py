@@ -21,8 +21,9 @@ import time
 
 from flows._runtime import prefect_api
 from flows._verbs import create_markdown_artifact, create_table_artifact, flow, require_run, task
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.base.vocab import SPLITS
+from pipeline.runs.record import recorded_run
 
 DEFAULT_SHARD_SIZE = 512
 
@@ -68,7 +69,7 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
                   amp: str, device: str) -> dict:
     from pipeline.detector.config import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
-    from pipeline.mining.runs import part_path, process_model, write_part
+    from pipeline.runs.parts import part_path, process_model, write_part
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
@@ -102,8 +103,8 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict
 @flow(name="detector-predict", log_prints=True)
 def predict_flow(home: str, model: str, split: str = "test", shard_size: int = DEFAULT_SHARD_SIZE,
                  config=None, device: str = "auto") -> dict:
-    from pipeline.mining.runs import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
-    from pipeline.amp import resolve_amp
+    from pipeline.runs.parts import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
+    from pipeline.base.amp import resolve_amp
     from pipeline.detector.train import device_of
 
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def register(sub) -> None:
                         description="Detect on every image of a split; the boxes become a mined_boxes run "
                                     "(method 'detector') that evaluate, export and sql take like any run.")
     q.add_argument("--model", required=True, help="detector model id (`harvest detector train` prints it)")
-    q.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+    q.add_argument("--split", default="test", choices=(*SPLITS, "all"),
                    help="images to detect on (default test)")
     q.add_argument("--config", metavar="YAML", help="a detector config whose `predict` section overrides the "
                                                    "detector's own")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from flows._verbs import create_markdown_artifact, flow, require_run, task
 from pipeline.export import FORMATS, IMAGE_MODES, MANIFEST, export
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.labelstudio import URL_PREFIX
-from pipeline.runs import recorded_run
+from pipeline.runs.record import recorded_run
 
 
 @task(name="export")

@@ -18,9 +18,9 @@ from flows.export import export_flow
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
-from pipeline import amp
+from pipeline.base import amp
 from pipeline.harvest_config import check, input_size, load_sections
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
-from pipeline.home import Home
-from pipeline.mining.runs import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
+from pipeline.base.home import Home
+from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
                                   process_model, recorded_parts_run, run_dir, write_part)
 from warehouse import db
 

@@ -3,7 +3,7 @@ source `review` (pipeline.review). A short warehouse write: no Prefect, no torch
 from __future__ import annotations
 
 from flows._verbs import require_run
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.review import FORMATS, import_review
 
 REJECTS_SQL = "SELECT path, reason, detail FROM rejects WHERE stage = 'review' AND source = '{}'"

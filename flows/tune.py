@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from flows._runtime import prefect_api
 from flows._verbs import create_table_artifact, flow
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.runs.record import recorded_run
 
 
 @flow(name="tune-mining", log_prints=True)

@@ -42,17 +42,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.files import sha256_file
-from pipeline.home import Home
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
 from pipeline.labelstudio import LABEL_CONFIG, URL_PREFIX, image_url, label_config, task, verify_labelstudio
-from pipeline.mining.runs import mined_image_ids
-from pipeline.runs import code_version
-from pipeline.vocab import FINDINGS, INDEX, NO_FINDING, normalize_finding
+from pipeline.runs.parts import mined_image_ids
+from pipeline.runs.record import code_version, writer
+from pipeline.base.vocab import FINDINGS, INDEX, NO_FINDING, SPLITS, normalize_finding
 from warehouse.db import connect
+
 
 FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
 IMAGE_MODES = ("link", "copy", "none")
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 # BBox_List_2017.csv as NIH ships it: the unquoted header splits into `Bbox [x`, `y`, `w`, `h]` plus three
 # empty columns, and Infiltration is spelled `Infiltrate` (docs/design.md#data-contracts).
@@ -89,7 +89,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
 
     Filters: `min_score` keeps boxes with score >= it; `ranks` keeps those box ranks (None: all ranks;
     the default keeps the top box per image and finding); `findings` keeps those findings (any spelling
-    that :func:`pipeline.vocab.normalize_finding` accepts). `images`: link | copy | none (module docstring);
+    that :func:`pipeline.base.vocab.normalize_finding` accepts). `images`: link | copy | none (module docstring);
     `image_roots`: folders searched for the source files before the recorded ingest roots; `url_prefix`
     (labelstudio): what `data.image` starts with, before the image's path. An existing export at `out_dir` is
     replaced.
@@ -147,7 +147,7 @@ def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(),
 
 def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
     """Images (id -> row), filtered boxes, the run/model trace and the recorded ingest roots, from the warehouse."""
-    con = connect(home)
+    con = writer(home)
     try:
         run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
                         "FROM runs WHERE run_id = ?", run_id)
@@ -182,7 +182,7 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         con.close()
     salt = None
     if pseudonyms:
-        from pipeline.dicom import pseudonym
+        from pipeline.images.dicom import pseudonym
         from pipeline.ingest.dicom import home_salt
         salt = home_salt(home)
     for im in images:  # the patient id never leaves this function; NIH CSV gets a keyed pseudonym
@@ -310,7 +310,7 @@ class ImageFiles:
         if im["image_id"] in self.decode:
             from PIL import Image
 
-            from pipeline.dicom import read_dicom
+            from pipeline.images.dicom import read_dicom
             pixels = read_dicom(src, salt=self.salt).pixels
             _check_frame(im, pixels.shape[1], pixels.shape[0], "decoded DICOM")
             Image.fromarray(pixels).save(dest, compress_level=1)
@@ -558,7 +558,7 @@ def verify_yolo(out: Path, _files: ImageFiles) -> None:
     data = yaml.safe_load((out / "data.yaml").read_text())
     if not {"train", "val", "names", "nc"} <= set(data) or len(data["names"]) != data["nc"]:
         raise ValueError(f"data.yaml lacks train, val, names or nc: {sorted(data)}")
-    for key in ("train", "val", "test"):
+    for key in SPLITS:
         if key in data and not (out / data[key]).is_dir():
             raise ValueError(f"data.yaml {key}: {data[key]} is not a folder of the export")
     for image in (out / "images").rglob("*"):
@@ -577,7 +577,7 @@ def verify_yolo(out: Path, _files: ImageFiles) -> None:
 def verify_nih_csv(out: Path, files: ImageFiles) -> None:
     """What `harvest ingest nih` accepts: every box on a listed image, of a finding in its labels, inside its frame."""
     from pipeline.ingest.nih import read_bbox_csv, read_data_entry
-    from pipeline.vocab import parse_labels
+    from pipeline.base.vocab import parse_labels
     entry = read_data_entry(out / "Data_Entry_2017.csv").set_index("image_id")
     for rec in read_bbox_csv(out / "BBox_List_2017.csv").itertuples(index=False):
         row = entry.loc[rec.image_id]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
                                   require)
+from pipeline.base.vocab import SPLITS
 
 HARVEST_SECTIONS = ("phantom", "mining", "export")
-SPLITS = ("train", "val", "test")   # the warehouse's `images.split` values
 DEFAULTS = {
     "phantom": {"n": 600, "seed": 0, "size": 1024},
     "mining": {"split": "all", "shard_size": 256},

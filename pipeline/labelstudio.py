@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import numpy as np
 
-from pipeline.vocab import FINDINGS
+from pipeline.base.vocab import FINDINGS
 
 FROM_NAME, TO_NAME = "finding", "image"          # the RectangleLabels and Image tags of label_config.xml
 URL_PREFIX = "/data/local-files/?d="            # Label Studio's local-files serving

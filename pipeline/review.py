@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.files import sha256_file
-from pipeline.home import Home
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
 from pipeline.labelstudio import ReviewItem, name_candidates, review_items
-from pipeline.vocab import NO_FINDING, UnknownFinding, normalize_finding
-from warehouse.db import add_reject, connect, transaction
+from pipeline.base.vocab import NO_FINDING, UnknownFinding, normalize_finding
+from pipeline.runs.record import writer
+from warehouse.db import add_reject, transaction
 
 FORMATS = ("auto", "labelstudio", "coco")
 STAGE = "review"
@@ -153,7 +154,7 @@ def import_review(home, path, fmt: str = "auto", run_id: str | None = None) -> d
     except (MalformedFile, ValueError) as exc:
         problems.append(("malformed_file", f"{exc}; nothing was imported from this file", None))
     run_id = run_id or (_model_version(data) if fmt == "labelstudio" else None)
-    con = connect(home)
+    con = writer(home)
     try:
         with transaction(con):
             stored = _store(con, path, sha, fmt, run_id, items, problems)

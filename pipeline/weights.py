@@ -64,8 +64,8 @@ WEIGHTS_FORMAT = "cxr-harvest-weights/1"
 def export_weights(home, model_id: str, out: str | os.PathLike) -> str:
     """Write a trained stage's weights as a small file to start other trainings from (`model.init`): float
     tensors in float16 (half the size; a starting point needs no more), with the stage's meta. Returns sha256."""
-    from pipeline.files import sha256_file
-    from pipeline.home import Home
+    from pipeline.base.files import sha256_file
+    from pipeline.base.home import Home
     from pipeline.training.checkpoint import FINAL, load_checkpoint
 
     state = load_checkpoint(Home.resolve(home).checkpoints / model_id / FINAL)

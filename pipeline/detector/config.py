@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.amp import MODES as AMP_MODES
+from pipeline.base.amp import MODES as AMP_MODES
 from pipeline.configcheck import config_file, read_yaml, require
 from pipeline.training.config import SIZE_RULE, _plain, device_ok, from_dict, one_of, size_ok
-from pipeline.vocab import FINDINGS
+from pipeline.base.vocab import FINDINGS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -98,7 +98,7 @@ class PredictSection:
 @dataclass
 class RuntimeSection:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    amp: str = "auto"                   # auto | bf16 | none (pipeline/amp.py)
+    amp: str = "auto"                   # auto | bf16 | none (pipeline/base/amp.py)
     save_every_steps: int = 20          # last.pt every N steps (and at each epoch's end); 0: epochs only
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.detector.config import BoxesConfig
-from pipeline.home import Home
+from pipeline.base.home import Home
 from warehouse import db
 
 BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
@@ -76,7 +76,7 @@ def _meta_input_size(home: Home, checkpoint: str) -> int:
 def training_images(home: Home, source: MiningSource) -> list[str]:
     """The classifier's training images (same splits as `harvest train`) that the mining run covered."""
     home = Home.resolve(home)
-    from pipeline.mining.runs import mined_image_ids
+    from pipeline.runs.parts import mined_image_ids
     from pipeline.training.config import load_config
     from pipeline.training.stages import split_ids
 
@@ -133,7 +133,7 @@ def reviewed_boxes(con) -> tuple[pd.DataFrame, set] | None:
 
 def input_boxes(boxes: pd.DataFrame, frame: np.ndarray, size: int) -> np.ndarray:
     """xywh boxes of one image (original frame) -> xyxy in the `size` px input, clipped; degenerate ones dropped."""
-    from pipeline.coords import image_to_input
+    from pipeline.base.coords import image_to_input
     xywh = image_to_input(boxes[["x", "y", "w", "h"]].to_numpy(np.float64), frame, size)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).clip(0, size)
     return xyxy

@@ -19,18 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.amp import autocast, resolve_amp
-from pipeline.dataset import CacheDataset
+from pipeline.base.amp import autocast, resolve_amp
+from pipeline.images.dataset import CacheDataset
 from pipeline.detector.config import DetectorConfig
 from pipeline.detector.data import (MiningSource, Targets, input_boxes, mining_source, training_images,
                                     training_targets)
 from pipeline.detector.model import build_detector, fit_anchors, init_from_classifier
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
                                           save_checkpoint)
 from pipeline.training.config import fingerprint
 from pipeline.training.engine import seed_of
-from pipeline.vocab import INDEX
+from pipeline.base.vocab import INDEX
 
 log = logging.getLogger("pipeline.detector")
 STAGE, NECK = "detector", "fpn"

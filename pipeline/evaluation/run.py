@@ -17,12 +17,13 @@ import json
 import pandas as pd
 import torch
 
-from pipeline.dataset import CacheDataset, normalize
+from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
-from pipeline.home import Home
-from pipeline.vocab import BOXED_FINDINGS, INDEX
+from pipeline.base.home import Home
+from pipeline.base.vocab import BOXED_FINDINGS, INDEX
+from pipeline.runs.record import writer
 from warehouse import db
 
 GT_SETS = ("bbox_list", "truth", "review")
@@ -65,7 +66,7 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     Returns `run_id, model_id, results, header` (:func:`report.report_header`), `report` (the HTML path, or
     None) and `markdown` (:func:`report.report_markdown`)."""
     home = Home.resolve(home)
-    con = db.connect(home)
+    con = writer(home)
     try:
         info = run_info(con, run_id)
         mined = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
@@ -84,7 +85,7 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     if heatmaps:
         results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
     table = pd.concat(results, ignore_index=True)
-    con = db.connect(home)
+    con = writer(home)
     try:
         write_results(con, table)
     finally:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.amp import MODES as AMP_MODES, resolve_amp
+from pipeline.base.amp import MODES as AMP_MODES, resolve_amp
 from pipeline.configcheck import config_file, read_yaml, require
 from pipeline.training.config import SIZE_RULE, device_ok, fingerprint, from_dict, one_of, size_ok
 
@@ -29,7 +29,7 @@ class MiningConfig:
     unlabeled: bool = False         # mine predicted findings (sigmoid prob >= prob_threshold), not the labels
     prob_threshold: float = 0.5
     amp: str = "auto"               # auto | bf16 | none: autocast of the forward; auto is bf16 where native
-                                    # (pipeline/amp.py). Flows resolve auto before hashing: the hash and the run
+                                    # (pipeline/base/amp.py). Flows resolve auto before hashing: the hash and the run
                                     # record the mode used.
     fast: bool = True               # batched torch post-processing; False: the numpy/skimage reference path
     batch_size: int = 32

@@ -12,7 +12,7 @@ import itertools
 import pandas as pd
 
 from pipeline.evaluation.protocol import evaluate
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.mining.config import MiningConfig
 from pipeline.mining.shard import mine_shard
 from warehouse import db

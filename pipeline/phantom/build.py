@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.phantom import anatomy, drr, findings, metadata
-from pipeline.vocab import FINDINGS, parse_labels
+from pipeline.base.vocab import FINDINGS, parse_labels
 
 CHUNK = 24
 DIFFICULTY = {"easy": 0.0, "default": 0.0, "medium": 0.5, "hard": 1.0}

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from models import create_model
-from pipeline.dataset import NORM_MEAN, NORM_STD
-from pipeline.files import sha256_file
-from pipeline.home import Home
-from pipeline.vocab import FINDINGS
+from pipeline.images.dataset import NORM_MEAN, NORM_STD
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.base.vocab import FINDINGS
+from pipeline.runs.record import writer
 from warehouse import db
 
 FORMAT = "cxr-harvest/checkpoint-v1"
@@ -72,7 +73,7 @@ def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str 
     checkpoint = Path(checkpoint)
     rel = checkpoint.resolve().relative_to(home.root).as_posix()
     sha256 = sha256 or sha256_file(checkpoint)
-    con = db.connect(home)
+    con = writer(home)
     try:
         known = con.execute("SELECT checkpoint_sha256 FROM models WHERE model_id = ?", [meta["model_id"]]).fetchone()
         if known and known[0] == sha256:

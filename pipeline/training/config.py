@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.names import BACKBONE_NAMES, KP_LAYERS, NECK_NAMES
-from pipeline.amp import MODES as AMP_MODES
+from pipeline.base.amp import MODES as AMP_MODES
 from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
                                   require)
-from pipeline.harvest_config import HARVEST_SECTIONS, SPLITS
+from pipeline.base.vocab import SPLITS
+from pipeline.harvest_config import HARVEST_SECTIONS
 
 
 @dataclass
@@ -67,7 +68,7 @@ class DataConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"            # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
-    amp: str = "auto"               # auto | bf16 | none: auto is bf16 where native, else fp32 (pipeline/amp.py)
+    amp: str = "auto"               # auto | bf16 | none: auto is bf16 where native, else fp32 (pipeline/base/amp.py)
     channels_last: bool = True
     batch_size: int = 64            # global batch N; under DDP each rank takes N / world_size
     eval_batch_size: int = 128

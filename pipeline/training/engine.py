@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from models.erasure import erasure_step
 from models.knowledge_preservation import kp_loss
-from pipeline.amp import autocast
-from pipeline.dataset import normalize
+from pipeline.base.amp import autocast
+from pipeline.images.dataset import normalize
 from pipeline.training.augment import augment_batch
 from pipeline.training.config import AMConfig, AugmentConfig, RuntimeConfig
 from pipeline.training.metrics import auroc, summarize

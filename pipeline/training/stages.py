@@ -33,15 +33,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import create_model, freeze_batchnorm, frozen_copy
 from models.head import prior_bias
-from pipeline.amp import resolve_amp
-from pipeline.dataset import CacheDataset
-from pipeline.home import Home
+from pipeline.base.amp import resolve_amp
+from pipeline.images.dataset import CacheDataset
+from pipeline.base.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
                                           save_checkpoint)
 from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load_config
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       device_of, init_distributed, seed_of, train_one_epoch)
-from pipeline.files import sha256_file
+from pipeline.base.files import sha256_file
 from pipeline.weights import load_backbone, load_imagenet, load_init
 from warehouse import db
 
@@ -349,7 +349,7 @@ def train_distributed(home, config_path, nproc: int, resume: bool = True) -> str
 
 
 def resolved_config(config, device: torch.device | None = None) -> TrainConfig:
-    """`load_config` with `runtime.amp: auto` replaced by the mode `device` runs (pipeline/amp.py), so stage
+    """`load_config` with `runtime.amp: auto` replaced by the mode `device` runs (pipeline/base/amp.py), so stage
     fingerprints, checkpoints and `models.config` record the precision actually used."""
     cfg = load_config(config)
     amp = resolve_amp(cfg.runtime.amp, device or device_of(cfg.runtime))

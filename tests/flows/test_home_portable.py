@@ -8,7 +8,7 @@ import shutil
 import duckdb
 
 from flows.cli import main
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.evaluation.run import protocol_results
 from pipeline.export import export
 from tests.pipeline.test_export import BOXES, DICOM_ID, RUN, make_home

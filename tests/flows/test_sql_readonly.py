@@ -6,7 +6,7 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from pipeline.files import sha256_file
+from pipeline.base.files import sha256_file
 from tests.pipeline.test_export import BOXES, make_home
 from warehouse import db
 

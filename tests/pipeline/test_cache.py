@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline import cache
+from pipeline.images import cache
 
 
 @pytest.fixture

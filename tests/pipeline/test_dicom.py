@@ -1,4 +1,4 @@
-"""pipeline.dicom.read_dicom: pydicom's own sample files, files written here, rejects and PHI."""
+"""pipeline.images.dicom.read_dicom: pydicom's own sample files, files written here, rejects and PHI."""
 from __future__ import annotations
 
 import io
@@ -16,9 +16,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGLSLossless, RLELossless
 
-from pipeline.dicom import DECODER_PACKAGES, PROJECT_SALT, parse_age, pseudonym, read_dicom
-from pipeline.home import Home
-from pipeline.rejects import Reject
+from pipeline.images.dicom import DECODER_PACKAGES, PROJECT_SALT, parse_age, pseudonym, read_dicom
+from pipeline.base.home import Home
+from pipeline.images.rejects import Reject
 from tests.pipeline.dicom_fixtures import (MARK, MARKER, MARKER_UID, chest, patch_bytes, phi_elements, with_voi_lut,
                                           write_dicom)
 
@@ -249,8 +249,8 @@ sys.modules["libjpeg"] = None
 _entry_points = md.entry_points
 md.entry_points = lambda **kw: md.EntryPoints(
     ep for ep in _entry_points(**kw) if not ep.value.startswith("libjpeg")) if kw else _entry_points()
-from pipeline.dicom import read_dicom
-from pipeline.rejects import Reject
+from pipeline.images.dicom import read_dicom
+from pipeline.images.rejects import Reject
 for path in sys.argv[1:]:
     try:
         read_dicom(path)
@@ -313,7 +313,7 @@ def test_no_phi_in_result_exceptions_warnings_or_logs(tmp_path, caplog):
 
 def test_ingest_dicom_end_to_end_keeps_display_and_leaks_no_phi(tmp_path):
     """Real ingestion into a home: cache orientation and intensity hold; no byte of PHI lands in the home."""
-    from pipeline.cache import gather
+    from pipeline.images.cache import gather
     from pipeline.ingest.dicom import home_salt, ingest_dicom
     from warehouse.db import connect
 

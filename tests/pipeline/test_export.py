@@ -18,10 +18,10 @@ import yaml
 from PIL import Image
 
 from pipeline import export as ex
-from pipeline.files import sha256_file
-from pipeline.home import Home
-from pipeline.mining.runs import write_part
-from pipeline.vocab import FINDINGS, INDEX
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.runs.parts import write_part
+from pipeline.base.vocab import FINDINGS, INDEX
 from tests.pipeline.dicom_fixtures import chest, write_dicom
 from warehouse.db import PARQUET_TABLES, connect
 
@@ -448,7 +448,7 @@ def test_errors_name_the_cause(home, tmp_path):
     con.close()
     with pytest.raises(ValueError, match="no mined boxes"):
         ex.export(home, "ingest-1", "coco", tmp_path / "x")
-    from pipeline.vocab import UnknownFinding
+    from pipeline.base.vocab import UnknownFinding
     with pytest.raises(UnknownFinding):
         ex.export(home, RUN, "coco", tmp_path / "x", findings=["Tumour"])
     assert not (tmp_path / "x").exists()

@@ -8,7 +8,7 @@ import sys
 import psutil
 import pytest
 
-from pipeline.lifeline import proc_started
+from pipeline.base.lifeline import proc_started
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc only")
 

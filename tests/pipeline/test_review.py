@@ -13,10 +13,10 @@ import pytest
 
 from pipeline import export as ex
 from pipeline.evaluation.run import protocol_results
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.labelstudio import URL_PREFIX, from_percent, image_path, to_percent, verify_labelstudio
 from pipeline.review import MalformedFile, import_review, reviewed
-from pipeline.vocab import FINDINGS
+from pipeline.base.vocab import FINDINGS
 from tests.pipeline.test_export import BOXES, DICOM_ID, IMAGES, RUN, exported, make_home
 from warehouse.db import connect
 

@@ -8,11 +8,11 @@ import pytest
 
 from pipeline.evaluation.run import evaluate_run
 from pipeline.export import export
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.labelstudio import to_percent
-from pipeline.mining.runs import write_part
+from pipeline.runs.parts import write_part
 from pipeline.review import import_review, reviewed
-from pipeline.runs import recorded_run
+from pipeline.runs.record import recorded_run
 from tests.conftest import register_tiny_model
 from warehouse.db import connect
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.evaluation.bootstrap import acc_intervals
 from pipeline.evaluation.protocol import evaluate
-from pipeline.vocab import BOXED_FINDINGS
+from pipeline.base.vocab import BOXED_FINDINGS
 
 
 def random_run(seed: int, n_images: int = 40):

@@ -12,7 +12,7 @@ from pipeline.evaluation.maxboxacc import (CAM_THRESHOLDS, Heatmap, component_bo
 from pipeline.evaluation.protocol import (IOBB_THRESHOLDS, IOU_THRESHOLDS, RESULT_COLUMNS, evaluate,
                                           evaluate_reference, protocol_name, ranked_list)
 from pipeline.evaluation.references import cai_table3, wang_afp_bound, wang_table
-from pipeline.vocab import BOXED_FINDINGS
+from pipeline.base.vocab import BOXED_FINDINGS
 
 
 def gt_frame(*rows):

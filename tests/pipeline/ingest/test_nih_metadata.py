@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from pipeline.ingest.nih import ingest_nih
-from pipeline.vocab import BOXED_FINDINGS, FINDINGS
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
 from tests.conftest import package_data
 from warehouse import db
 

@@ -1,10 +1,10 @@
-"""`pipeline.mining.runs`: the recorded run of parts (mine and detector predict) and the per-process model."""
+"""`pipeline.runs.parts`: the recorded run of parts (mine and detector predict) and the per-process model."""
 from __future__ import annotations
 
 import pytest
 
-from pipeline.home import Home
-from pipeline.mining.runs import process_model, recorded_parts_run, run_dir
+from pipeline.base.home import Home
+from pipeline.runs.parts import process_model, recorded_parts_run, run_dir
 from warehouse import db
 
 

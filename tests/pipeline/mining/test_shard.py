@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.dataset import CacheDataset, normalize
+from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.mining import MiningConfig, mine_batch, mine_shard
-from pipeline.vocab import FINDINGS, INDEX
+from pipeline.base.vocab import FINDINGS, INDEX
 from warehouse.db import PARQUET_TABLES
 
 SIZE, FRAME = 128, 512   # cache (model input) and original image frame

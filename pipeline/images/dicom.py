@@ -46,7 +46,7 @@ from pydicom import uid as dcm_uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
 
-from pipeline.rejects import Reject, check_pixels
+from pipeline.images.rejects import Reject, check_pixels
 
 PROJECT_SALT = b"cxr-harvest/default-pseudonym-salt/v1"
 """Used when no salt is given. Public, so NOT a secret: deployments must pass a per-home secret salt."""

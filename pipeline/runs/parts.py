@@ -17,9 +17,9 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.harvest_config import SPLITS as IMAGE_SPLITS
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.base.vocab import SPLITS as IMAGE_SPLITS
+from pipeline.runs.record import recorded_run
 from warehouse import db
 
 SPLITS = (*IMAGE_SPLITS, "all")
@@ -98,7 +98,7 @@ def mined_image_ids(home: Home, run_id: str) -> list[str]:
 
 @contextmanager
 def recorded_parts_run(home: Home, flow: str, params: dict, model_id: str, run_id: str):
-    """`pipeline.runs.recorded_run` under the run's own id (its parts' folder); once every part is written, the
+    """`pipeline.runs.record.recorded_run` under the run's own id (its parts' folder); once every part is written, the
     temporary files of writers killed mid-write are removed before the run is marked completed."""
     with recorded_run(home, flow, params, model_id, run_id):
         yield run_id

@@ -1,7 +1,7 @@
 """Training and mining read images through the cache, as dict samples (torchxrayvision style).
 
 The index (ids, labels, frames, cache locations, boxes) is read from the warehouse once, in the constructor,
-with a short read-only connection; afterwards the dataset only reads cache shards (`pipeline.cache.gather`).
+with a short read-only connection; afterwards the dataset only reads cache shards (`pipeline.images.cache.gather`).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from pipeline import cache
-from pipeline.coords import image_to_input
-from pipeline.home import Home
-from pipeline.vocab import FINDINGS, INDEX
+from pipeline.images import cache
+from pipeline.base.coords import image_to_input
+from pipeline.base.home import Home
+from pipeline.base.vocab import FINDINGS, INDEX
 from warehouse import db
 
 NORM_MEAN, NORM_STD = 0.449, 0.226  # gray ImageNet statistics (mean of the RGB ones), see docs/architecture.md

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.lifeline import Owner
+from pipeline.base.lifeline import Owner
 from warehouse import db
 
 
@@ -33,7 +33,7 @@ def code_version() -> str:
 def start_run(home, flow: str, params: dict, model_id: str | None = None, run_id: str | None = None) -> str:
     run_id = run_id or f"{flow}-{uuid.uuid4().hex[:12]}"
     me = Owner.me()
-    con = db.connect(home)
+    con = writer(home)
     try:
         with db.transaction(con):
             con.execute("""INSERT OR REPLACE INTO runs (run_id, flow, params, model_id, code_version, started_at,
@@ -58,8 +58,21 @@ def mark_killed_runs(con) -> list[str]:
     return dead
 
 
-def finish_run(home, run_id: str, status: str = "completed", model_id: str | None = None) -> None:
+def writer(home):
+    """A writable warehouse connection, the runs of dead processes marked killed first. Every writer of the
+    pipeline opens the warehouse this way, so the next one after a kill shows the run as it ended; the storage
+    layer (`warehouse.db.connect`) knows nothing of runs or processes."""
     con = db.connect(home)
+    try:
+        mark_killed_runs(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def finish_run(home, run_id: str, status: str = "completed", model_id: str | None = None) -> None:
+    con = writer(home)
     try:
         con.execute("UPDATE runs SET finished_at = now(), status = ?, model_id = coalesce(?, model_id) "
                     "WHERE run_id = ?", [status, model_id, run_id])

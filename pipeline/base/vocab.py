@@ -10,6 +10,7 @@ FINDINGS: tuple[str, ...] = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
+SPLITS: tuple[str, ...] = ("train", "val", "test")   # the warehouse's `images.split` values
 # The 8 findings that carry ground-truth boxes in BBox_List_2017.csv, in the paper's table order.
 BOXED_FINDINGS: tuple[str, ...] = FINDINGS[:8]
 INDEX = {name: i for i, name in enumerate(FINDINGS)}
