@@ -55,7 +55,7 @@ def main() -> None:
     import torch
 
     from pipeline.base.amp import describe
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.config.detector import DetectorConfig
 
     t0 = time.perf_counter()
     tmp = None

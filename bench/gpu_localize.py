@@ -123,7 +123,8 @@ def train(home: Home, config, settings: list[str], minutes: float) -> int:
 
 def mine(home: Home, model_id: str, split: str, mining: dict, device: str) -> str:
     """Mine `split` with `model_id` into a recorded run (the parts of `harvest mine`, without Prefect)."""
-    from pipeline.mining import MiningConfig, mine_shard
+    from pipeline.config.mining import MiningConfig
+    from pipeline.mining import mine_shard
     from pipeline.runs.parts import finished_parts, list_images, mining_run_id, plan_shards, run_dir, write_part
     from pipeline.runs.record import finish_run, start_run
     from pipeline.training.checkpoint import load_model
@@ -176,7 +177,7 @@ def score(home: Home, config, settings: list[str], out: Path, recipe: str, devic
           candidates: int | None) -> pd.DataFrame:
     from pipeline.evaluation.diagnose import diagnose
     from pipeline.evaluation.run import evaluate_run
-    from pipeline.harvest_config import load_sections
+    from pipeline.config.harvest import load_sections
     out.mkdir(parents=True, exist_ok=True)
     spec = load_sections(config)
     phantom = json.loads((home.root / "phantom" / "phantom_manifest.json").read_text())
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
         args.settings, args.out, args.step = "am3-kp,am1", args.out or tmp / "out", "all"
     else:
         config = Path(args.config)
-    from pipeline.harvest_config import input_size
+    from pipeline.config.harvest import input_size
     home = Home.resolve(args.home).make()
     settings = chosen(args.settings)
     t0 = time.perf_counter()

@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.base.amp import MODES as AMP_MODES, autocast, describe  # noqa: E402
 from pipeline.images.dataset import CacheDataset, normalize  # noqa: E402
-from pipeline.mining import MiningConfig, mine_shard  # noqa: E402
+from pipeline.config.mining import MiningConfig  # noqa: E402
+from pipeline.mining import mine_shard  # noqa: E402
 from pipeline.mining.boxes import boxes_from_heatmaps  # noqa: E402
 from pipeline.mining.heatmap_fusion import fused_heatmap  # noqa: E402
 from pipeline.mining.reference import mine_reference  # noqa: E402

@@ -67,7 +67,7 @@ def train_flow(home: str, run_id: str, config: dict | None = None, resume: bool 
 @task(name="detector-predict-shard", task_run_name="detector-predict-{shard:05d}")
 def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, predict: dict,
                   amp: str, device: str) -> dict:
-    from pipeline.detector.config import PredictSection
+    from pipeline.config.detector import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
     from pipeline.runs.parts import part_path, process_model, write_part
 
@@ -85,7 +85,7 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
 def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict]:
     """(the detector's models row, its stored config, predict settings: the stored `predict`, updated by
     `config`'s)."""
-    from pipeline.detector.config import DetectorConfig, PredictSection
+    from pipeline.config.detector import DetectorConfig, PredictSection
     from pipeline.training.checkpoint import model_row
 
     row = model_row(home, model_id)
@@ -169,7 +169,7 @@ def register(sub) -> None:
                                     "classifier's training images; register it in `models` (stage 'detector').")
     t.add_argument("--run", required=True, help="mining run id (see `harvest status`)")
     t.add_argument("--config", metavar="YAML", help="detector config (default: configs/detector.yaml's defaults, "
-                                                   "pipeline/detector/config.py)")
+                                                   "pipeline/config/detector.py)")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="retrain from scratch")
     t.set_defaults(func=_train)
     q = acts.add_parser("predict", help="write a detector's boxes on a split as a run of mined_boxes",
@@ -199,7 +199,7 @@ def _print(summary: dict) -> None:
 
 
 def _train(args) -> int:
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.config.detector import DetectorConfig
 
     config = DetectorConfig.load(args.config).to_dict()   # a bad config fails in one line, before Prefect
     home = str(Home.resolve(args.home).root)
@@ -213,7 +213,7 @@ def _predict(args) -> int:
     home = str(Home.resolve(args.home).root)
     config = None
     if args.config:
-        from pipeline.detector.config import DetectorConfig
+        from pipeline.config.detector import DetectorConfig
         config = DetectorConfig.load(args.config).to_dict()
     predict_settings(home, args.model, config)   # no such detector: one line, before Prefect
     with prefect_api(home):

@@ -19,9 +19,9 @@ from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base import amp
-from pipeline.harvest_config import check, input_size, load_sections
+from pipeline.config.harvest import check, input_size, load_sections
 from pipeline.base.home import Home
-from pipeline.training.config import load_config
+from pipeline.config.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -10,7 +10,7 @@ from flows._runtime import prefect_api
 from flows._verbs import create_table_artifact, flow, task
 from pipeline.base.home import Home
 from pipeline.runs.record import recorded_run
-from pipeline.training.config import load_config
+from pipeline.config.train import load_config
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.detector.config import BoxesConfig
+from pipeline.config.detector import BoxesConfig
 from pipeline.base.home import Home
 from warehouse import db
 
@@ -42,7 +42,7 @@ class Targets:
     reviewed_images: list[str] = field(default_factory=list)
 
     def digest(self) -> str:
-        from pipeline.training.config import fingerprint
+        from pipeline.config.check import fingerprint
         rows = self.boxes.sort_values(BOX_COLUMNS).round(3).values.tolist()
         return fingerprint(self.image_ids, rows)
 
@@ -77,7 +77,7 @@ def training_images(home: Home, source: MiningSource) -> list[str]:
     """The classifier's training images (same splits as `harvest train`) that the mining run covered."""
     home = Home.resolve(home)
     from pipeline.runs.parts import mined_image_ids
-    from pipeline.training.config import load_config
+    from pipeline.config.train import load_config
     from pipeline.training.stages import split_ids
 
     cfg = load_config({**source.config, "model": {**source.config.get("model", {}), "init": None}})

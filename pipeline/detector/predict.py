@@ -14,7 +14,7 @@ import torch
 from pipeline.base.amp import autocast
 from pipeline.base.coords import input_to_image
 from pipeline.images.dataset import CacheDataset
-from pipeline.detector.config import PredictSection
+from pipeline.config.detector import PredictSection
 from pipeline.detector.model import build_detector
 from pipeline.detector.train import STAGE, resize
 from pipeline.base.files import sha256_file

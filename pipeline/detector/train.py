@@ -21,14 +21,14 @@ import torch.nn.functional as F
 
 from pipeline.base.amp import autocast, resolve_amp
 from pipeline.images.dataset import CacheDataset
-from pipeline.detector.config import DetectorConfig
+from pipeline.config.detector import DetectorConfig
 from pipeline.detector.data import (MiningSource, Targets, input_boxes, mining_source, training_images,
                                     training_targets)
 from pipeline.detector.model import build_detector, fit_anchors, init_from_classifier
 from pipeline.base.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
                                           save_checkpoint)
-from pipeline.training.config import fingerprint
+from pipeline.config.check import fingerprint
 from pipeline.training.engine import seed_of
 from pipeline.base.vocab import INDEX
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.evaluation.protocol import evaluate
 from pipeline.base.home import Home
-from pipeline.mining.config import MiningConfig
+from pipeline.config.mining import MiningConfig
 from pipeline.mining.shard import mine_shard
 from warehouse import db
 
@@ -21,7 +21,7 @@ CANDIDATES = tuple(t for t in itertools.combinations((0.9, 0.8, 0.7, 0.6, 0.5, 0
 
 
 def validation_ids(home: Home, model_meta: dict) -> list[str]:
-    from pipeline.training.config import load_config
+    from pipeline.config.train import load_config
     from pipeline.training.stages import split_ids
     return split_ids(home, load_config(model_meta["config"]))["val"]
 

@@ -28,7 +28,7 @@ from models.knowledge_preservation import kp_loss
 from pipeline.base.amp import autocast
 from pipeline.images.dataset import normalize
 from pipeline.training.augment import augment_batch
-from pipeline.training.config import AMConfig, AugmentConfig, RuntimeConfig
+from pipeline.config.train import AMConfig, AugmentConfig, RuntimeConfig
 from pipeline.training.metrics import auroc, summarize
 
 log = logging.getLogger("pipeline.training")

@@ -38,7 +38,8 @@ from pipeline.images.dataset import CacheDataset
 from pipeline.base.home import Home
 from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
                                           save_checkpoint)
-from pipeline.training.config import StageConfig, TrainConfig, fingerprint, load_config
+from pipeline.config.check import fingerprint
+from pipeline.config.train import StageConfig, TrainConfig, load_config
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       device_of, init_distributed, seed_of, train_one_epoch)
 from pipeline.base.files import sha256_file

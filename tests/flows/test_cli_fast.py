@@ -33,7 +33,7 @@ def test_the_command_answers_in_well_under_two_seconds(home, args):
 @pytest.mark.parametrize("modules, heavy", [
     ("flows.query", {"prefect", "torch"}),
     # what checks a config: a bad one fails before torch loads
-    ("pipeline.training.config, pipeline.mining.config, pipeline.detector.config, pipeline.harvest_config", {"torch"}),
+    ("pipeline.config.train, pipeline.config.mining, pipeline.config.detector, pipeline.config.harvest", {"torch"}),
     # verbs whose flows are built on first use (flows._verbs)
     ("flows.train, flows.ingest, flows.tune, flows.evaluate, flows.export, flows.detector", {"prefect", "torch"}),
     # a deployment's entrypoint is a Prefect flow at import, so these load Prefect, but not torch

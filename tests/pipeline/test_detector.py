@@ -26,7 +26,8 @@ def build_home(base, n: int = 48):
     mining run of every image written as `harvest mine` writes it (one part, its image list, a `runs` row)."""
     from pipeline.ingest.nih import ingest_nih
     from pipeline.base.home import Home
-    from pipeline.mining import MiningConfig, mine_shard
+    from pipeline.config.mining import MiningConfig
+    from pipeline.mining import mine_shard
     from pipeline.runs.parts import write_part
     from pipeline.phantom import generate
     from pipeline.runs.record import finish_run, start_run
@@ -98,7 +99,7 @@ def test_fit_anchors():
     ({"model": {"input_size": 100}}, "model.input_size = 100"),
 ])
 def test_config_errors_name_the_key(bad, message):
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.config.detector import DetectorConfig
 
     with pytest.raises(ValueError) as err:
         DetectorConfig.load(bad)
@@ -233,7 +234,7 @@ def test_killed_training_resumes_to_the_same_weights(base_home, trained, tmp_pat
 
 
 def test_filters_and_reviewed_boxes(base_home, tmp_path):
-    from pipeline.detector.config import BoxesConfig
+    from pipeline.config.detector import BoxesConfig
     from pipeline.detector.data import mining_source, training_images, training_targets
 
     home = shutil.copytree(base_home, tmp_path / "home")
@@ -265,7 +266,7 @@ def test_filters_and_reviewed_boxes(base_home, tmp_path):
 
 
 def test_predictions_are_mined_boxes_rows(trained):
-    from pipeline.detector.config import PredictSection
+    from pipeline.config.detector import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
 
     home, model_id = trained

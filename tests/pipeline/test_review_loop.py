@@ -24,7 +24,8 @@ ROWS = [("a.png", "Effusion", 1), ("b.png", "Mass|Nodule", 2), ("c.png", "Cardio
 def mined(make_nih, tmp_path):
     """Four 256 px images ingested at 64 px, a tiny ResNet-18 registered, and its mining run written as a part."""
     from pipeline.ingest.nih import ingest_nih
-    from pipeline.mining import MiningConfig, mine_shard
+    from pipeline.config.mining import MiningConfig
+    from pipeline.mining import mine_shard
 
     home = tmp_path / "home"
     ingest_nih(home, make_nih(ROWS, size=FRAME), sizes=(SIZE,), workers=1)

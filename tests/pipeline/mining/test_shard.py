@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.images.dataset import CacheDataset, normalize
-from pipeline.mining import MiningConfig, mine_batch, mine_shard
+from pipeline.config.mining import MiningConfig
+from pipeline.mining import mine_batch, mine_shard
 from pipeline.base.vocab import FINDINGS, INDEX
 from warehouse.db import PARQUET_TABLES
 

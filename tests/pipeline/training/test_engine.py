@@ -14,7 +14,8 @@ from ddp_worker import BLOB_FINDINGS, blob_home, tiny_config  # noqa: E402
 
 from models import freeze_batchnorm, frozen_copy  # noqa: E402
 from pipeline.images.dataset import CacheDataset  # noqa: E402
-from pipeline.training import checkpoint, config, engine, stages  # noqa: E402
+from pipeline.config import train as config  # noqa: E402
+from pipeline.training import checkpoint, engine, stages  # noqa: E402
 from pipeline.training.augment import augment_batch, sample_affine, warp_boxes, warp_images  # noqa: E402
 from pipeline.training.metrics import auroc, auroc_reference  # noqa: E402
 from pipeline.base.vocab import INDEX  # noqa: E402

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.base.amp import MODES as AMP_MODES
-from pipeline.configcheck import config_file, read_yaml, require
-from pipeline.training.config import SIZE_RULE, _plain, device_ok, from_dict, one_of, size_ok
+from pipeline.config.check import config_file, read_yaml, require
+from pipeline.config.check import SIZE_RULE, device_ok, from_dict, one_of, plain, size_ok
 from pipeline.base.vocab import FINDINGS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -122,7 +122,7 @@ class DetectorConfig:
         require(self.arch is None or self.arch in ARCHS, "arch", self.arch, f"must be null or {one_of(ARCHS)[8:]}")
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def identity(self) -> dict:
         """What determines the trained weights (runtime's device and save cadence do not)."""

@@ -10,22 +10,19 @@ Stages follow the paper's schedule (sec. 3.1): `base` fine-tune -> `msa_init` (b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import re
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.names import BACKBONE_NAMES, KP_LAYERS, NECK_NAMES
 from pipeline.base.amp import MODES as AMP_MODES
-from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
-                                  require)
 from pipeline.base.vocab import SPLITS
-from pipeline.harvest_config import HARVEST_SECTIONS
+from pipeline.config.check import (SIZE_RULE, config_file, device_ok, from_dict, merge, one_of, plain, read_yaml,
+                                   require, size_ok)
+
+# The sections of the other flows in a harvest config (`pipeline.config.harvest`): training ignores them, so
+# they never change a stage's fingerprint.
+HARVEST_SECTIONS = ("phantom", "mining", "export")
 
 
 @dataclass
@@ -135,7 +132,7 @@ class TrainConfig:
     am: AMConfig = field(default_factory=AMConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def validate(self) -> "TrainConfig":
         """Ranges and choices (`from_dict` checked the types); ValueError naming the first bad value."""
@@ -188,75 +185,6 @@ class TrainConfig:
                 "end_to_end": self.stages.end_to_end, "am": self.am.stage}
 
 
-def _plain(obj):
-    """Tuples -> lists, recursively: the form JSON and `torch.load(weights_only=True)` accept."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def from_dict(cls, data: dict | None, path: str = ""):
-    """Build dataclass `cls` from a nested dict, each value checked against its field's type hint.
-
-    Unknown keys raise with the valid ones named; a value of the wrong type raises naming its dotted key
-    (`runtime.batch_size = 'eight': must be an integer`); `path` is the dotted key of `data` itself. The
-    ValueErrors of `cls`'s own checks (`__post_init__`) name keys relative to `cls` and get `path` prefixed.
-    A nested section given in part keeps the field's own defaults for the rest: `base: {epochs: 5}` keeps
-    the base stage's lr 0.1 (StagesConfig's default), not StageConfig's generic one.
-    """
-    data = check_section(path or "(top level)", data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    check_keys(path, data, fields)
-    kwargs = {}
-    for key, value in data.items():
-        typ, key_path = hints[key], f"{path}.{key}" if path else key
-        if dataclasses.is_dataclass(typ):
-            f = fields[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()
-            section = check_section(key_path, value)
-            kwargs[key] = from_dict(typ, merge(_plain(dataclasses.asdict(default)), section), key_path)
-        else:
-            kwargs[key] = _typed(value, typ, key_path)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{path}.{exc}" if path else str(exc)) from None
-
-
-def _typed(value, typ, path: str):
-    """`value` checked against the type hint `typ`; lists become tuples. An int passes as a float unchanged:
-    the stored config, and so the stage fingerprints, keep what was written."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):          # `int | None`
-        if value is None and type(None) in args:
-            return None
-        (typ,) = [a for a in args if a is not type(None)]
-        return _typed(value, typ, path)
-    if origin is tuple:
-        variadic = len(args) == 2 and args[1] is Ellipsis
-        count = "" if variadic else f"{len(args)} "
-        require(isinstance(value, (list, tuple)) and (variadic or len(value) == len(args)), path, value,
-                f"must be a list of {count}{_PLURAL[args[0]]}")
-        for i, (item, t) in enumerate(zip(value, args[:1] * len(value) if variadic else args)):
-            _typed(item, t, f"{path}[{i}]")
-        return tuple(value)
-    if typ is float and isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value.strip()):
-        raise invalid(path, value, f"must be a number (YAML reads {value} as text: write it with a dot, "
-                                   f"e.g. 1.0e-4)")
-    ok = is_number(value) and math.isfinite(value) if typ is float else \
-        is_int(value) if typ is int else isinstance(value, typ)
-    require(ok, path, value, f"must be {_SINGULAR[typ]}")
-    return value
-
-
-_SINGULAR = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
-_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-_EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
 def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None = None) -> TrainConfig:
     """A YAML path, a dict or a TrainConfig -> validated TrainConfig; `overrides` is merged deeply on top.
 
@@ -279,7 +207,6 @@ def _load(data: dict, overrides: dict | None) -> TrainConfig:
     return from_dict(TrainConfig, data).validate()
 
 
-SIZE_RULE = "a multiple of 32, at least 64 (pixels)"
 AM_MODES = ("kp", "vanilla", "none")
 SCHEDULES = ("cosine", "constant")
 KP_REDUCTIONS = ("mean", "literal")     # models.knowledge_preservation.kp_loss
@@ -290,28 +217,3 @@ def backbone_names() -> tuple[str, ...]:
     registry imported): the check stays torch-free when nothing was registered."""
     registry = sys.modules.get("models.backbones")
     return tuple(dict.fromkeys([*BACKBONE_NAMES, *(registry.BACKBONES if registry else ())]))
-
-
-def size_ok(size: int) -> bool:
-    return size >= 64 and size % 32 == 0
-
-
-def device_ok(device: str, auto: bool = False) -> bool:
-    """cpu | cuda | cuda:N, and auto where `auto`."""
-    return device in ("cpu", "cuda") or (auto and device == "auto") or re.fullmatch(r"cuda:\d+", device) is not None
-
-
-def one_of(choices) -> str:
-    return f"must be one of {', '.join(choices)}"
-
-
-def merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = merge(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v
-    return out
-
-
-def fingerprint(*parts) -> str:
-    """sha256 of canonical JSON: the identity of a stage (its inputs), used to skip finished stages."""
-    return hashlib.sha256(json.dumps(_plain(parts), sort_keys=True).encode()).hexdigest()

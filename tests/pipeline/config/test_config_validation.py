@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.harvest_config import check, load_sections
-from pipeline.mining.config import MiningConfig
-from pipeline.training.config import TrainConfig, load_config
+from pipeline.config.harvest import check, load_sections
+from pipeline.config.mining import MiningConfig
+from pipeline.config.train import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -101,7 +101,7 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("path", DETECTOR_CONFIGS, ids=lambda p: p.name)
 def test_shipped_detector_configs_load(path):
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.config.detector import DetectorConfig
     assert DetectorConfig.load(path) == DetectorConfig.load(path)   # validated, and deterministic
 
 

@@ -4,22 +4,37 @@
     mining:   {split, shard_size, ...}        # `split`/`shard_size` for the flow, the rest is MiningConfig
     export:   {formats: [coco, yolo, nih-csv], ranks: [1], min_score: null}
 
-`pipeline.training.config.load_config` ignores these sections, so they never change a stage's fingerprint.
+`pipeline.config.train.load_config` ignores these sections, so they never change a stage's fingerprint.
 `check(path)` validates the whole file (training config and these sections) before anything runs.
 """
 from __future__ import annotations
 
-from pipeline.configcheck import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
-                                  require)
 from pipeline.base.vocab import SPLITS
+from pipeline.config.check import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
+                                   require)
+from pipeline.config.mining import MiningConfig
+from pipeline.config.train import HARVEST_SECTIONS, load_config
 
-HARVEST_SECTIONS = ("phantom", "mining", "export")
+# The export formats a config or `harvest export --format` may name; their writers are `pipeline.export.FORMATS`
+# (a test holds the two equal), so a config is checked without loading pycocotools.
+EXPORT_FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
+DIFFICULTY = {"easy": 0.0, "default": 0.0, "medium": 0.5, "hard": 1.0}   # the phantom's named difficulties
 DEFAULTS = {
     "phantom": {"n": 600, "seed": 0, "size": 1024},
     "mining": {"split": "all", "shard_size": 256},
     "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None},
 }
 PHANTOM_KEYS = ("n", "seed", "size", "difficulty")
+
+
+def parse_difficulty(value) -> float:
+    """A name (easy/default, medium, hard) or a number in [0, 1]."""
+    if isinstance(value, str) and value in DIFFICULTY:
+        return DIFFICULTY[value]
+    d = float(value)
+    if not 0 <= d <= 1:
+        raise ValueError(f"difficulty {value!r}: give easy, medium, hard or a number in [0, 1]")
+    return d
 
 
 def load_sections(path) -> dict:
@@ -34,16 +49,11 @@ def load_sections(path) -> dict:
 def check(path) -> None:
     """Validate a whole harvest config (training and the sections above): a bad value fails here, in one line,
     before any data is generated or any Prefect server starts."""
-    from pipeline.training.config import load_config
     load_config(path)
     load_sections(path)
 
 
 def _validate(phantom: dict, mining: dict, export: dict) -> None:
-    from pipeline.export import FORMATS
-    from pipeline.mining.config import MiningConfig
-    from pipeline.phantom import parse_difficulty
-
     check_keys("phantom", phantom, PHANTOM_KEYS)
     n, seed, size = phantom["n"], phantom["seed"], phantom["size"]
     require(is_int(n) and n > 0, "phantom.n", n, "must be a positive integer (images)")
@@ -64,8 +74,8 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
 
     check_keys("export", export, DEFAULTS["export"])
     formats, ranks, min_score = export["formats"], export["ranks"], export["min_score"]
-    require(isinstance(formats, list) and formats and all(f in FORMATS for f in formats), "export.formats",
-            formats, f"must be a non-empty list of {', '.join(FORMATS)}")
+    require(isinstance(formats, list) and formats and all(f in EXPORT_FORMATS for f in formats), "export.formats",
+            formats, f"must be a non-empty list of {', '.join(EXPORT_FORMATS)}")
     require(ranks is None or isinstance(ranks, list) and all(is_int(r) and r > 0 for r in ranks), "export.ranks",
             ranks, "must be a list of positive integers (null or []: every rank)")
     require(min_score is None or is_number(min_score) and 0 <= min_score <= 1, "export.min_score", min_score,
@@ -73,5 +83,4 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
 
 
 def input_size(path) -> int:
-    from pipeline.training.config import load_config
     return int(load_config(path).data.input_size)

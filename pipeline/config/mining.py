@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.base.amp import MODES as AMP_MODES, resolve_amp
-from pipeline.configcheck import config_file, read_yaml, require
-from pipeline.training.config import SIZE_RULE, device_ok, fingerprint, from_dict, one_of, size_ok
+from pipeline.config.check import (SIZE_RULE, config_file, device_ok, fingerprint, from_dict, one_of, read_yaml,
+                                   require, size_ok)
 
 # Not part of the rows' identity: the same rows come out whatever these are.
 _EXECUTION_FIELDS = ("batch_size", "device", "channels_last", "compile", "save_heatmaps")
