@@ -11,9 +11,9 @@ import itertools
 
 import pandas as pd
 
-from pipeline.evaluation.protocol import evaluate
 from pipeline.base.home import Home
 from pipeline.config.mining import MiningConfig
+from pipeline.evaluation.protocol import evaluate
 from pipeline.mining.shard import mine_shard
 from warehouse import db
 

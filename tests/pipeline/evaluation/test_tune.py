@@ -1,8 +1,8 @@
 """Box thresholds are chosen on the validation split's truth boxes, never on evaluation boxes."""
 import pytest
 
+from pipeline.evaluation.tune import tune_thresholds, validation_ids
 from pipeline.ingest.nih import ingest_nih
-from pipeline.mining.tune import tune_thresholds, validation_ids
 from pipeline.phantom import generate
 from pipeline.training.checkpoint import load_model
 from tests.conftest import register_tiny_model
