@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows._runtime import prefect_api  # noqa: E402
-from pipeline.home import Home  # noqa: E402
+from pipeline.base.home import Home  # noqa: E402
 from warehouse import db  # noqa: E402
 
 
@@ -54,13 +54,13 @@ def main() -> None:
 
     import torch
 
-    from pipeline.amp import describe
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.base.amp import describe
+    from pipeline.config.detector import DetectorConfig
 
     t0 = time.perf_counter()
     tmp = None
     if args.quick:
-        from tests.pipeline.test_detector import RUN, TINY, build_home
+        from tests.pipeline.detector.test_detector import RUN, TINY, build_home
         tmp = tempfile.TemporaryDirectory(prefix="bench-detector-")
         home, run, config = Home.resolve(build_home(Path(tmp.name))), RUN, DetectorConfig.load(TINY).to_dict()
         args.bootstrap = min(args.bootstrap, 100)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.dataset import CacheDataset, normalize
+from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.ingest.nih import ingest_nih
 
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -32,10 +32,10 @@ from ingest import make_dataset  # noqa: E402  (the radiograph-like PNG writer o
 from train import _clock  # noqa: E402
 
 from models import create_model  # noqa: E402
-from pipeline.amp import MODES as AMP_MODES, describe, resolve_amp  # noqa: E402
-from pipeline.dataset import CacheDataset  # noqa: E402
+from pipeline.base.amp import MODES as AMP_MODES, describe, resolve_amp  # noqa: E402
+from pipeline.images.dataset import CacheDataset  # noqa: E402
 from pipeline.ingest.nih import ingest_nih  # noqa: E402
-from pipeline.training.config import AugmentConfig, RuntimeConfig  # noqa: E402
+from pipeline.config.train import AugmentConfig, RuntimeConfig  # noqa: E402
 from pipeline.training.engine import (ClassificationLoss, epoch_batches, init_distributed, prepare,  # noqa: E402
                                       train_one_epoch, train_step)
 

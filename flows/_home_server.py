@@ -25,8 +25,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows._runtime import healthy, start_prefect_server
-from pipeline.lifeline import Owner
+from flows._prefect_server import healthy, start_prefect_server
+from pipeline.base.lifeline import Owner
 
 FOLDER, LOCK, STATE, LEASES, LOG = "prefect", ".lock", "server.json", "leases", "supervisor.log"
 LINGER_ENV = "HARVEST_PREFECT_LINGER"
@@ -34,7 +34,7 @@ START_TIMEOUT = 180.0
 
 
 def prefect_dir(home) -> Path:
-    from pipeline.home import Home
+    from pipeline.base.home import Home
     return Home.resolve(home).root / FOLDER
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-from pipeline.home import Home
+from pipeline.base.home import Home
 from warehouse import db
 
 LIST_RUNS = 'list runs with `harvest status` or `harvest sql "SELECT run_id, flow, status FROM runs"`'

@@ -12,9 +12,9 @@ from flows.harvest import resolve_config
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
-from pipeline.ablation import stage_model_id, training_config, variants
-from pipeline.harvest_config import input_size, load_sections
-from pipeline.home import Home
+from pipeline.base.home import Home
+from pipeline.config.harvest import input_size, load_sections
+from pipeline.evaluation.ablation import stage_model_id, training_config, variants
 from warehouse import db
 
 PROTOCOLS = ("all/iou", "all/iou@truth", "bounded/iou")
@@ -68,7 +68,7 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
 
 
 def _run(args) -> int:
-    from pipeline.harvest_config import check
+    from pipeline.config.harvest import check
     check(resolve_config(args.config))   # a bad config fails here, in one line, before the phantom or a server
     home = Home.resolve(args.home).make()
     source = args.source

@@ -21,8 +21,9 @@ import time
 
 from flows._runtime import prefect_api
 from flows._verbs import create_markdown_artifact, create_table_artifact, flow, require_run, task
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.base.vocab import SPLITS
+from pipeline.runs.record import recorded_run
 
 DEFAULT_SHARD_SIZE = 512
 
@@ -66,9 +67,9 @@ def train_flow(home: str, run_id: str, config: dict | None = None, resume: bool 
 @task(name="detector-predict-shard", task_run_name="detector-predict-{shard:05d}")
 def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, predict: dict,
                   amp: str, device: str) -> dict:
-    from pipeline.detector.config import PredictSection
+    from pipeline.config.detector import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
-    from pipeline.mining.runs import part_path, process_model, write_part
+    from pipeline.runs.parts import part_path, process_model, write_part
 
     home = Home.resolve(home)
     path = part_path(home, run_id, shard)
@@ -84,7 +85,7 @@ def predict_shard(home: str, run_id: str, shard: int, image_ids: list[str], mode
 def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict]:
     """(the detector's models row, its stored config, predict settings: the stored `predict`, updated by
     `config`'s)."""
-    from pipeline.detector.config import DetectorConfig, PredictSection
+    from pipeline.config.detector import DetectorConfig, PredictSection
     from pipeline.training.checkpoint import model_row
 
     row = model_row(home, model_id)
@@ -102,9 +103,8 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict
 @flow(name="detector-predict", log_prints=True)
 def predict_flow(home: str, model: str, split: str = "test", shard_size: int = DEFAULT_SHARD_SIZE,
                  config=None, device: str = "auto") -> dict:
-    from pipeline.mining.runs import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
-    from pipeline.amp import resolve_amp
-    from pipeline.detector.train import device_of
+    from pipeline.base.amp import device_of, resolve_amp
+    from pipeline.runs.parts import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
 
     t0 = time.perf_counter()
     home_ = Home.resolve(home)
@@ -168,14 +168,14 @@ def register(sub) -> None:
                                     "classifier's training images; register it in `models` (stage 'detector').")
     t.add_argument("--run", required=True, help="mining run id (see `harvest status`)")
     t.add_argument("--config", metavar="YAML", help="detector config (default: configs/detector.yaml's defaults, "
-                                                   "pipeline/detector/config.py)")
+                                                   "pipeline/config/detector.py)")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="retrain from scratch")
     t.set_defaults(func=_train)
     q = acts.add_parser("predict", help="write a detector's boxes on a split as a run of mined_boxes",
                         description="Detect on every image of a split; the boxes become a mined_boxes run "
                                     "(method 'detector') that evaluate, export and sql take like any run.")
     q.add_argument("--model", required=True, help="detector model id (`harvest detector train` prints it)")
-    q.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+    q.add_argument("--split", default="test", choices=(*SPLITS, "all"),
                    help="images to detect on (default test)")
     q.add_argument("--config", metavar="YAML", help="a detector config whose `predict` section overrides the "
                                                    "detector's own")
@@ -198,7 +198,7 @@ def _print(summary: dict) -> None:
 
 
 def _train(args) -> int:
-    from pipeline.detector.config import DetectorConfig
+    from pipeline.config.detector import DetectorConfig
 
     config = DetectorConfig.load(args.config).to_dict()   # a bad config fails in one line, before Prefect
     home = str(Home.resolve(args.home).root)
@@ -212,7 +212,7 @@ def _predict(args) -> int:
     home = str(Home.resolve(args.home).root)
     config = None
     if args.config:
-        from pipeline.detector.config import DetectorConfig
+        from pipeline.config.detector import DetectorConfig
         config = DetectorConfig.load(args.config).to_dict()
     predict_settings(home, args.model, config)   # no such detector: one line, before Prefect
     with prefect_api(home):

@@ -11,8 +11,8 @@ from flows._runtime import prefect_api
 from flows._verbs import (create_link_artifact, create_markdown_artifact, create_table_artifact, flow,
                           require_run, task)
 from flows.query import print_table
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.runs.record import recorded_run
 from warehouse import db
 
 

@@ -18,10 +18,10 @@ from flows.export import export_flow
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
-from pipeline import amp
-from pipeline.harvest_config import check, input_size, load_sections
-from pipeline.home import Home
-from pipeline.training.config import load_config
+from pipeline.base import amp
+from pipeline.base.home import Home
+from pipeline.config.harvest import check, input_size, load_sections
+from pipeline.config.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -114,8 +114,7 @@ def _demo(args) -> int:
     config = resolve_config(args.config)
     check(config)   # a bad config fails here, in one line, before the phantom data or a Prefect server
     home = Home.resolve(args.home).make()
-    from pipeline.training.engine import device_of
-    print(f"hardware: {amp.describe(device_of(load_config(config).runtime))}")
+    print(f"hardware: {amp.describe(amp.device_of(load_config(config).runtime.device))}")
     source = ensure_phantom(home, config)
     print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")
     with prefect_api(home.root):

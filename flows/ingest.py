@@ -5,8 +5,8 @@ from pathlib import Path
 
 from flows._runtime import prefect_api
 from flows._verbs import create_table_artifact, flow, task
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.runs.record import recorded_run
 
 
 @task(name="ingest-nih")

@@ -23,8 +23,8 @@ from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
-from pipeline.home import Home
-from pipeline.mining.runs import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
+from pipeline.base.home import Home
+from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
                                   process_model, recorded_parts_run, run_dir, write_part)
 from warehouse import db
 
@@ -37,7 +37,7 @@ def mining_config(config=None):
     amp `auto` is decided here, for the device this machine's workers use (for a remote cluster of other
     hardware, set amp explicitly), so the run id, the config hash and the run record name the precision used.
     """
-    from pipeline.mining import MiningConfig
+    from pipeline.config.mining import MiningConfig
 
     config = config if isinstance(config, MiningConfig) else MiningConfig.from_dict(config)
     return config.resolved(worker_device())
@@ -169,7 +169,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run the flow against $PREFECT_API_URL, or a loopback Prefect server shared with the Dask workers."""
-    from pipeline.mining.config import MiningConfig
+    from pipeline.config.mining import MiningConfig
 
     config = MiningConfig.from_yaml(args.config) if args.config else None   # checked before torch loads
     from pipeline.training.checkpoint import model_row

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from flows._runtime import prefect_api
-from pipeline.harvest_config import check, input_size, load_sections
-from pipeline.home import Home
+from pipeline.base.home import Home
+from pipeline.config.harvest import check, input_size, load_sections
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,9 @@ def commit() -> str:
 
 def card(home: Home, model_id: str, config: Path, source: Path, sha256: str, seconds: float) -> dict:
     """The facts of the weights' model card, from the warehouse's `models` rows and the phantom manifest."""
-    from pipeline import amp
+    from pipeline.base import amp
+    from pipeline.config.train import load_config
     from pipeline.training.checkpoint import lineage
-    from pipeline.training.config import load_config
-    from pipeline.training.engine import device_of
 
     stages = lineage(home, model_id)
     final = stages[-1]
@@ -44,7 +43,7 @@ def card(home: Home, model_id: str, config: Path, source: Path, sha256: str, sec
     manifest = json.loads((source / "phantom_manifest.json").read_text())
     return {"model_id": model_id, "sha256": sha256, "config": str(config.relative_to(REPO))
             if config.is_relative_to(REPO) else str(config), "commit": commit(),
-            "hardware": amp.describe(device_of(load_config(config).runtime)),
+            "hardware": amp.describe(amp.device_of(load_config(config).runtime.device)),
             "train_seconds": round(seconds, 1),
             "phantom": {k: manifest[k] for k in ("n", "seed", "size", "difficulty", "patients", "code_version")},
             "stages": [{"stage": r["stage"], "model_id": r["model_id"]} for r in stages],
@@ -71,7 +70,7 @@ def _run(args) -> int:
             ingest_flow(str(home.root), "nih", str(source), sizes=[input_size(config)])
         t1 = time.perf_counter()
         model_id = train_flow(str(home.root), str(config))
-    from pipeline.weights import export_weights
+    from pipeline.training.weights import export_weights
     out = Path(args.out)
     sha = export_weights(home, model_id, out)
     facts = card(home, model_id, config, source, sha, time.perf_counter() - t1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import duckdb
 
-from pipeline.home import Home
+from pipeline.base.home import Home
 from warehouse import db
 
 

@@ -32,7 +32,7 @@ def _run(args) -> int:
     from prefect import serve
 
     from flows._runtime import prefect_api
-    from pipeline.home import Home
+    from pipeline.base.home import Home
     overrides = {"source": args.source} if args.source else {}
     if args.config:
         overrides["config"] = args.config
@@ -53,7 +53,7 @@ def _ui(args) -> int:
     import time
 
     from flows._home_server import home_prefect_server, prefect_dir
-    from pipeline.home import Home
+    from pipeline.base.home import Home
     home = Home.resolve(args.home).make().root
     with home_prefect_server(home, port=args.port) as api_url:
         if api_url is None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from flows._runtime import prefect_api
 from flows._verbs import create_table_artifact, flow
-from pipeline.home import Home
-from pipeline.runs import recorded_run
+from pipeline.base.home import Home
+from pipeline.runs.record import recorded_run
 
 
 @flow(name="tune-mining", log_prints=True)
 def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
-    from pipeline.mining.tune import tune_thresholds
+    from pipeline.evaluation.tune import tune_thresholds
     with recorded_run(home, "tune-mining", {"model": model, "t_iou": t_iou}):
         best, table = tune_thresholds(home, model, t_iou=t_iou)
     table["thresholds"] = table["thresholds"].map(list)

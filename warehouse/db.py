@@ -70,7 +70,7 @@ def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = F
 
 
 def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the warehouse of a :class:`pipeline.home.Home` (or its root path).
+    """Open the warehouse of a :class:`pipeline.base.home.Home` (or its root path).
 
     Writable connections apply the schema and refresh the Parquet views stored in the file. Read-only ones
     shadow them with TEMP views of the parts on disk now. Either way the views read the home opened here.
@@ -97,8 +97,6 @@ def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.Duck
         if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
             con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
         refresh_views(con, root / "data")
-        from pipeline.runs import mark_killed_runs   # (lazy: pipeline.runs imports this module)
-        mark_killed_runs(con)
     if sandbox:
         con.execute("SET allowed_directories = ?", [[f"{root / 'data'}/"]])
         con.execute("SET enable_external_access = false")

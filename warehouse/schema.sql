@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 
 -- The process that runs each run: a `running` run whose process is gone (same host, pid dead or reused) is
--- marked 'killed' by the next writable connection (pipeline.runs.mark_killed_runs).
+-- marked 'killed' by the next writer (pipeline.runs.record.writer calls mark_killed_runs).
 CREATE TABLE IF NOT EXISTS run_owners (
     run_id      VARCHAR PRIMARY KEY,
     host        VARCHAR NOT NULL,

@@ -1,6 +1,6 @@
 """A downstream detector trained on one mining run's boxes (issue #13): `harvest detector train|predict|evaluate`.
 
-- `config.py`: `DetectorConfig` (configs/detector*.yaml)
+- `pipeline/config/detector.py`: `DetectorConfig` (configs/detector*.yaml)
 - `data.py`: the run's boxes on the classifier's training images (filters, reviewed boxes)
 - `model.py`: Faster R-CNN on a ResNet-FPN initialised from the run's classifier; anchors fitted to the boxes
 - `train.py`: resumable training, registered in `models` (stage 'detector', parent = the classifier)

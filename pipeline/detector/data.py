@@ -4,7 +4,7 @@
   the warehouse's train split minus the validation patients it carved), cached at the classifier's input size,
   that the run covered (its parts' image lists). An image with no kept box is a negative.
 - Boxes: the run's rows filtered by rank, score and finding (`BoxesConfig`). Where the review module exists
-  (`pipeline.review.reviewed`, with its `reviews` table) and `boxes.reviewed` is on, a reviewed image takes its
+  (`pipeline.export.review.reviewed`, with its `reviews` table) and `boxes.reviewed` is on, a reviewed image takes its
   reviewed boxes instead of the mined ones (none: a reviewed negative).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.detector.config import BoxesConfig
-from pipeline.home import Home
+from pipeline.base.home import Home
+from pipeline.config.detector import BoxesConfig
 from warehouse import db
 
 BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
@@ -42,7 +42,7 @@ class Targets:
     reviewed_images: list[str] = field(default_factory=list)
 
     def digest(self) -> str:
-        from pipeline.training.config import fingerprint
+        from pipeline.config.check import fingerprint
         rows = self.boxes.sort_values(BOX_COLUMNS).round(3).values.tolist()
         return fingerprint(self.image_ids, rows)
 
@@ -76,8 +76,8 @@ def _meta_input_size(home: Home, checkpoint: str) -> int:
 def training_images(home: Home, source: MiningSource) -> list[str]:
     """The classifier's training images (same splits as `harvest train`) that the mining run covered."""
     home = Home.resolve(home)
-    from pipeline.mining.runs import mined_image_ids
-    from pipeline.training.config import load_config
+    from pipeline.config.train import load_config
+    from pipeline.runs.parts import mined_image_ids
     from pipeline.training.stages import split_ids
 
     cfg = load_config({**source.config, "model": {**source.config.get("model", {}), "init": None}})
@@ -121,19 +121,19 @@ def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesCo
 
 
 def reviewed_boxes(con) -> tuple[pd.DataFrame, set] | None:
-    """`pipeline.review.reviewed(con)` where that module and its `reviews` table exist, else None."""
-    if importlib.util.find_spec("pipeline.review") is None:
+    """`pipeline.export.review.reviewed(con)` where that module and its `reviews` table exist, else None."""
+    if importlib.util.find_spec("pipeline.export.review") is None:
         return None
     if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'reviews'").fetchone()[0]:
         return None
-    from pipeline.review import reviewed
+    from pipeline.export.review import reviewed
     boxes, ids = reviewed(con)
     return boxes, set(ids)
 
 
 def input_boxes(boxes: pd.DataFrame, frame: np.ndarray, size: int) -> np.ndarray:
     """xywh boxes of one image (original frame) -> xyxy in the `size` px input, clipped; degenerate ones dropped."""
-    from pipeline.coords import image_to_input
+    from pipeline.base.coords import image_to_input
     xywh = image_to_input(boxes[["x", "y", "w", "h"]].to_numpy(np.float64), frame, size)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).clip(0, size)
     return xyxy

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.base.home import Home
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS, INDEX
 from pipeline.evaluation.bootstrap import AccCounts, acc_counts, acc_values
 from pipeline.evaluation.protocol import IOU_THRESHOLDS
-from pipeline.home import Home
-from pipeline.vocab import BOXED_FINDINGS, FINDINGS, INDEX
 from warehouse import db
 
 COCO_IOUS = np.round(np.concatenate([[0.3], np.linspace(0.5, 0.95, 10)]), 2)   # AP30, then COCO's ten
@@ -197,7 +197,7 @@ def evaluation_set(home, detector_run: str, baseline_run: str | None = None) -> 
     """The held-out images, their truth, and both runs' boxes on them (see the module doc)."""
     import torch
 
-    from pipeline.mining.runs import mined_image_ids
+    from pipeline.runs.parts import mined_image_ids
     home = Home.resolve(home)
     con = db.connect(home, read_only=True)
     try:

@@ -6,7 +6,7 @@ from a few hundred images, and its RoI head scores each box per finding, which i
 and COCO AP rank by. The backbone is the classifier's own (gray 1-channel `conv1`, weights of the run's
 model), so the detector starts from the features that made the boxes; nothing is downloaded
 (`weights=None`), BatchNorm is frozen (detection batches are small). Images enter at the cache size
-(`min_size = max_size = S`: no resize), normalized like the classifier's (`pipeline.dataset.NORM_*`).
+(`min_size = max_size = S`: no resize), normalized like the classifier's (`pipeline.images.dataset.NORM_*`).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from pipeline.dataset import NORM_MEAN, NORM_STD
-from pipeline.vocab import FINDINGS
+from pipeline.base.vocab import FINDINGS
+from pipeline.images.dataset import NORM_MEAN, NORM_STD
 
 NUM_CLASSES = len(FINDINGS) + 1      # background + the 14 findings; label k is FINDINGS[k - 1]
 RETURNED_LAYERS = (2, 3, 4)          # FPN levels at strides 8, 16, 32, plus a max-pooled level at 64

@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.amp import autocast
-from pipeline.coords import input_to_image
-from pipeline.dataset import CacheDataset
-from pipeline.detector.config import PredictSection
+from pipeline.base.amp import autocast
+from pipeline.base.coords import input_to_image
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.base.vocab import FINDINGS
+from pipeline.config.detector import PredictSection
 from pipeline.detector.model import build_detector
 from pipeline.detector.train import STAGE, resize
-from pipeline.files import sha256_file
-from pipeline.home import Home
+from pipeline.images.dataset import CacheDataset
 from pipeline.training.checkpoint import load_checkpoint, model_row
-from pipeline.vocab import FINDINGS
 from warehouse.db import PARQUET_TABLES
 
 SCHEMA = PARQUET_TABLES["mined_boxes"]

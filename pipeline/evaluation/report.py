@@ -31,11 +31,11 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from pipeline.coords import scale_boxes
+from pipeline.base.coords import scale_boxes
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.compare import to_markdown
 from pipeline.evaluation.iou import number_gt, overlap_pairs
 from pipeline.evaluation.references import cai_table3, wang_table
-from pipeline.vocab import BOXED_FINDINGS
 
 # Okabe & Ito (2008), "Color Universal Design": distinct under every common colour-vision deficiency
 OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",
@@ -216,7 +216,7 @@ def code_commit() -> str:
             return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    from pipeline.runs import code_version   # the package version outside a checkout
+    from pipeline.runs.record import code_version   # the package version outside a checkout
     return code_version()
 
 

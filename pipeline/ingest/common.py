@@ -26,10 +26,11 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import cache
-from pipeline.dicom import by_rows, to_uint8
-from pipeline.lifeline import die_with_parent
-from pipeline.rejects import MAX_PIXELS, Reject, check_pixels
+from pipeline.base.lifeline import die_with_parent
+from pipeline.images import cache
+from pipeline.images.dicom import by_rows, to_uint8
+from pipeline.images.rejects import MAX_PIXELS, Reject, check_pixels
+from pipeline.runs.record import writer
 from warehouse import db
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def sweep_orphans(home) -> dict:
     """Remove what a killed ingest or a changed image left behind (call it holding `ingest_lock`):
     `cache_entries` rows whose source no image references, then shard files (and temp files) no row
     references. Rows go first, in one transaction: a kill in between leaves only unreferenced files."""
-    con = db.connect(home)
+    con = writer(home)
     try:
         with db.transaction(con):
             rows = con.execute("""DELETE FROM cache_entries WHERE source_sha256 NOT IN
@@ -290,7 +291,7 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
         swept = sweep_orphans(home)
         if any(swept.values()):
             log.info("swept %s", ", ".join(f"{k}={v}" for k, v in swept.items()))
-        con = db.connect(home)
+        con = writer(home)
         try:
             cached = cached_shas(con, sizes)
             shard = next_shard(con, home)
@@ -314,7 +315,7 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
                     continue
                 rows.append(row)
                 labels[row["image_id"]] = d.item.labels
-            con = db.connect(home)
+            con = writer(home)
             try:
                 with db.transaction(con):
                     upsert_images(con, rows, labels)

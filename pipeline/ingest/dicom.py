@@ -1,6 +1,6 @@
 """DICOM folder ingestion: every `*.dcm` (or extension-less DICOM) file under a root, decoded once.
 
-Identifiers become pseudonyms in `pipeline.dicom.read_dicom`; nothing else from the header is kept
+Identifiers become pseudonyms in `pipeline.images.dicom.read_dicom`; nothing else from the header is kept
 beyond sex, age, view position and pixel spacing. Rejects name the file by a pseudonym of its path relative to
 the root (`reject_path`), keyed by the home's secret like the image and patient pseudonyms.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.ingest.common import Item, ingest_images, ingest_lock
-from warehouse import db
+from pipeline.runs.record import writer
 
 STAGE = "ingest.dicom"
 
@@ -28,14 +28,14 @@ def home_salt(home: Home) -> bytes:
 
 def reject_path(rel: str, salt: bytes) -> str:
     """The `rejects.path` of the file at `rel` (relative to the DICOM root), `salt` being `home_salt(home)`."""
-    from pipeline.dicom import pseudonym
+    from pipeline.images.dicom import pseudonym
     return pseudonym("file", rel, salt)
 
 
 def _decode(data: bytes, _suffix: str, salt: bytes):  # the content, not the name, says DICOM
     import io
 
-    from pipeline.dicom import read_dicom
+    from pipeline.images.dicom import read_dicom
     img = read_dicom(io.BytesIO(data), salt=salt)
     meta = {k: img.meta.get(k) for k in ("image_id", "patient_id", "follow_up", "sex", "age", "view",
                                          "spacing_x", "spacing_y")}
@@ -61,7 +61,7 @@ def ingest_dicom(home, root, sizes=(256,), split: str = "train", workers: int | 
     items = [Item(path=str(p), rel=reject_path(p.relative_to(root).as_posix(), salt),
                   row={"split": split, "source": "dicom"}) for p in dicom_files(root)]
     with ingest_lock(home):
-        con = db.connect(home)
+        con = writer(home)
         try:
             # rows named by the unsalted digest of earlier versions would confirm guessed names: this run renames them
             con.execute("DELETE FROM rejects WHERE stage = ? AND source = ? AND path LIKE 'file-%'", [STAGE, str(root)])

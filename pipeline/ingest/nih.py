@@ -16,11 +16,12 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from pipeline.coords import box_inside
-from pipeline.home import Home
+from pipeline.base.coords import box_inside
+from pipeline.base.home import Home
+from pipeline.base.vocab import UnknownFinding, normalize_finding, parse_labels
+from pipeline.images.rejects import Reject
 from pipeline.ingest.common import Item, decode_png, ingest_images, ingest_lock, reject_rows, upsert_images
-from pipeline.rejects import Reject
-from pipeline.vocab import UnknownFinding, normalize_finding, parse_labels
+from pipeline.runs.record import writer
 from warehouse import db
 
 STAGE = "ingest.nih"
@@ -139,7 +140,7 @@ def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: i
                for it, rec in items}
     items = [it for it, _ in items]
     with ingest_lock(home):   # short connections only: readers get in between the chunk commits
-        con = db.connect(home)
+        con = writer(home)
         try:
             with db.transaction(con):
                 reject_rows(con, STAGE, source, rejects)
@@ -154,7 +155,7 @@ def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: i
             counts = {"images": len(items), "decoded": 0, "skipped_cached": 0, "rejects": 0}
         else:
             counts = ingest_images(home, items, sizes, STAGE, source, _png_decoder, workers, desc="ingest nih")
-        con = db.connect(home)
+        con = writer(home)
         try:
             if not metadata_only:
                 _fix_spacing(con, spacing)

@@ -2,7 +2,7 @@
 
 Our reading of "3 bboxs generated from each H_f by adjusting the intensity threshold":
 - H_f is bilinearly upsampled to the image frame (``align_corners=False``: cell i of the CAM grid covers
-  [i, i+1), as in ``pipeline.coords``);
+  [i, i+1), as in ``pipeline.base.coords``);
 - at each threshold τ, the box is the bounding box of the 8-connected component of ``H_f >= τ`` that holds
   H_f's maximum (a bilinear surface peaks at a grid node: the first maximal one). That maximum is 1 (eq. 8),
   so τ is absolute and relative at once;
@@ -98,7 +98,7 @@ def _edges(component: torch.Tensor, nodes: torch.Tensor, tau: torch.Tensor, acro
 
 
 def _pixel_range(lo, hi, cells: int, length: torch.Tensor):
-    """Crossings in node units (node i is the centre of grid cell i, at i + 0.5 in `pipeline.coords`'s cells)
+    """Crossings in node units (node i is the centre of grid cell i, at i + 0.5 in `pipeline.base.coords`'s cells)
     -> first and last frame pixel (inclusive) whose centre lies inside."""
     scale = length / cells
     first = torch.ceil((lo + 0.5) * scale - 0.5).clamp(min=0)

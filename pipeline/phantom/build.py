@@ -18,21 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.base.vocab import FINDINGS, parse_labels
+from pipeline.config.harvest import parse_difficulty
 from pipeline.phantom import anatomy, drr, findings, metadata
-from pipeline.vocab import FINDINGS, parse_labels
 
 CHUNK = 24
-DIFFICULTY = {"easy": 0.0, "default": 0.0, "medium": 0.5, "hard": 1.0}
-
-
-def parse_difficulty(value) -> float:
-    """A name (easy/default, medium, hard) or a number in [0, 1]."""
-    if isinstance(value, str) and value in DIFFICULTY:
-        return DIFFICULTY[value]
-    d = float(value)
-    if not 0 <= d <= 1:
-        raise ValueError(f"difficulty {value!r}: give easy, medium, hard or a number in [0, 1]")
-    return d
 
 
 def n_variants(n: int) -> int:

@@ -1,6 +1,7 @@
-"""Staged training engine (sec. 3.1): configs, the AM/KP training loop, checkpoints, DDP.
+"""Staged training engine (sec. 3.1): the AM/KP training loop, checkpoints, weights, DDP. The config it
+reads is `pipeline.config.train`.
 
-    from pipeline.training import train, load_config, load_model
+    from pipeline.training import train, load_model
     model_id = train(home, "configs/demo.yaml")          # every stage; finished stages are reused
     model, meta = load_model(home, model_id, device="cpu")
 
@@ -10,7 +11,6 @@ import importlib
 
 _EXPORTS = {
     "lineage": "checkpoint", "load_model": "checkpoint", "register_model": "checkpoint",
-    "TrainConfig": "config", "load_config": "config",
     "default_nproc": "stages", "plan_stages": "stages", "train": "stages", "train_distributed": "stages",
 }
 __all__ = sorted(_EXPORTS)

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.training.config import AugmentConfig
+from pipeline.config.train import AugmentConfig
 
 
 def sample_affine(n: int, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

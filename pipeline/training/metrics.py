@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from pipeline.vocab import BOXED_FINDINGS, FINDINGS
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

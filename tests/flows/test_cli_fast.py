@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import COMMANDS, VERBS, build_parser
-from tests.pipeline.test_export import make_home
+from tests.pipeline.export.test_export import make_home
 
 HARVEST = Path(sys.executable).parent / "harvest"
 
@@ -33,7 +33,7 @@ def test_the_command_answers_in_well_under_two_seconds(home, args):
 @pytest.mark.parametrize("modules, heavy", [
     ("flows.query", {"prefect", "torch"}),
     # what checks a config: a bad one fails before torch loads
-    ("pipeline.training.config, pipeline.mining.config, pipeline.detector.config, pipeline.harvest_config", {"torch"}),
+    ("pipeline.config.train, pipeline.config.mining, pipeline.config.detector, pipeline.config.harvest", {"torch"}),
     # verbs whose flows are built on first use (flows._verbs)
     ("flows.train, flows.ingest, flows.tune, flows.evaluate, flows.export, flows.detector", {"prefect", "torch"}),
     # a deployment's entrypoint is a Prefect flow at import, so these load Prefect, but not torch

@@ -40,7 +40,7 @@ def test_pretrain_writes_weights_and_card_then_reuses(tmp_path, prefect_api):
 
     from models import create_model
     from pipeline.evaluation.run import evaluate_run
-    from pipeline.weights import load_init
+    from pipeline.training.weights import load_init
     from warehouse import db
 
     config = tmp_path / "tiny.yaml"

@@ -18,11 +18,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.home import Home
+from pipeline.base.home import Home
+from pipeline.base.lifeline import Owner
 from pipeline.ingest.common import sweep_orphans
 from pipeline.ingest.nih import ingest_nih
-from pipeline.lifeline import Owner
-from pipeline.runs import mark_killed_runs, start_run
+from pipeline.runs.record import mark_killed_runs, start_run, writer
 from tests.flows.prefect_server import wait_for
 from warehouse import db
 
@@ -146,7 +146,7 @@ def test_runs_of_dead_or_reused_pids_are_marked_killed(tmp_path):
         assert sorted(mark_killed_runs(con)) == ["dead", "reused"]
     finally:
         con.close()
-    db.connect(home).close()   # idempotent; every writable connect does it
+    writer(home).close()   # idempotent; every writer does it
     assert run_statuses(home) == {mine: "running", "dead": "killed", "reused": "killed",
                                   "elsewhere": "running", "unowned": "running"}
 

@@ -6,8 +6,8 @@ import duckdb
 import pytest
 
 from flows.cli import main
-from pipeline.files import sha256_file
-from tests.pipeline.test_export import BOXES, make_home
+from pipeline.base.files import sha256_file
+from tests.pipeline.export.test_export import BOXES, make_home
 from warehouse import db
 
 

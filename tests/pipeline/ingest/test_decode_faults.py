@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.home import Home
+from pipeline.base.home import Home
 from pipeline.ingest.common import decode_png
 from pipeline.ingest.dicom import home_salt, ingest_dicom, reject_path
 from pipeline.ingest.nih import ingest_nih
 from tests.conftest import gray_image
-from tests.pipeline.dicom_fixtures import chest, write_dicom
+from tests.pipeline.images.dicom_fixtures import chest, write_dicom
 from warehouse import db
 
 BAD = {"bomb_000.png": "too_many_pixels", "giant16_000.png": "too_many_pixels", "jpeg_000.png": "format_mismatch",
@@ -84,7 +84,7 @@ def test_16bit_stretch_equals_the_float64_formula():
 
 
 DECODE = {"png": "from pipeline.ingest.common import decode_png; px = decode_png(open(path, 'rb').read(), '.png')",
-          "dicom": "from pipeline.dicom import read_dicom; px = read_dicom(path).pixels"}
+          "dicom": "from pipeline.images.dicom import read_dicom; px = read_dicom(path).pixels"}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak from Linux /proc")
@@ -99,7 +99,7 @@ def test_a_49_megapixel_16bit_image_decodes_under_1_gb(tmp_path, kind):
         write_dicom(path, np.add.outer(np.arange(7000) % 4096, np.zeros(7000)).astype(np.uint16),
                     WindowCenter=2000, WindowWidth=3000)
     # VmHWM, the peak of this process's own memory: ru_maxrss would carry over the parent's peak across exec
-    code = (f"path = {str(path)!r}; {DECODE[kind]}; from pipeline.cache import resize; resize(px, 256); "
+    code = (f"path = {str(path)!r}; {DECODE[kind]}; from pipeline.images.cache import resize; resize(px, 256); "
             "print(px.shape, open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
     shape, peak_kib = out.stdout.rsplit(" ", 1)

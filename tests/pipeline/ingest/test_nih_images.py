@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cache import resize
-from pipeline.dataset import CacheDataset
+from pipeline.images.cache import resize
+from pipeline.images.dataset import CacheDataset
 from pipeline.ingest.nih import ingest_nih
 from tests.conftest import gray_image
 from warehouse import db

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
 from pipeline.ingest.nih import ingest_nih
-from pipeline.vocab import BOXED_FINDINGS, FINDINGS
 from tests.conftest import package_data
 from warehouse import db
 

@@ -6,9 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.dataset import CacheDataset, normalize
-from pipeline.mining import MiningConfig, mine_batch, mine_shard
-from pipeline.vocab import FINDINGS, INDEX
+from pipeline.base.vocab import FINDINGS, INDEX
+from pipeline.config.mining import MiningConfig
+from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.mining import mine_batch, mine_shard
 from warehouse.db import PARQUET_TABLES
 
 SIZE, FRAME = 128, 512   # cache (model input) and original image frame

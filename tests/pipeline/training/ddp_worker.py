@@ -65,7 +65,7 @@ def blob_home(tmp: Path, n: int = 160, input_size: int = 64, seed: int = 0) -> P
 
 def tiny_config(**overrides) -> dict:
     """A resnet18 config at 64 px that trains in seconds on 2 cores."""
-    from pipeline.training.config import merge
+    from pipeline.config.check import merge
 
     base = {
         "name": "tiny", "seed": 0,
@@ -84,9 +84,9 @@ def main(home: str, out: str) -> None:
     """DDP worker: train a few `base` steps (BN frozen, see test_ddp.py) and let rank 0 save the weights."""
     import torch
 
+    from pipeline.config.train import load_config
     from pipeline.training.checkpoint import load_checkpoint
     from pipeline.training.stages import train
-    from pipeline.training.config import load_config
 
     cfg = load_config(tiny_config(**ddp_overrides()))
     model_id = train(home, cfg)

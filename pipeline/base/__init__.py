@@ -1,0 +1,2 @@
+"""The bottom layer of the pipeline: the home folder, the vocabulary and splits, coordinate frames, devices and mixed
+precision, process lifelines and file digests. It imports nothing of the project."""

@@ -1,0 +1,50 @@
+"""The paper's ablations on one dataset: Table 1 (MSA necks) and Table 3 (AM steps t, KP variants).
+
+Every variant is a training config derived from one base config plus the mining steps to use:
+- MSA: neck baseline | bilinear | deconv, no AM (Table 1 compares necks before AM); mined with T=1 (CAM).
+- AM:  the KP run's stages am1, am2, am3, each mined with T=t steps (Table 3, top).
+- KP:  am.mode none | vanilla | kp at t=3, mined with T=3 (Table 3, bottom).
+Stages shared between variants (same fingerprint: e.g. `base` for all) are trained once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Variant:
+    group: str                    # MSA | AM | KP (pipeline.evaluation.compare.SETTINGS)
+    setting: str
+    overrides: dict = field(hash=False)
+    stage: str                    # the stage whose model is mined
+    steps: int                    # T used for mining
+
+
+def variants() -> list[Variant]:
+    out = [Variant("MSA", neck, {"model": {"neck": neck}, "am": {"steps": 0}}, "end_to_end", 1)
+           for neck in ("baseline", "bilinear", "deconv")]
+    out += [Variant("AM", f"t={t}", {"am": {"mode": "kp", "steps": 3}}, f"am{t}", t) for t in (1, 2, 3)]
+    out += [Variant("KP", name, {"am": {"mode": mode, "steps": 3}}, "am3", 3)
+            for name, mode in (("w/o KP", "none"), ("KP-Vanilla", "vanilla"), ("KP", "kp"))]
+    return out
+
+
+def training_config(base_config, variant: Variant) -> dict:
+    """The base config file with the variant's overrides (harvest sections dropped)."""
+    from pipeline.config.check import merge
+    from pipeline.config.harvest import HARVEST_SECTIONS
+    data = yaml.safe_load(Path(base_config).read_text()) or {}
+    data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
+    return merge(data, variant.overrides)
+
+
+def stage_model_id(config: dict, stage: str) -> str:
+    """The model id that training gives the named stage of `config` (fingerprints are deterministic)."""
+    from pipeline.training.stages import plan_stages, resolved_config
+    plans = {p.name: p for p in plan_stages(resolved_config(config))}
+    if stage not in plans:
+        raise KeyError(f"stage {stage!r} not in the plan {list(plans)} (0 epochs?)")
+    return plans[stage].model_id

@@ -1,0 +1,1 @@
+"""Runs: the `runs` table and the writable warehouse connection (`record`), and runs of parts on disk (`parts`)."""

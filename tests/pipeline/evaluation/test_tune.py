@@ -1,0 +1,51 @@
+"""Box thresholds are chosen on the validation split's truth boxes, never on evaluation boxes."""
+import pytest
+
+from pipeline.evaluation.tune import tune_thresholds, validation_ids
+from pipeline.ingest.nih import ingest_nih
+from pipeline.phantom import generate
+from pipeline.training.checkpoint import load_model
+from tests.conftest import register_tiny_model
+from warehouse import db
+
+CONFIG = {"data": {"input_size": 64, "val_fraction": 0.3}}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tune")
+    generate(base / "phantom", n=40, seed=5, size=128, workers=1, progress=False)
+    home = base / "home"
+    ingest_nih(home, base / "phantom", sizes=(64,))
+    register_tiny_model(home, "tiny", input_size=64, config=CONFIG)
+    return home
+
+
+def test_validation_images_are_held_out_training_images(home):
+    _, meta = load_model(home, "tiny")
+    ids = validation_ids(home, meta)
+    con = db.connect(home, read_only=True)
+    splits = {s for (s,) in con.execute("SELECT DISTINCT split FROM images WHERE image_id IN (SELECT unnest(?))",
+                                        [ids]).fetchall()}
+    boxed = {i for (i,) in con.execute("SELECT image_id FROM gt_boxes WHERE source = 'bbox_list'").fetchall()}
+    con.close()
+    assert ids and splits == {"train"}
+    assert not boxed & set(ids)      # the evaluation (boxed, test split) images are never looked at
+
+
+def test_best_candidate_is_the_top_of_the_table(home):
+    cands = ((0.6, 0.4, 0.2), (0.3, 0.2, 0.1))
+    best, table = tune_thresholds(home, "tiny", candidates=cands)
+    assert len(table) == 2 and best == table.iloc[0]["thresholds"]
+    col = table.columns[1]
+    assert table[col].iloc[0] >= table[col].iloc[1]
+
+
+def test_without_truth_boxes_it_refuses(home, tmp_path):
+    import shutil
+    copy = shutil.copytree(home, tmp_path / "home")
+    con = db.connect(copy)
+    con.execute("DELETE FROM gt_boxes WHERE source = 'truth'")
+    con.close()
+    with pytest.raises(ValueError, match="truth"):
+        tune_thresholds(copy, "tiny", candidates=((0.5, 0.35, 0.2),))
