@@ -62,15 +62,16 @@ def one_thread_on_cpu(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _reference_boxes(cams: torch.Tensor, frames: np.ndarray, config: MiningConfig) -> tuple[Boxes, np.ndarray]:
-    """The numpy/skimage path, one map at a time, packed like the fast path's output."""
+def _reference_boxes(cams: torch.Tensor, frames: np.ndarray, thresholds: np.ndarray,
+                     config: MiningConfig) -> tuple[Boxes, np.ndarray]:
+    """The numpy/skimage path, one map at a time (its thresholds `[M, K]`), packed like the fast path's output."""
     K = len(config.thresholds)
     xywh, score, thr = np.zeros((len(cams), K, 4)), np.zeros((len(cams), K)), np.zeros((len(cams), K))
     valid = np.zeros((len(cams), K), dtype=bool)
     fused = []
     for m, cam in enumerate(cams.cpu().numpy()):
         fused.append(fused_heatmap_reference(cam, config.steps, config.erase_threshold))
-        for k, box in enumerate(boxes_reference(fused[-1], frames[m], config.thresholds)):
+        for k, box in enumerate(boxes_reference(fused[-1], frames[m], thresholds[m])):
             xywh[m, k] = [box[c] for c in "xywh"]
             score[m, k], thr[m, k], valid[m, k] = box["score"], box["threshold"], True
     shape = (0, *cams.shape[1:])
@@ -120,11 +121,12 @@ def _mine_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, conf
     cams, b, c = _pair_cams(X, model.head.weight, chosen)
     frames = torch.as_tensor(frames, dtype=torch.float32).reshape(-1, 2)
     pair_frames = frames[b.cpu()]
+    thresholds = torch.tensor(config.threshold_table(), dtype=torch.float32)[c.cpu()]   # each pair's finding's
     if config.fast:
         fused = fused_heatmap(cams, config.steps, config.erase_threshold)
-        boxes = boxes_from_heatmaps(fused, pair_frames.to(device), config.thresholds)
+        boxes = boxes_from_heatmaps(fused, pair_frames.to(device), thresholds.to(device))
     else:
-        boxes, fused = _reference_boxes(cams, pair_frames.numpy(), config)
+        boxes, fused = _reference_boxes(cams, pair_frames.numpy(), thresholds.numpy(), config)
         fused = torch.from_numpy(fused)
 
     valid = boxes.valid.cpu().numpy()
