@@ -112,15 +112,33 @@ def _mine_features(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, c
         return _mine_pairs(model, X, prob, labels, frames, config)
 
 
-def _mine_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig) -> dict:
-    device = X.device
+def chosen_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig):
+    """The (image, finding) pairs a batch mines (its labels, or its predictions when unlabeled): their step-1
+    CAMs `[M,h,w]`, image and finding indices `[M]`, and frames `[M,2]` (CPU)."""
     if config.unlabeled or labels is None:
         chosen = prob >= config.prob_threshold
     else:
-        chosen = torch.as_tensor(labels, device=device) > 0
+        chosen = torch.as_tensor(labels, device=X.device) > 0
     cams, b, c = _pair_cams(X, model.head.weight, chosen)
     frames = torch.as_tensor(frames, dtype=torch.float32).reshape(-1, 2)
-    pair_frames = frames[b.cpu()]
+    return cams, b, c, frames[b.cpu()]
+
+
+@torch.inference_mode()
+def fused_pairs(model, images_uint8: torch.Tensor, labels, frames, config: MiningConfig):
+    """One batch's fused heatmaps H_f (eq. 7-8, fast path) of the pairs it mines, without boxes: for cutting
+    boxes with many rules from one forward (`harvest tune`). Returns fused `[M,h,w]`, image and finding
+    indices `[M]`, frames `[M,2]` and the pairs' probabilities `[M]`, all on the CPU."""
+    X, prob = _forward(model, images_uint8, config)
+    with one_thread_on_cpu(X.device):
+        cams, b, c, pair_frames = chosen_pairs(model, X, prob, labels, frames, config)
+        fused = fused_heatmap(cams, config.steps, config.erase_threshold)
+    return fused.cpu(), b.cpu(), c.cpu(), pair_frames, prob[b, c].cpu()
+
+
+def _mine_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig) -> dict:
+    device = X.device
+    cams, b, c, pair_frames = chosen_pairs(model, X, prob, labels, frames, config)
     thresholds = torch.tensor(config.threshold_table(), dtype=torch.float32)[c.cpu()]   # each pair's finding's
     if config.fast:
         fused = fused_heatmap(cams, config.steps, config.erase_threshold)
