@@ -60,7 +60,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tmp = None
     if args.quick:
-        from tests.pipeline.test_detector import RUN, TINY, build_home
+        from tests.pipeline.detector.test_detector import RUN, TINY, build_home
         tmp = tempfile.TemporaryDirectory(prefix="bench-detector-")
         home, run, config = Home.resolve(build_home(Path(tmp.name))), RUN, DetectorConfig.load(TINY).to_dict()
         args.bootstrap = min(args.bootstrap, 100)

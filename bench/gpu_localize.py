@@ -7,7 +7,7 @@ home folder, chaining the library directly (the GPU host has no Prefect or Dask;
     python bench/gpu_localize.py all --quick        # the whole chain, tiny, on the CPU (< 1 min): the test of it
 
 - `data`: a phantom (exact truth boxes) in the NIH layout, ingested into a cache at the model's input size.
-- `train`: the settings' training configs (the paper's ablation: `pipeline.ablation`), stage by stage; finished
+- `train`: the settings' training configs (the paper's ablation: `pipeline.evaluation.ablation`), stage by stage; finished
   stages are reused, an unfinished one resumes from its last checkpoint (`runtime.save_every_steps`). It stops
   by itself at `--minutes` and exits 3 (`resume`); run it again.
 - `score`: box thresholds chosen by `harvest tune`'s search on the headline model's **validation** truth; each
@@ -33,13 +33,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.ablation import stage_model_id, training_config, variants  # noqa: E402
-from pipeline.evaluation.bootstrap import acc_intervals  # noqa: E402
-from pipeline.evaluation.references import cai_table3  # noqa: E402
 from pipeline.base.home import Home  # noqa: E402
 from pipeline.base.vocab import BOXED_FINDINGS  # noqa: E402
+from pipeline.evaluation.ablation import stage_model_id, training_config, variants  # noqa: E402
+from pipeline.evaluation.bootstrap import acc_intervals  # noqa: E402
+from pipeline.evaluation.references import cai_table3  # noqa: E402
 
-# The settings of docs/results/gpu-phantom-acc.csv -> (group, setting) of pipeline.ablation.variants()
+# The settings of docs/results/gpu-phantom-acc.csv -> (group, setting) of pipeline.evaluation.ablation.variants()
 SETTINGS = {"am3-kp": ("KP", "KP"), "am1": ("AM", "t=1"), "am2": ("AM", "t=2"), "am3-none": ("KP", "w/o KP"),
             "am3-vanilla": ("KP", "KP-Vanilla"), "neck-baseline": ("MSA", "baseline"),
             "neck-bilinear": ("MSA", "bilinear"), "neck-deconv": ("MSA", "deconv")}
@@ -143,7 +143,7 @@ def mine(home: Home, model_id: str, split: str, mining: dict, device: str) -> st
 
 def thresholds(home: Home, model_id: str, candidates: int | None) -> tuple[float, ...]:
     """Box thresholds chosen on the model's validation truth (`harvest tune`'s search)."""
-    from pipeline.mining.tune import CANDIDATES, tune_thresholds
+    from pipeline.evaluation.tune import CANDIDATES, tune_thresholds
     pool = CANDIDATES if not candidates else CANDIDATES[:: max(1, len(CANDIDATES) // candidates)]
     best, table = tune_thresholds(home, model_id, candidates=pool)
     print(f"thresholds on validation truth: {tuple(best)} (of {len(pool)} candidates; "
@@ -175,9 +175,9 @@ def run_boxes(home: Home, run_id: str) -> pd.DataFrame:
 
 def score(home: Home, config, settings: list[str], out: Path, recipe: str, device: str, n_boot: int,
           candidates: int | None) -> pd.DataFrame:
+    from pipeline.config.harvest import load_sections
     from pipeline.evaluation.diagnose import diagnose
     from pipeline.evaluation.run import evaluate_run
-    from pipeline.config.harvest import load_sections
     out.mkdir(parents=True, exist_ok=True)
     spec = load_sections(config)
     phantom = json.loads((home.root / "phantom" / "phantom_manifest.json").read_text())

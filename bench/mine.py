@@ -25,14 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.base.amp import MODES as AMP_MODES, autocast, describe  # noqa: E402
-from pipeline.images.dataset import CacheDataset, normalize  # noqa: E402
+from pipeline.base.vocab import FINDINGS  # noqa: E402
 from pipeline.config.mining import MiningConfig  # noqa: E402
+from pipeline.images.dataset import CacheDataset, normalize  # noqa: E402
 from pipeline.mining import mine_shard  # noqa: E402
 from pipeline.mining.boxes import boxes_from_heatmaps  # noqa: E402
 from pipeline.mining.heatmap_fusion import fused_heatmap  # noqa: E402
 from pipeline.mining.reference import mine_reference  # noqa: E402
 from pipeline.mining.shard import one_thread_on_cpu  # noqa: E402
-from pipeline.base.vocab import FINDINGS  # noqa: E402
 
 MODEL_ID = "bench"
 

@@ -23,9 +23,9 @@ from ingest import make_dataset  # noqa: E402  (the radiograph-like PNG writer o
 
 from models import create_model  # noqa: E402
 from pipeline.base.amp import MODES as AMP_MODES, describe, resolve_amp  # noqa: E402
+from pipeline.config.train import AugmentConfig, RuntimeConfig  # noqa: E402
 from pipeline.images.dataset import CacheDataset  # noqa: E402
 from pipeline.ingest.nih import ingest_nih  # noqa: E402
-from pipeline.config.train import AugmentConfig, RuntimeConfig  # noqa: E402
 from pipeline.training.engine import (ClassificationLoss, epoch_batches, init_distributed, prepare,  # noqa: E402
                                       train_one_epoch, train_step)
 

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows._runtime import healthy, start_prefect_server
+from flows._prefect_server import healthy, start_prefect_server
 from pipeline.base.lifeline import Owner
 
 FOLDER, LOCK, STATE, LEASES, LOG = "prefect", ".lock", "server.json", "leases", "supervisor.log"

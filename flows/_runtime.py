@@ -1,184 +1,14 @@
-"""Shared runtime of the flows: one Prefect API server and a Dask cluster sized to the machine.
-
-Why one real server: without `PREFECT_API_URL` every Python process that runs a Prefect task starts an
-ephemeral server of its own, so each Dask worker process would start one. Distributed runs therefore point
-the flow process and every worker at ONE `prefect server start` on loopback (docs/design.md#flows).
-"""
+"""Shared runtime of the flows: which Prefect API a flow uses (`prefect_api`), and a Dask cluster sized to the
+machine. The server processes themselves are `flows._prefect_server` (start, stop) and `flows._home_server` (one
+per home)."""
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
-# Offline and quiet: no analytics, no telemetry. Applied to this process and to every child it starts.
-OFFLINE_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-for _k, _v in OFFLINE_ENV.items():
-    os.environ.setdefault(_k, _v)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-# Exec the given `python ...` command after asking Linux to SIGTERM it when its parent dies, so a SIGKILLed
-# flow or test run leaves no server behind (elsewhere the server simply outlives a killed parent).
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "except (AttributeError, OSError):\n"
-    "    pass\n"
-    "if os.getppid() == 1:\n"
-    "    sys.exit(0)  # the parent is already gone\n"
-    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
-
-
-@dataclass
-class PrefectServer:
-    """A `prefect server start` subprocess on loopback; `api_url` is what PREFECT_API_URL must hold."""
-    api_url: str
-    prefect_home: Path
-    process: subprocess.Popen
-    log: Path
-    _own_home: bool = field(default=False, repr=False)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()   # uvicorn shuts down on SIGTERM
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._own_home:
-            shutil.rmtree(self.prefect_home, ignore_errors=True)
-
-
-_TEMP_PREFIX, _OWNER = "harvest-prefect-", "owner.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True     # someone else's live process
-    return True
-
-
-def sweep_stale_prefect_homes(tmp: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the temporary server folders whose owner process is gone: a SIGKILLed `harvest` cannot run
-    `stop()` (its server dies with it, by PR_SET_PDEATHSIG, but the folder stays). Returns what was removed."""
-    removed = []
-    for folder in Path(tmp or tempfile.gettempdir()).glob(_TEMP_PREFIX + "*"):
-        try:
-            pid = int((folder / _OWNER).read_text())
-        except (OSError, ValueError):
-            continue    # not ours to judge (no owner recorded)
-        if not _alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """The Prefect API at `api_url` answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
-                         port: int | None = None, timeout: float = 180, ui: bool = False,
-                         scheduler: bool = False) -> PrefectServer:
-    """Start `prefect server start` (by default API only: no UI, no scheduler) and wait for `/api/health`.
-
-    `prefect_home` (default: a fresh temp folder, removed by `stop()`) holds the server's SQLite database.
-    """
-    own = prefect_home is None
-    if own:
-        sweep_stale_prefect_homes()
-    home = Path(prefect_home or tempfile.mkdtemp(prefix=_TEMP_PREFIX))
-    home.mkdir(parents=True, exist_ok=True)
-    if own:
-        (home / _OWNER).write_text(str(os.getpid()))
-    port = port or free_port(host)
-    api_url = f"http://{host}:{port}/api"
-    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": str(ui).lower()}
-    env.pop("PREFECT_API_URL", None)   # the server must not talk to another server
-    log = home / "server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _DIE_WITH_PARENT, "-m", "prefect", "server", "start", "--host", host,
-             "--port", str(port), "--ui" if ui else "--no-ui", "--analytics-off",
-             "--scheduler" if scheduler else "--no-scheduler", "--no-late-runs"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = PrefectServer(api_url, home, proc, log, own)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            server.stop()
-            raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log}:\n"
-                               + log.read_text(errors="replace")[-2000:])
-        if healthy(api_url):
-            return server
-        time.sleep(0.25)
-    server.stop()
-    raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout:.0f}s; see {log}")
-
-
-@contextmanager
-def prefect_server(prefect_home=None, **kwargs):
-    server = start_prefect_server(prefect_home, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@contextmanager
-def use_prefect_api(api_url: str):
-    """Point this process (settings context) and the processes it spawns (environment) at `api_url`."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            try:
-                yield api_url
-            finally:
-                drain_prefect_clients()
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
-
-
-def drain_prefect_clients(timeout: float = 10) -> None:
-    """Send this process's queued Prefect logs and events now, while their server is still up (else they
-    are retried against a stopped server at interpreter exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        service.drain_all(timeout=timeout, at_exit=False)
+from flows._home_server import home_prefect_server
+from flows._prefect_server import OFFLINE_ENV, prefect_server, use_prefect_api
 
 
 @contextmanager
@@ -190,8 +20,6 @@ def prefect_api(home=None):
     if url:
         yield url
         return
-    from flows._home_server import home_prefect_server
-
     with home_prefect_server(home) if home is not None else nullcontext() as url:
         if url:
             with use_prefect_api(url):

@@ -12,9 +12,9 @@ from flows.harvest import resolve_config
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
-from pipeline.ablation import stage_model_id, training_config, variants
-from pipeline.config.harvest import input_size, load_sections
 from pipeline.base.home import Home
+from pipeline.config.harvest import input_size, load_sections
+from pipeline.evaluation.ablation import stage_model_id, training_config, variants
 from warehouse import db
 
 PROTOCOLS = ("all/iou", "all/iou@truth", "bounded/iou")

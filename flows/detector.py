@@ -103,9 +103,8 @@ def predict_settings(home, model_id: str, config=None) -> tuple[dict, dict, dict
 @flow(name="detector-predict", log_prints=True)
 def predict_flow(home: str, model: str, split: str = "test", shard_size: int = DEFAULT_SHARD_SIZE,
                  config=None, device: str = "auto") -> dict:
+    from pipeline.base.amp import device_of, resolve_amp
     from pipeline.runs.parts import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir
-    from pipeline.base.amp import resolve_amp
-    from pipeline.detector.train import device_of
 
     t0 = time.perf_counter()
     home_ = Home.resolve(home)

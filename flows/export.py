@@ -1,4 +1,4 @@
-"""Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.export`.
+"""Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.write.export`.
 
 Prefect is imported on first use (`flows._verbs`), so that `harvest export --run RUN` checks the run id in well
 under two seconds, before any server starts.
@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 from flows._verbs import create_markdown_artifact, flow, require_run, task
-from pipeline.export import FORMATS, IMAGE_MODES, MANIFEST, export
 from pipeline.base.home import Home
-from pipeline.labelstudio import URL_PREFIX
+from pipeline.config.harvest import EXPORT_FORMATS
+from pipeline.export.common import IMAGE_MODES
+from pipeline.export.labelstudio import URL_PREFIX
+from pipeline.export.write import MANIFEST, export
 from pipeline.runs.record import recorded_run
 
 
@@ -60,7 +62,7 @@ def parse_ranks(tokens: list[str]) -> list[int] | None:
 def _run(args) -> int:
     home = str(Home.resolve(args.home).make().root)
     require_run(home, args.run_id, "export")   # one line, before Prefect is imported or a server starts
-    from pipeline.export import preflight
+    from pipeline.export.write import preflight
     preflight(home, args.run_id, args.fmt, args.images, args.image_roots)   # missing images: one line, no flow
     from flows._runtime import prefect_api
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
@@ -77,7 +79,7 @@ def register(sub) -> None:
                                    "boxes and scores are written (no patient data). An earlier export in the "
                                    "same folder is replaced atomically.")
     p.add_argument("--run", dest="run_id", required=True, help="run_id of a mining run (see `harvest status`)")
-    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="export format")
+    p.add_argument("--format", dest="fmt", required=True, choices=EXPORT_FORMATS, help="export format")
     p.add_argument("--min-score", type=float, default=None, help="keep boxes with score >= this")
     p.add_argument("--ranks", nargs="+", default=["1"], metavar="RANK",
                    help="box ranks to keep (default 1: the top box per image and finding); 'all' keeps every rank")

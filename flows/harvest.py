@@ -19,8 +19,8 @@ from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base import amp
-from pipeline.config.harvest import check, input_size, load_sections
 from pipeline.base.home import Home
+from pipeline.config.harvest import check, input_size, load_sections
 from pipeline.config.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,8 +114,7 @@ def _demo(args) -> int:
     config = resolve_config(args.config)
     check(config)   # a bad config fails here, in one line, before the phantom data or a Prefect server
     home = Home.resolve(args.home).make()
-    from pipeline.training.engine import device_of
-    print(f"hardware: {amp.describe(device_of(load_config(config).runtime))}")
+    print(f"hardware: {amp.describe(amp.device_of(load_config(config).runtime.device))}")
     source = ensure_phantom(home, config)
     print(f"phantom data: {source} ({time.perf_counter() - t0:.0f} s)")
     with prefect_api(home.root):

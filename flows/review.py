@@ -1,10 +1,10 @@
 """`harvest import-review FILE`: boxes people corrected in Label Studio or CVAT come back as `gt_boxes` rows with
-source `review` (pipeline.review). A short warehouse write: no Prefect, no torch."""
+source `review` (pipeline.export.review). A short warehouse write: no Prefect, no torch."""
 from __future__ import annotations
 
 from flows._verbs import require_run
 from pipeline.base.home import Home
-from pipeline.review import FORMATS, import_review
+from pipeline.export.review import FORMATS, import_review
 
 REJECTS_SQL = "SELECT path, reason, detail FROM rejects WHERE stage = 'review' AND source = '{}'"
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from flows._runtime import prefect_api
 from flows._verbs import create_table_artifact, flow, task
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 from pipeline.config.train import load_config
+from pipeline.runs.record import recorded_run
 
 
 @contextmanager

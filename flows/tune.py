@@ -9,7 +9,7 @@ from pipeline.runs.record import recorded_run
 
 @flow(name="tune-mining", log_prints=True)
 def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
-    from pipeline.mining.tune import tune
+    from pipeline.evaluation.tune import tune
     with recorded_run(home, "tune-mining", {"model": model, "t_iou": t_iou}):
         best, table, own, compare = tune(home, model, t_iou=t_iou)
     table["thresholds"] = table["thresholds"].map(list)

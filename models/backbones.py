@@ -2,7 +2,7 @@
 
 The paper uses ResNet-50 (sec. 2.3); ResNet-18/34 are CPU-sized options. Variants are registered functions,
 so `BACKBONES[name]()` builds any of them (timm-style). Weights are always random here: loading ImageNet
-weights is the loader's job (`pipeline.weights.load_imagenet`), never the constructor's.
+weights is the loader's job (`pipeline.training.weights.load_imagenet`), never the constructor's.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class ResNetMSA(nn.Module):
 
 
 def create_model(arch: str = "resnet50", neck: str = "bilinear", num_classes: int = NUM_CLASSES) -> ResNetMSA:
-    """Build any registered backbone x neck with random weights (see `pipeline.weights.load_imagenet`)."""
+    """Build any registered backbone x neck with random weights (see `pipeline.training.weights.load_imagenet`)."""
     return ResNetMSA(arch, neck, num_classes)
 
 

@@ -27,6 +27,15 @@ MODES = ("auto", "bf16", "none")
 _CAPPED_ISAS = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2")
 
 
+def device_of(name: str) -> torch.device:
+    """A config's device (`auto`, `cpu`, `cuda`, `cuda:N`) with `auto` resolved: CUDA when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cpu_bf16_native() -> bool:
     """True when this CPU (as torch and oneDNN are allowed to use it) runs bf16 kernels natively."""
     import torch

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.base.amp import MODES as AMP_MODES
+from pipeline.base.vocab import FINDINGS
 from pipeline.config.check import config_file, read_yaml, require
 from pipeline.config.check import SIZE_RULE, device_ok, from_dict, one_of, plain, size_ok
-from pipeline.base.vocab import FINDINGS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -24,7 +24,7 @@ class BoxesConfig:
     min_score: float = 0.0               # keep mined boxes with score >= this
     ranks: tuple[int, ...] = (1,)        # which ranks (rank 1: the box at the highest threshold)
     findings: tuple[str, ...] | None = None   # None: every finding the run mined
-    # Where `pipeline.review` exists and an image was reviewed, its reviewed boxes replace the mined ones
+    # Where `pipeline.export.review` exists and an image was reviewed, its reviewed boxes replace the mined ones
     reviewed: bool = True
 
     def __post_init__(self):

@@ -15,7 +15,8 @@ from pipeline.config.check import (check_keys, check_section, config_file, inval
 from pipeline.config.mining import MiningConfig
 from pipeline.config.train import HARVEST_SECTIONS, load_config
 
-# The export formats a config or `harvest export --format` may name; their writers are `pipeline.export.FORMATS`
+# The export formats a config or `harvest export --format` may name; their writers are
+# `pipeline.export.write.FORMATS`
 # (a test holds the two equal), so a config is checked without loading pycocotools.
 EXPORT_FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
 DIFFICULTY = {"easy": 0.0, "default": 0.0, "medium": 0.5, "hard": 1.0}   # the phantom's named difficulties

@@ -35,7 +35,7 @@ class ModelConfig:
     # prior from features present in every image, and CAM^c = X·w^c then peaks on anatomy, not on lesions
     # (docs/results.md). See `models.head.prior_bias`.
     head_prior: bool = True
-    # Project-made weights to start from instead of ImageNet (a file written by `python -m pipeline.weights
+    # Project-made weights to start from instead of ImageNet (a file written by `python -m pipeline.training.weights
     # export`, e.g. models/weights/; relative paths are taken from the config file's folder). The first stage
     # that runs starts from them: the whole model when its neck matches, else the backbone. Their sha256 enters
     # the stages' fingerprints.

@@ -4,7 +4,7 @@
   the warehouse's train split minus the validation patients it carved), cached at the classifier's input size,
   that the run covered (its parts' image lists). An image with no kept box is a negative.
 - Boxes: the run's rows filtered by rank, score and finding (`BoxesConfig`). Where the review module exists
-  (`pipeline.review.reviewed`, with its `reviews` table) and `boxes.reviewed` is on, a reviewed image takes its
+  (`pipeline.export.review.reviewed`, with its `reviews` table) and `boxes.reviewed` is on, a reviewed image takes its
   reviewed boxes instead of the mined ones (none: a reviewed negative).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.config.detector import BoxesConfig
 from pipeline.base.home import Home
+from pipeline.config.detector import BoxesConfig
 from warehouse import db
 
 BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
@@ -76,8 +76,8 @@ def _meta_input_size(home: Home, checkpoint: str) -> int:
 def training_images(home: Home, source: MiningSource) -> list[str]:
     """The classifier's training images (same splits as `harvest train`) that the mining run covered."""
     home = Home.resolve(home)
-    from pipeline.runs.parts import mined_image_ids
     from pipeline.config.train import load_config
+    from pipeline.runs.parts import mined_image_ids
     from pipeline.training.stages import split_ids
 
     cfg = load_config({**source.config, "model": {**source.config.get("model", {}), "init": None}})
@@ -121,12 +121,12 @@ def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesCo
 
 
 def reviewed_boxes(con) -> tuple[pd.DataFrame, set] | None:
-    """`pipeline.review.reviewed(con)` where that module and its `reviews` table exist, else None."""
-    if importlib.util.find_spec("pipeline.review") is None:
+    """`pipeline.export.review.reviewed(con)` where that module and its `reviews` table exist, else None."""
+    if importlib.util.find_spec("pipeline.export.review") is None:
         return None
     if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'reviews'").fetchone()[0]:
         return None
-    from pipeline.review import reviewed
+    from pipeline.export.review import reviewed
     boxes, ids = reviewed(con)
     return boxes, set(ids)
 

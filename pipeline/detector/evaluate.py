@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation.bootstrap import AccCounts, acc_counts, acc_values
-from pipeline.evaluation.protocol import IOU_THRESHOLDS
 from pipeline.base.home import Home
 from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS, INDEX
+from pipeline.evaluation.bootstrap import AccCounts, acc_counts, acc_values
+from pipeline.evaluation.protocol import IOU_THRESHOLDS
 from warehouse import db
 
 COCO_IOUS = np.round(np.concatenate([[0.3], np.linspace(0.5, 0.95, 10)]), 2)   # AP30, then COCO's ten

@@ -21,8 +21,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from pipeline.images.dataset import NORM_MEAN, NORM_STD
 from pipeline.base.vocab import FINDINGS
+from pipeline.images.dataset import NORM_MEAN, NORM_STD
 
 NUM_CLASSES = len(FINDINGS) + 1      # background + the 14 findings; label k is FINDINGS[k - 1]
 RETURNED_LAYERS = (2, 3, 4)          # FPN levels at strides 8, 16, 32, plus a max-pooled level at 64

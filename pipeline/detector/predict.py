@@ -13,14 +13,14 @@ import torch
 
 from pipeline.base.amp import autocast
 from pipeline.base.coords import input_to_image
-from pipeline.images.dataset import CacheDataset
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.base.vocab import FINDINGS
 from pipeline.config.detector import PredictSection
 from pipeline.detector.model import build_detector
 from pipeline.detector.train import STAGE, resize
-from pipeline.base.files import sha256_file
-from pipeline.base.home import Home
+from pipeline.images.dataset import CacheDataset
 from pipeline.training.checkpoint import load_checkpoint, model_row
-from pipeline.base.vocab import FINDINGS
 from warehouse.db import PARQUET_TABLES
 
 SCHEMA = PARQUET_TABLES["mined_boxes"]

@@ -19,18 +19,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.base.amp import autocast, resolve_amp
-from pipeline.images.dataset import CacheDataset
+from pipeline.base.amp import autocast, device_of, resolve_amp
+from pipeline.base.home import Home
+from pipeline.base.vocab import INDEX
+from pipeline.config.check import fingerprint
 from pipeline.config.detector import DetectorConfig
 from pipeline.detector.data import (MiningSource, Targets, input_boxes, mining_source, training_images,
                                     training_targets)
 from pipeline.detector.model import build_detector, fit_anchors, init_from_classifier
-from pipeline.base.home import Home
-from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
-                                          save_checkpoint)
-from pipeline.config.check import fingerprint
+from pipeline.images.dataset import CacheDataset
+from pipeline.training.checkpoint import Resumable, load_checkpoint, model_meta
 from pipeline.training.engine import seed_of
-from pipeline.base.vocab import INDEX
 
 log = logging.getLogger("pipeline.detector")
 STAGE, NECK = "detector", "fpn"
@@ -47,10 +46,6 @@ class Plan:
     targets: Targets
     anchors: dict
     arch: str
-
-
-def device_of(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def plan(home, run_id: str, config=None) -> Plan:
@@ -136,13 +131,10 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
     home = Home.resolve(home).make()
     p = plan(home, run_id, config)
     cfg, tr = p.config, p.config.train
-    stage_dir = home.checkpoints / p.model_id
-    if resume and (stage_dir / FINAL).exists():
-        meta = load_checkpoint(stage_dir / FINAL)["meta"]
-        if meta.get("fingerprint") == p.fingerprint:
-            log.info("detector %s: reusing %s", run_id, p.model_id)
-            register_model(home, meta, stage_dir / FINAL)   # idempotent: heals a kill between save and register
-            return p.model_id
+    ckpt = Resumable(home, p.model_id, p.fingerprint, resume)
+    if ckpt.finished() is not None:
+        log.info("detector %s: reusing %s", run_id, p.model_id)
+        return p.model_id
     torch.manual_seed(seed_of(cfg.seed, 11))
     model = build_detector(p.arch, p.size, p.anchors, representation=cfg.model.representation,
                            rpn_top_n=tuple(cfg.model.rpn_top_n), box_batch=cfg.model.box_batch,
@@ -170,21 +162,14 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
                 "anchors": p.anchors, "train_images": len(ds), "positive_images": n_pos,
                 "target_boxes": len(p.targets.boxes), "reviewed_images": len(p.targets.reviewed_images)})
     epoch, start, history = 0, 0, []
-    if resume and (stage_dir / LAST).exists():
-        state = load_checkpoint(stage_dir / LAST)
-        if state["meta"].get("fingerprint") == p.fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            epoch, start, history = state["epoch"], state["step"], state["trainer"]["history"]
-            torch.set_rng_state(state["rng"])   # the RPN and RoI samplers draw from it: same draws as unkilled
-            log.info("detector %s: resuming at epoch %d step %d", p.model_id, epoch, start)
+    state = ckpt.restore(model, optimizer, scheduler)
+    if state is not None:
+        epoch, start, history = state["epoch"], state["step"], state["trainer"]["history"]
+        torch.set_rng_state(state["rng"])   # the RPN and RoI samplers draw from it: same draws as unkilled
+        log.info("detector %s: resuming at epoch %d step %d", p.model_id, epoch, start)
 
     def save_last(ep: int, step: int) -> None:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": ep, "step": step,
-                         "trainer": {"history": history}, "rng": torch.get_rng_state(), "meta": meta},
-                        stage_dir / LAST)
+        ckpt.save_last(model, optimizer, scheduler, ep, step, {"history": history}, meta, rng=torch.get_rng_state())
 
     log.info("detector %s on %s (amp %s): %d images (%d with boxes), %d boxes, %d steps/epoch, anchors %s",
              p.model_id, p.device, cfg.runtime.amp, len(ds), n_pos, len(p.targets.boxes), steps_per_epoch, p.anchors)
@@ -224,7 +209,5 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
         epoch, start = epoch + 1, 0
         save_last(epoch, 0)
     meta["metrics"] = {"history": history, "final_loss": history[-1].get("loss") if history else None}
-    sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None, "epoch": epoch,
-                           "step": 0, "trainer": {"history": history}, "meta": meta}, stage_dir / FINAL)
-    register_model(home, meta, stage_dir / FINAL, sha)
+    ckpt.save_final(model, epoch, {"history": history}, meta)
     return p.model_id

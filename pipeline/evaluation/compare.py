@@ -14,8 +14,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation.references import cai_table3, wang_table
 from pipeline.base.vocab import BOXED_FINDINGS
+from pipeline.evaluation.references import cai_table3, wang_table
 
 SETTINGS: dict[str, tuple[str, ...]] = {
     "AM": ("t=1", "t=2", "t=3"),

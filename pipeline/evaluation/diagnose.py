@@ -86,10 +86,10 @@ def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val",
              steps: int = 3, device: str = "cpu") -> pd.DataFrame:
     """`localization_stats` of every stage of `model_id`'s lineage (base ... am3) on `image_ids`, else on
     `split` (`val`: the model's validation split; or a warehouse split), against their `truth` boxes."""
-    from pipeline.images.dataset import CacheDataset
-    from pipeline.evaluation.run import heatmaps
     from pipeline.base.home import Home
-    from pipeline.mining.tune import validation_ids
+    from pipeline.evaluation.run import heatmaps
+    from pipeline.evaluation.tune import validation_ids
+    from pipeline.images.dataset import CacheDataset
     from pipeline.training.checkpoint import lineage, load_model
     from warehouse import db
 

@@ -26,9 +26,9 @@ import pandas as pd
 from scipy import ndimage
 
 from pipeline.base.coords import grid_to_image
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.iou import box_overlap
 from pipeline.evaluation.protocol import RESULT_COLUMNS
-from pipeline.base.vocab import BOXED_FINDINGS
 
 MAXBOXACC_IOUS: tuple[float, ...] = (0.3, 0.5, 0.7)
 CAM_THRESHOLDS: np.ndarray = np.round(np.arange(0.0, 1.0, 0.01), 2)   # Choe's cam_curve_interval = 0.01

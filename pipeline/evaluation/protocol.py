@@ -39,9 +39,9 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.iou import box_overlap_reference, number_gt, overlap_pairs, overlap_pairs_sql
 from pipeline.evaluation.references import wang_afp_bound
-from pipeline.base.vocab import BOXED_FINDINGS
 from warehouse.db import transaction
 
 IOU_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

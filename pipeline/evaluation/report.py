@@ -32,10 +32,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from pipeline.base.coords import scale_boxes
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.compare import to_markdown
 from pipeline.evaluation.iou import number_gt, overlap_pairs
 from pipeline.evaluation.references import cai_table3, wang_table
-from pipeline.base.vocab import BOXED_FINDINGS
 
 # Okabe & Ito (2008), "Color Universal Design": distinct under every common colour-vision deficiency
 OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",

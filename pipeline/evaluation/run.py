@@ -5,7 +5,7 @@ Ground-truth sets (`gt_boxes.source`):
   Protocol names are the plain ones (`bounded/iou`, `all/iou`, `all/iobb`).
 - `truth`: a phantom's exact box of every finding instance, scored over every image the run mined. This is the
   harvest quality users get. Protocol names carry `@truth` (`all/iou@truth`).
-- `review`: boxes people corrected (`harvest import-review`, pipeline.review), scored over the reviewed images
+- `review`: boxes people corrected (`harvest import-review`, pipeline.export.review), scored over the reviewed images
   the run mined. Protocol names carry `@review`.
 MaxBoxAccV2 picks its CAM threshold on validation images: mined images with `truth` boxes that are not
 evaluation images (phantom only). Without them the summary is labeled oracle (`maxboxacc/oracle`).
@@ -17,14 +17,13 @@ import json
 import pandas as pd
 import torch
 
-from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.base.home import Home
+from pipeline.base.vocab import BOXED_FINDINGS, INDEX
 from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
-from pipeline.base.home import Home
-from pipeline.base.vocab import BOXED_FINDINGS, INDEX
+from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.runs.record import writer
-from warehouse import db
 
 GT_SETS = ("bbox_list", "truth", "review")
 MAX_VAL_MAPS = 400   # validation heatmaps for the MaxBoxAcc threshold choice

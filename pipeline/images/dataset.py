@@ -10,10 +10,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from pipeline.images import cache
 from pipeline.base.coords import image_to_input
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS, INDEX
+from pipeline.images import cache
 from warehouse import db
 
 NORM_MEAN, NORM_STD = 0.449, 0.226  # gray ImageNet statistics (mean of the RGB ones), see docs/architecture.md

@@ -26,9 +26,9 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.base.lifeline import die_with_parent
 from pipeline.images import cache
 from pipeline.images.dicom import by_rows, to_uint8
-from pipeline.base.lifeline import die_with_parent
 from pipeline.images.rejects import MAX_PIXELS, Reject, check_pixels
 from pipeline.runs.record import writer
 from warehouse import db

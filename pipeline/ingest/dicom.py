@@ -12,7 +12,6 @@ from pathlib import Path
 from pipeline.base.home import Home
 from pipeline.ingest.common import Item, ingest_images, ingest_lock
 from pipeline.runs.record import writer
-from warehouse import db
 
 STAGE = "ingest.dicom"
 

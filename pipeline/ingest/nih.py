@@ -18,9 +18,9 @@ import pandas as pd
 
 from pipeline.base.coords import box_inside
 from pipeline.base.home import Home
-from pipeline.ingest.common import Item, decode_png, ingest_images, ingest_lock, reject_rows, upsert_images
-from pipeline.images.rejects import Reject
 from pipeline.base.vocab import UnknownFinding, normalize_finding, parse_labels
+from pipeline.images.rejects import Reject
+from pipeline.ingest.common import Item, decode_png, ingest_images, ingest_lock, reject_rows, upsert_images
 from pipeline.runs.record import writer
 from warehouse import db
 

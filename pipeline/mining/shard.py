@@ -22,13 +22,13 @@ import pyarrow as pa
 import torch
 
 from pipeline.base.amp import autocast
-from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.base.home import Home
-from pipeline.mining.boxes import Boxes, boxes_from_heatmaps
+from pipeline.base.vocab import FINDINGS
 from pipeline.config.mining import MiningConfig
+from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.mining.boxes import Boxes, boxes_from_heatmaps
 from pipeline.mining.heatmap_fusion import fused_heatmap
 from pipeline.mining.reference import fused_heatmap_reference, boxes_reference
-from pipeline.base.vocab import FINDINGS
 from warehouse.db import PARQUET_TABLES
 
 SCHEMA = PARQUET_TABLES["mined_boxes"]

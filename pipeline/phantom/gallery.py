@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.phantom import anatomy, build
 from pipeline.base.vocab import FINDINGS, NO_FINDING
+from pipeline.phantom import anatomy, build
 
 
 def gallery(path, seed: int = 0, size: int = 1024, tile: int = 512, difficulty=0.0, view: str = "PA") -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.phantom.anatomy import checked, package_data
 from pipeline.base.vocab import BOXED_FINDINGS, NO_FINDING, parse_labels
+from pipeline.phantom.anatomy import checked, package_data
 
 SHA256 = {
     "Data_Entry_2017_v2020.csv.gz": "9d4de640ee4f760215d8be98376b20387ca52f9c6b4d1b727cb588fb82f40b80",

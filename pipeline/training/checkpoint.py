@@ -16,16 +16,17 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from models import create_model
-from pipeline.images.dataset import NORM_MEAN, NORM_STD
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS
+from pipeline.images.dataset import NORM_MEAN, NORM_STD
 from pipeline.runs.record import writer
 from warehouse import db
 
@@ -62,6 +63,66 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a cxr-harvest checkpoint (expected format {FORMAT!r})")
     return state
+
+
+@dataclass
+class Resumable:
+    """The resume-or-reuse protocol of one trained model (a classifier stage, the detector) in its folder
+    `checkpoints/<model_id>/`: a `final.pt` of the same fingerprint is reused, a `last.pt` of the same
+    fingerprint is resumed, anything else starts over. Only the `main` process writes (DDP ranks share the
+    folder); the caller synchronizes its ranks."""
+    home: Home
+    model_id: str
+    fingerprint: str
+    resume: bool = True
+    main: bool = True
+
+    @property
+    def folder(self) -> Path:
+        return self.home.checkpoints / self.model_id
+
+    def _matching(self, name: str) -> dict | None:
+        path = self.folder / name
+        if not (self.resume and path.exists()):
+            return None
+        state = load_checkpoint(path)
+        return state if state["meta"].get("fingerprint") == self.fingerprint else None
+
+    def finished(self) -> dict | None:
+        """The meta of a finished `final.pt`, registered again (idempotent: heals a kill between save and
+        register); None when there is none to reuse."""
+        state = self._matching(FINAL)
+        if state is None:
+            return None
+        if self.main:
+            register_model(self.home, state["meta"], self.folder / FINAL)
+        return state["meta"]
+
+    def restore(self, model, optimizer, scheduler) -> dict | None:
+        """Load a matching `last.pt` into the model, optimizer and scheduler; its state (`epoch`, `step`,
+        `trainer`, ...) or None when training starts over."""
+        state = self._matching(LAST)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        return state
+
+    def save_last(self, model, optimizer, scheduler, epoch: int, step: int, trainer: dict, meta: dict,
+                  **extra) -> None:
+        """The resume state after `epoch` epochs and `step` steps of the next."""
+        if self.main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                             "trainer": trainer, **extra, "meta": meta}, self.folder / LAST)
+
+    def save_final(self, model, epoch: int, trainer: dict, meta: dict) -> None:
+        """Write `final.pt` and register it in `models`."""
+        if self.main:
+            path = self.folder / FINAL
+            sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
+                                   "epoch": epoch, "step": 0, "trainer": trainer, "meta": meta}, path)
+            register_model(self.home, meta, path, sha)
 
 
 def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str | None = None) -> str:

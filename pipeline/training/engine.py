@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from models.erasure import erasure_step
 from models.knowledge_preservation import kp_loss
-from pipeline.base.amp import autocast
+from pipeline.base.amp import autocast, device_of
+from pipeline.config.train import AMConfig, AugmentConfig, RuntimeConfig
 from pipeline.images.dataset import normalize
 from pipeline.training.augment import augment_batch
-from pipeline.config.train import AMConfig, AugmentConfig, RuntimeConfig
 from pipeline.training.metrics import auroc, summarize
 
 log = logging.getLogger("pipeline.training")
@@ -51,18 +51,11 @@ class Dist:
             dist.barrier()
 
 
-def device_of(runtime: RuntimeConfig) -> torch.device:
-    """`runtime.device` with `auto` resolved: CUDA when there is one, else the CPU."""
-    if runtime.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(runtime.device)
-
-
 def init_distributed(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = device_of(runtime)
+    device = device_of(runtime.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":

@@ -33,17 +33,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import create_model, freeze_batchnorm, frozen_copy
 from models.head import prior_bias
-from pipeline.base.amp import resolve_amp
-from pipeline.images.dataset import CacheDataset
+from pipeline.base.amp import device_of, resolve_amp
+from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.training.checkpoint import (FINAL, LAST, load_checkpoint, model_meta, register_model,
-                                          save_checkpoint)
 from pipeline.config.check import fingerprint
 from pipeline.config.train import StageConfig, TrainConfig, load_config
+from pipeline.images.dataset import CacheDataset
+from pipeline.training.checkpoint import FINAL, Resumable, load_checkpoint, model_meta, save_checkpoint
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
-                                      device_of, init_distributed, seed_of, train_one_epoch)
-from pipeline.base.files import sha256_file
-from pipeline.weights import load_backbone, load_imagenet, load_init
+                                      init_distributed, seed_of, train_one_epoch)
+from pipeline.training.weights import load_backbone, load_imagenet, load_init
 from warehouse import db
 
 log = logging.getLogger("pipeline.training")
@@ -179,16 +178,12 @@ def _set_train_mode(model: nn.Module, st: StageConfig) -> None:
 def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist, device: torch.device,
               resume: bool = True, on_step=None) -> dict:
     """Train one stage to its `final.pt` (or reuse it); returns the stage's meta."""
-    stage_dir = home.checkpoints / plan.model_id
-    final_path = stage_dir / FINAL
-    if resume and final_path.exists():
-        meta = load_checkpoint(final_path)["meta"]
-        if meta.get("fingerprint") == plan.fingerprint:
-            log.info("stage %s: reusing %s", plan.name, plan.model_id)
-            if d.main:
-                register_model(home, meta, final_path)   # idempotent: heals a kill between save and register
-            d.barrier()
-            return meta
+    ckpt = Resumable(home, plan.model_id, plan.fingerprint, resume, d.main)
+    meta = ckpt.finished()
+    if meta is not None:
+        log.info("stage %s: reusing %s", plan.name, plan.model_id)
+        d.barrier()
+        return meta
     st = plan.cfg
     set_name = "am" if plan.t else "train"
     train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
@@ -222,20 +217,13 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                       input_size=cfg.data.input_size, config=cfg.to_dict(), fingerprint=plan.fingerprint)
     epoch, start_step = 0, 0
     trainer = {"history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
-    if resume and (stage_dir / LAST).exists():
-        state = load_checkpoint(stage_dir / LAST, device="cpu")
-        if state["meta"].get("fingerprint") == plan.fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            epoch, start_step, trainer = state["epoch"], state["step"], state["trainer"]
-            log.info("stage %s: resuming at epoch %d step %d", plan.name, epoch, start_step)
+    state = ckpt.restore(model, optimizer, scheduler)
+    if state is not None:
+        epoch, start_step, trainer = state["epoch"], state["step"], state["trainer"]
+        log.info("stage %s: resuming at epoch %d step %d", plan.name, epoch, start_step)
 
     def save_last(ep: int, step: int) -> None:
-        if d.main:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": ep, "step": step,
-                             "trainer": trainer, "meta": meta}, stage_dir / LAST)
+        ckpt.save_last(model, optimizer, scheduler, ep, step, trainer, meta)
         d.barrier()
 
     while epoch < st.epochs and not trainer["stopped"]:
@@ -264,11 +252,11 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                      ep + 1, train_stats.get("loss", math.nan), metrics.get("val_loss"),
                      metrics.get("auroc_mean"), metrics.get("auroc_boxed_mean"))
             if trainer["best_epoch"] == ep + 1 and st.patience:
-                save_checkpoint({"model": model.state_dict(), "meta": meta}, stage_dir / "best.pt")
+                save_checkpoint({"model": model.state_dict(), "meta": meta}, ckpt.folder / "best.pt")
         epoch, start_step = epoch + 1, 0
         save_last(epoch, 0)
 
-    return _finish(home, model, trainer, meta, st, epoch, d)
+    return _finish(ckpt, model, trainer, meta, st, epoch, d)
 
 
 def _loss_module(cfg: TrainConfig, plan: StagePlan, model: nn.Module, home: Home, device, labels) -> nn.Module:
@@ -284,19 +272,15 @@ def _loss_module(cfg: TrainConfig, plan: StagePlan, model: nn.Module, home: Home
     return AttentionMiningLoss(model, cfg.am, plan.t, reference)
 
 
-def _finish(home: Home, model: nn.Module, trainer: dict, meta: dict, st: StageConfig, epochs: int,
+def _finish(ckpt: Resumable, model: nn.Module, trainer: dict, meta: dict, st: StageConfig, epochs: int,
             d: Dist) -> dict:
     """Pick the final weights (the best epoch under early stopping), write `final.pt`, register it."""
-    stage_dir = home.checkpoints / meta["model_id"]
     if st.patience and trainer["best_epoch"] is not None and trainer["best_epoch"] != epochs:
-        model.load_state_dict(load_checkpoint(stage_dir / "best.pt")["model"])
+        model.load_state_dict(load_checkpoint(ckpt.folder / "best.pt")["model"])
     chosen = trainer["best_epoch"] if st.patience and trainer["best_epoch"] else len(trainer["history"])
     record = trainer["history"][chosen - 1] if trainer["history"] else {}
     meta["metrics"] = {**record, "epochs_run": len(trainer["history"]), "stopped_early": trainer["stopped"]}
-    if d.main:
-        sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
-                               "epoch": epochs, "step": 0, "trainer": trainer, "meta": meta}, stage_dir / FINAL)
-        register_model(home, meta, stage_dir / FINAL, sha)
+    ckpt.save_final(model, epochs, trainer, meta)
     d.barrier()
     return meta
 
@@ -353,7 +337,7 @@ def resolved_config(config, device: torch.device | None = None) -> TrainConfig:
     """`load_config` with `runtime.amp: auto` replaced by the mode `device` runs (pipeline/base/amp.py), so stage
     fingerprints, checkpoints and `models.config` record the precision actually used."""
     cfg = load_config(config)
-    amp = resolve_amp(cfg.runtime.amp, device or device_of(cfg.runtime))
+    amp = resolve_amp(cfg.runtime.amp, device or device_of(cfg.runtime.device))
     return replace(cfg, runtime=replace(cfg.runtime, amp=amp))
 
 

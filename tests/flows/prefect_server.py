@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows._runtime import prefect_server, use_prefect_api
+from flows._prefect_server import prefect_server, use_prefect_api
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import COMMANDS, VERBS, build_parser
-from tests.pipeline.test_export import make_home
+from tests.pipeline.export.test_export import make_home
 
 HARVEST = Path(sys.executable).parent / "harvest"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.test_export import make_home
+from tests.pipeline.export.test_export import make_home
 
 HARVEST = Path(sys.executable).parent / "harvest"
 

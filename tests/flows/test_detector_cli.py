@@ -8,7 +8,7 @@ import re
 import yaml
 
 from flows.cli import main
-from tests.pipeline.test_detector import CLASSIFIER, RUN, TINY, build_home
+from tests.pipeline.detector.test_detector import CLASSIFIER, RUN, TINY, build_home
 
 
 def value(out: str, key: str) -> str:

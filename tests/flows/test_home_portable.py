@@ -10,8 +10,8 @@ import duckdb
 from flows.cli import main
 from pipeline.base.home import Home
 from pipeline.evaluation.run import protocol_results
-from pipeline.export import export
-from tests.pipeline.test_export import BOXES, DICOM_ID, RUN, make_home
+from pipeline.export.write import export
+from tests.pipeline.export.test_export import BOXES, DICOM_ID, RUN, make_home
 from warehouse import db
 
 COUNT = "SELECT count(*) FROM mined_boxes"

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.mine import mine_flow, mining_config
-from pipeline.runs.parts import finished_parts, mining_run_id, plan_shards, run_dir
 from pipeline.base.home import Home
+from pipeline.runs.parts import finished_parts, mining_run_id, plan_shards, run_dir
 from tests.flows.prefect_server import spawn_flow, wait_for
 from warehouse import db
 

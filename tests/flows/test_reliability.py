@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.base.home import Home
+from pipeline.base.lifeline import Owner
 from pipeline.ingest.common import sweep_orphans
 from pipeline.ingest.nih import ingest_nih
-from pipeline.base.lifeline import Owner
 from pipeline.runs.record import mark_killed_runs, start_run, writer
 from tests.flows.prefect_server import wait_for
 from warehouse import db

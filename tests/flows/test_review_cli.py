@@ -6,8 +6,8 @@ import json
 import pytest
 
 from flows.cli import main
-from pipeline import export as ex
-from tests.pipeline.test_export import RUN, make_home
+from pipeline.export import write as ex
+from tests.pipeline.export.test_export import RUN, make_home
 from warehouse.db import connect
 
 

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from flows._runtime import gpu_index, sweep_stale_prefect_homes
+from flows._prefect_server import sweep_stale_prefect_homes
+from flows._runtime import gpu_index
 
 
 @pytest.mark.parametrize("name, gpus, expected", [

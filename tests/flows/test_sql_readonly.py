@@ -7,7 +7,7 @@ import pytest
 
 from flows.cli import main
 from pipeline.base.files import sha256_file
-from tests.pipeline.test_export import BOXES, make_home
+from tests.pipeline.export.test_export import BOXES, make_home
 from warehouse import db
 
 

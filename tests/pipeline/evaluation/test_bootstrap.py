@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.bootstrap import acc_intervals
 from pipeline.evaluation.protocol import evaluate
-from pipeline.base.vocab import BOXED_FINDINGS
 
 
 def random_run(seed: int, n_images: int = 40):

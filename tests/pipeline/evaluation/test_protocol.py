@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.iou import box_overlap, box_overlap_reference
 from pipeline.evaluation.maxboxacc import (CAM_THRESHOLDS, Heatmap, component_boxes, component_boxes_reference,
                                            max_box_acc)
 from pipeline.evaluation.protocol import (IOBB_THRESHOLDS, IOU_THRESHOLDS, RESULT_COLUMNS, evaluate,
                                           evaluate_reference, protocol_name, ranked_list)
 from pipeline.evaluation.references import cai_table3, wang_afp_bound, wang_table
-from pipeline.base.vocab import BOXED_FINDINGS
 
 
 def gt_frame(*rows):

@@ -14,7 +14,7 @@ from pipeline.evaluation.protocol import write_results
 from pipeline.evaluation.report import (CURVES, code_commit, curve_protocols, report_header, report_markdown,
                                         results_tables, write_report)
 from pipeline.evaluation.run import protocol_results, run_info
-from tests.pipeline.test_export import BOXES, MODEL, RUN, make_home
+from tests.pipeline.export.test_export import BOXES, MODEL, RUN, make_home
 from warehouse.db import connect
 
 THRESHOLDS = [0.9, 0.8, 0.7]

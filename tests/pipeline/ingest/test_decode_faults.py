@@ -18,7 +18,7 @@ from pipeline.ingest.common import decode_png
 from pipeline.ingest.dicom import home_salt, ingest_dicom, reject_path
 from pipeline.ingest.nih import ingest_nih
 from tests.conftest import gray_image
-from tests.pipeline.dicom_fixtures import chest, write_dicom
+from tests.pipeline.images.dicom_fixtures import chest, write_dicom
 from warehouse import db
 
 BAD = {"bomb_000.png": "too_many_pixels", "giant16_000.png": "too_many_pixels", "jpeg_000.png": "format_mismatch",

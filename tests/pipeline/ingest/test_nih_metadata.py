@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from pipeline.ingest.nih import ingest_nih
 from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
+from pipeline.ingest.nih import ingest_nih
 from tests.conftest import package_data
 from warehouse import db
 

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.images.dataset import CacheDataset, normalize
-from pipeline.config.mining import MiningConfig
-from pipeline.mining import mine_batch, mine_shard
 from pipeline.base.vocab import FINDINGS, INDEX
+from pipeline.config.mining import MiningConfig
+from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.mining import mine_batch, mine_shard
 from warehouse.db import PARQUET_TABLES
 
 SIZE, FRAME = 128, 512   # cache (model input) and original image frame

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from pipeline.base.files import sha256_file
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS, NO_FINDING, parse_labels
 from pipeline.phantom import anatomy, build as gen_mod, drr, findings, metadata
 from pipeline.phantom.build import encode_png, generate, plan, render_image, sample_boxes
-from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS, NO_FINDING, parse_labels
 
 N, SEED, SIZE = 48, 11, 256
 

@@ -84,9 +84,9 @@ def main(home: str, out: str) -> None:
     """DDP worker: train a few `base` steps (BN frozen, see test_ddp.py) and let rank 0 save the weights."""
     import torch
 
+    from pipeline.config.train import load_config
     from pipeline.training.checkpoint import load_checkpoint
     from pipeline.training.stages import train
-    from pipeline.config.train import load_config
 
     cfg = load_config(tiny_config(**ddp_overrides()))
     model_id = train(home, cfg)

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import blob_home, ddp_overrides, tiny_config  # noqa: E402
 
 from models import create_model  # noqa: E402
-from pipeline.training.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.config.train import load_config  # noqa: E402
+from pipeline.training.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.training.engine import seed_of  # noqa: E402
 from pipeline.training.stages import train  # noqa: E402
 

@@ -13,12 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import BLOB_FINDINGS, blob_home, tiny_config  # noqa: E402
 
 from models import freeze_batchnorm, frozen_copy  # noqa: E402
-from pipeline.images.dataset import CacheDataset  # noqa: E402
+from pipeline.base.vocab import INDEX  # noqa: E402
 from pipeline.config import train as config  # noqa: E402
+from pipeline.images.dataset import CacheDataset  # noqa: E402
 from pipeline.training import checkpoint, engine, stages  # noqa: E402
 from pipeline.training.augment import augment_batch, sample_affine, warp_boxes, warp_images  # noqa: E402
 from pipeline.training.metrics import auroc, auroc_reference  # noqa: E402
-from pipeline.base.vocab import INDEX  # noqa: E402
 from warehouse import db  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
@@ -177,7 +177,7 @@ def test_a_new_head_starts_at_the_training_prevalence(trained):
 def test_model_init_starts_the_first_stage_from_exported_weights(trained, tmp_path):
     """`model.init`: project-made weights (fp16 export of a stage) start the first stage that runs; their
     content, not their path, enters the fingerprint; a wrong arch is refused."""
-    from pipeline.weights import export_weights
+    from pipeline.training.weights import export_weights
     home, model_id, _ = trained
     path = tmp_path / "w" / "init.pt"
     export_weights(home, model_id, path)

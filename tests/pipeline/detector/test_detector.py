@@ -24,12 +24,12 @@ TINY = {"model": {"representation": 16, "rpn_top_n": [40, 20], "box_batch": 16},
 def build_home(base, n: int = 48):
     """A phantom ingested at 64 px, a tiny ResNet-18 classifier registered with a training config, and its
     mining run of every image written as `harvest mine` writes it (one part, its image list, a `runs` row)."""
-    from pipeline.ingest.nih import ingest_nih
     from pipeline.base.home import Home
     from pipeline.config.mining import MiningConfig
+    from pipeline.ingest.nih import ingest_nih
     from pipeline.mining import mine_shard
-    from pipeline.runs.parts import write_part
     from pipeline.phantom import generate
+    from pipeline.runs.parts import write_part
     from pipeline.runs.record import finish_run, start_run
 
     generate(base / "phantom", n=n, seed=0, size=128, workers=1, progress=False)

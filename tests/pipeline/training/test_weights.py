@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from models import create_model
-from pipeline.weights import checkpoint_dir, imagenet_candidates, load_imagenet
+from pipeline.training.weights import checkpoint_dir, imagenet_candidates, load_imagenet
 
 
 @pytest.fixture()
@@ -51,7 +51,7 @@ def test_loads_from_local_cache_and_sums_conv1(torch_home):
 def test_missing_file_names_the_exact_path(torch_home, caplog):
     model = create_model("resnet50", "baseline")
     before = model.backbone.conv1.weight.clone()
-    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.weights"):
         assert load_imagenet(model, "resnet50") is False
     expected = str(torch_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth")
     assert expected in caplog.text and "from scratch" in caplog.text

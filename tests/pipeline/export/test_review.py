@@ -11,13 +11,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline import export as ex
-from pipeline.evaluation.run import protocol_results
 from pipeline.base.home import Home
-from pipeline.labelstudio import URL_PREFIX, from_percent, image_path, to_percent, verify_labelstudio
-from pipeline.review import MalformedFile, import_review, reviewed
 from pipeline.base.vocab import FINDINGS
-from tests.pipeline.test_export import BOXES, DICOM_ID, IMAGES, RUN, exported, make_home
+from pipeline.evaluation.run import protocol_results
+from pipeline.export import write as ex
+from pipeline.export import labelstudio
+from pipeline.export.common import ImageFiles
+from pipeline.export.labelstudio import URL_PREFIX, from_percent, image_path, to_percent
+from pipeline.export.review import MalformedFile, import_review, reviewed
+from tests.pipeline.export.test_export import BOXES, DICOM_ID, IMAGES, RUN, exported, make_home
 from warehouse.db import connect
 
 FRAME = {i[0]: (i[1], i[2]) for i in IMAGES}
@@ -141,10 +143,10 @@ def test_labelstudio_export_has_tasks_predictions_and_the_labeling_config(base, 
 def test_labelstudio_write_time_check_refuses_moved_predictions(base, tmp_path):
     home, out = base
     boxes = [dict(zip(("image_id", "finding", "rank", "x", "y", "w", "h", "score"), b)) for b in exported(None)]
-    verify_labelstudio(out, ex.ImageFiles("link", {}), boxes)
+    labelstudio.verify(out, ImageFiles("link", {}), boxes)
     boxes[0]["x"] += 0.5
     with pytest.raises(ValueError, match="do not give back"):
-        verify_labelstudio(out, ex.ImageFiles("link", {}), boxes)
+        labelstudio.verify(out, ImageFiles("link", {}), boxes)
 
 
 def test_labelstudio_images_none_and_another_url_prefix(tmp_path):

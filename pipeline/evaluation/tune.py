@@ -5,7 +5,7 @@ against their `truth` boxes (a phantom has them for every image; the real NIH da
 defaults stay priors). The images go through the model once: their fused heatmaps H_f are kept, and each
 candidate triple cuts its boxes from them (`boxes_from_heatmaps`), scored with the `all/iou` protocol. The
 objective is the mean Acc at T(IoU) = `t_iou` over the boxed findings present; per finding
-(`per_finding_thresholds`), each finding's own Acc there, where it has enough truth instances.
+(`tune`), each finding's own Acc there, where it has enough truth instances.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Box thresholds are chosen on the validation split's truth boxes, never on evaluation boxes."""
 import pytest
 
+from pipeline.evaluation.tune import tune_thresholds, validation_ids
 from pipeline.ingest.nih import ingest_nih
-from pipeline.mining.tune import tune_thresholds, validation_ids
 from pipeline.phantom import generate
 from pipeline.training.checkpoint import load_model
 from tests.conftest import register_tiny_model
@@ -55,7 +55,7 @@ def test_one_forward_gives_the_boxes_mining_gives(home):
     """The boxes a rule cuts from the kept heatmaps are the rows `mine_shard` writes with that rule."""
     from pipeline.config.mining import MiningConfig
     from pipeline.mining.shard import mine_shard
-    from pipeline.mining.tune import cut, validation_maps
+    from pipeline.evaluation.tune import cut, validation_maps
     model, meta = load_model(home, "tiny")
     ids = validation_ids(home, meta)
     cfg = MiningConfig(thresholds=(0.6, 0.4, 0.2), amp="none")
@@ -68,7 +68,7 @@ def test_one_forward_gives_the_boxes_mining_gives(home):
 
 
 def test_per_finding_rules_only_where_they_score_higher(home):
-    from pipeline.mining.tune import tune
+    from pipeline.evaluation.tune import tune
     cands = ((0.6, 0.4, 0.2), (0.3, 0.2, 0.1), (0.9, 0.8, 0.7))
     best, table, own, compare = tune(home, "tiny", candidates=cands, min_instances=1)
     assert best == table.iloc[0]["thresholds"] and set(own) <= set(compare["finding"])

@@ -13,7 +13,6 @@ imported at all (a partial review would read as "no more boxes here"), its earli
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import pandas as pd
 
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.labelstudio import ReviewItem, name_candidates, review_items
 from pipeline.base.vocab import NO_FINDING, UnknownFinding, normalize_finding
+from pipeline.export import coco, labelstudio
+from pipeline.export.common import MalformedFile, ReviewItem, positive
 from pipeline.runs.record import writer
 from warehouse.db import add_reject, transaction
 
@@ -31,10 +31,6 @@ FORMATS = ("auto", "labelstudio", "coco")
 STAGE = "review"
 EDGE_PX = 1e-3          # a box may cross its frame by this much (rounding of percent coordinates), then is clipped
 ASPECT_TOLERANCE = 0.01
-
-
-class MalformedFile(ValueError):
-    """JSON that is neither a Label Studio export nor a COCO file."""
 
 
 def reviewed(con) -> tuple[pd.DataFrame, set[str]]:
@@ -79,58 +75,7 @@ def detect(data) -> str:
     raise MalformedFile("neither a Label Studio export (a list of tasks) nor a COCO file (images, annotations)")
 
 
-def coco_items(data) -> list[ReviewItem]:
-    """Every image of a COCO file (or a list of them) with its boxes in pixels; categories are matched by name
-    (CVAT numbers its labels its own way) and `bbox` is read (a polygon counts by its bounding box)."""
-    items = []
-    for part in data if isinstance(data, list) else [data]:
-        if not (isinstance(part, dict) and all(isinstance(part.get(k), list)
-                                               for k in ("images", "annotations", "categories"))):
-            raise MalformedFile("a COCO file has `images`, `annotations` and `categories` lists")
-        names = {c.get("id"): c.get("name") for c in part["categories"] if isinstance(c, dict)}
-        by_id: dict = {}
-        for k, im in enumerate(part["images"]):
-            if not (isinstance(im, dict) and _positive(im.get("width"), im.get("height"))):
-                item = ReviewItem(len(items), f"image #{k}", [])
-                item.bad("malformed", "a COCO image needs an id, a file_name and a positive width and height")
-            else:   # boxes in pixels of the file's frame: scale and frame are its width and height
-                frame = (im["width"], im["height"])
-                item = ReviewItem(len(items), f"image {im.get('id')} ({im.get('file_name')})",
-                                  name_candidates(im.get("file_name")), scale=frame, frame=frame)
-                by_id.setdefault(im.get("id"), item)
-            items.append(item)
-        for a in part["annotations"]:
-            _read_annotation(a, by_id, names, items)
-    return items
-
-
-def _read_annotation(a, by_id: dict, names: dict, items: list[ReviewItem]) -> None:
-    item = by_id.get(a.get("image_id")) if isinstance(a, dict) else None
-    where = f"annotation {a.get('id') if isinstance(a, dict) else '?'}"
-    if item is None:
-        orphan = ReviewItem(len(items), where, [])
-        orphan.bad("unknown_image", "the annotation's image_id is not in the file's images")
-        items.append(orphan)
-        return
-    where = f"{item.where}, {where}"
-    bbox, attrs = a.get("bbox"), a.get("attributes") if isinstance(a.get("attributes"), dict) else {}
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-            and all(map(math.isfinite, bbox))):
-        item.bad("malformed", f"bbox must be 4 finite numbers, not {json.dumps(bbox)[:100]}", where)
-    elif float(attrs.get("rotation") or 0) % 360:
-        item.bad("rotated_box", f"the box is rotated by {attrs['rotation']} degrees; only axis-aligned boxes are "
-                                "stored", where)
-    elif a.get("category_id") not in names:
-        item.bad("unknown_finding", f"category_id {a.get('category_id')!r} is not in the file's categories", where)
-    else:
-        item.boxes.append({"finding": names[a["category_id"]], **dict(zip("xywh", map(float, bbox))), "where": where})
-
-
-def _positive(*values) -> bool:
-    return all(isinstance(v, (int, float)) and v > 0 for v in values)
-
-
-READERS = {"labelstudio": review_items, "coco": coco_items}
+READERS = {"labelstudio": labelstudio.review_items, "coco": coco.review_items}
 
 
 # ------------------------------------------------------------------------------------------ importing
@@ -226,7 +171,7 @@ def _pixels(item: ReviewItem, image_id: str, frame: tuple[int, int]) -> list[tup
     """The item's boxes as (finding, x, y, w, h) in pixels of the warehouse frame, float32-exact; problems are
     recorded on the item."""
     W, H = frame
-    if item.frame is not None and _positive(*item.frame):
+    if item.frame is not None and positive(*item.frame):
         fw, fh = item.frame
         if abs((fw / fh) / (W / H) - 1) > ASPECT_TOLERANCE:
             item.bad("frame_mismatch", f"the file's image is {fw}x{fh}, but {image_id} is {W}x{H} in the warehouse: "

@@ -17,12 +17,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import export as ex
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.runs.parts import write_part
 from pipeline.base.vocab import FINDINGS, INDEX
-from tests.pipeline.dicom_fixtures import chest, write_dicom
+from pipeline.config.harvest import EXPORT_FORMATS
+from pipeline.export import common, write as ex
+from pipeline.runs.parts import write_part
+from tests.pipeline.images.dicom_fixtures import chest, write_dicom
 from warehouse.db import PARQUET_TABLES, connect
 
 RUN, MODEL = "mine-20261126-a", "m-stage2-0001"
@@ -373,7 +374,7 @@ def test_failed_export_leaves_the_old_one(home, tmp_path, monkeypatch):
 
     def crash(*_):
         raise RuntimeError("writer killed")
-    monkeypatch.setitem(ex._WRITERS, "yolo", crash)  # fault injection half-way through an export
+    monkeypatch.setattr(ex.FORMATS["yolo"], "write", crash)  # fault injection half-way through an export
     with pytest.raises(RuntimeError, match="writer killed"):
         ex.export(home, RUN, "yolo", dest)
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
@@ -390,13 +391,13 @@ def test_failed_export_leaves_the_old_one(home, tmp_path, monkeypatch):
      "would be rejected")])
 def test_write_time_check_refuses_a_broken_export(home, tmp_path, monkeypatch, fmt, spoil, match):
     """Each export is reloaded by its format's reader before it is put in place: a broken one never lands."""
-    write = ex._WRITERS[fmt]
+    write = ex.FORMATS[fmt].write
 
     def spoiled(out, *args):
         counts = write(out, *args)
         spoil(out)
         return counts
-    monkeypatch.setitem(ex._WRITERS, fmt, spoiled)
+    monkeypatch.setattr(ex.FORMATS[fmt], "write", spoiled)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         ex.export(home, RUN, fmt, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
@@ -498,9 +499,14 @@ def test_a_dicom_source_is_hashed_once_per_process_and_again_once_rewritten(tmp_
     ex.preflight(home, RUN, "coco")
     st = dcm.stat()
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    assert ex._SHA_BY_STAT[key] == sha256_file(dcm)
-    ex._SHA_BY_STAT[key] = "0" * 64
+    assert common._SHA_BY_STAT[key] == sha256_file(dcm)
+    common._SHA_BY_STAT[key] = "0" * 64
     with pytest.raises(FileNotFoundError, match=DICOM_ID):
         ex.preflight(home, RUN, "coco")
     dcm.write_bytes(dcm.read_bytes())   # the same bytes, a new version of the file
     assert ex.preflight(home, RUN, "coco")[3].sources[DICOM_ID] == dcm.resolve()
+
+
+def test_the_format_names_config_checks_are_the_registered_formats():
+    assert tuple(ex.FORMATS) == EXPORT_FORMATS
+    assert all(ex.FORMATS[name].NAME == name for name in EXPORT_FORMATS)

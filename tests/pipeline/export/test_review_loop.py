@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from pipeline.evaluation.run import evaluate_run
-from pipeline.export import export
 from pipeline.base.home import Home
-from pipeline.labelstudio import to_percent
+from pipeline.evaluation.run import evaluate_run
+from pipeline.export.labelstudio import to_percent
+from pipeline.export.review import import_review, reviewed
+from pipeline.export.write import export
 from pipeline.runs.parts import write_part
-from pipeline.review import import_review, reviewed
 from pipeline.runs.record import recorded_run
 from tests.conftest import register_tiny_model
 from warehouse.db import connect
@@ -23,8 +23,8 @@ ROWS = [("a.png", "Effusion", 1), ("b.png", "Mass|Nodule", 2), ("c.png", "Cardio
 @pytest.fixture
 def mined(make_nih, tmp_path):
     """Four 256 px images ingested at 64 px, a tiny ResNet-18 registered, and its mining run written as a part."""
-    from pipeline.ingest.nih import ingest_nih
     from pipeline.config.mining import MiningConfig
+    from pipeline.ingest.nih import ingest_nih
     from pipeline.mining import mine_shard
 
     home = tmp_path / "home"

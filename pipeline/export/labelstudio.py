@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
@@ -23,12 +22,13 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 import numpy as np
 
 from pipeline.base.vocab import FINDINGS
+from pipeline.export.common import ImageFiles, ReviewItem, by_split, counts, name_candidates
 
+NAME = "labelstudio"
 FROM_NAME, TO_NAME = "finding", "image"          # the RectangleLabels and Image tags of label_config.xml
 URL_PREFIX = "/data/local-files/?d="            # Label Studio's local-files serving
 LABEL_CONFIG = "label_config.xml"
 RECTANGLE = "rectanglelabels"
-_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")   # Label Studio renames uploaded files `<8 hex>-<name>`
 
 
 def label_config() -> str:
@@ -79,7 +79,7 @@ def task(im: dict, url: str, boxes: list[dict], run_id: str) -> dict:
                              "result": results}]}
 
 
-def verify_labelstudio(out: Path, files, boxes: list[dict], url_prefix: str = URL_PREFIX) -> None:
+def verify(out: Path, files, boxes: list[dict], url_prefix: str = URL_PREFIX) -> None:
     """The labeling config names the 14 findings; every task has `data.image` and `data.image_id`, its image file
     resolves (unless --images none or another URL prefix), and its prediction, read back as a reviewer's
     annotation would be (`review_items`), gives the exported pixel boxes exactly (as float32, the boxes' type)."""
@@ -110,32 +110,6 @@ def verify_labelstudio(out: Path, files, boxes: list[dict], url_prefix: str = UR
 
 
 # ------------------------------------------------------------------------------------------ reading an export
-
-class ReviewItem:
-    """One reviewed image as a file states it: candidate image ids, boxes in the file's units (`scale`: the
-    frame's size in those units), the frame the file claims (pixels, or None) and problems found reading it."""
-
-    def __init__(self, index: int, where: str, names: list[str], scale=(100.0, 100.0), frame=None):
-        self.index, self.where, self.names, self.scale, self.frame = index, where, names, scale, frame
-        self.boxes: list[dict] = []
-        self.problems: list[tuple[str, str, str]] = []   # (reason, detail, where)
-
-    def bad(self, reason: str, detail: str, where: str | None = None) -> None:
-        self.problems.append((reason, detail, where or self.where))
-
-
-def name_candidates(*names) -> list[str]:
-    """Image ids a file name may stand for: itself, its base name, without Label Studio's upload prefix,
-    and without a `.png` a decoded DICOM got on export."""
-    out = []
-    for name in names:
-        if not isinstance(name, str) or not name:
-            continue
-        base = name.replace("\\", "/").rsplit("/", 1)[-1]
-        for n in (name, base, _UPLOAD_PREFIX.sub("", base)):
-            out += [n, n[:-4]] if n.lower().endswith(".png") else [n]
-    return list(dict.fromkeys(out))
-
 
 def _url_name(url) -> str | None:
     """The file name a task's `data.image` URL points at (`?d=<path>` of local files, else the URL's path)."""
@@ -210,3 +184,24 @@ def _read_result(item: ReviewItem, r) -> None:
         item.frame = (r["original_width"], r["original_height"])
     for label in labels:
         item.boxes.append({"finding": label, "x": x, "y": y, "w": w, "h": h, "where": where})
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path, *,
+                      run_id: str, url_prefix: str = URL_PREFIX) -> dict:
+    """Per split `tasks_<split>.json`: one task per image, its mined boxes as a prediction of model_version
+    `run_id` (`task`); `label_config.xml`; images in `images/<split>/` (`data.image`: url_prefix +
+    `images/<split>/<name>`; with --images none, + the path under the image root)."""
+    per_image: dict[str, list[dict]] = {}
+    for b in boxes:
+        per_image.setdefault(b["image_id"], []).append(b)
+    for split, ims in by_split(images).items():
+        tasks = []
+        for im in ims:
+            name = files.place(im, out, f"images/{split}")
+            path = name if files.mode == "none" else f"images/{split}/{name}"
+            tasks.append(task(im, image_url(path, url_prefix), per_image.get(im["image_id"], []), run_id))
+        (out / f"tasks_{split}.json").write_text(json.dumps(tasks, indent=1))
+    (out / LABEL_CONFIG).write_text(label_config())
+    return counts(images, boxes)

@@ -1,0 +1,219 @@
+"""What the export formats share: where each exported image comes from and how it is written (`ImageFiles`),
+the per-split order and counts of an export, and what their readers give back (`ReviewItem`)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.base.vocab import FINDINGS, SPLITS
+from warehouse.db import connect
+
+IMAGE_MODES = ("link", "copy", "none")
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")   # Label Studio renames uploaded files `<8 hex>-<name>`
+
+
+def short(v: float) -> float:
+    """Shortest decimal that reads back as the same float32 (boxes are stored as float32)."""
+    return float(str(np.float32(v)))
+
+
+def by_split(images: list[dict]) -> dict[str, list[dict]]:
+    order = {s: k for k, s in enumerate(SPLITS)}
+    out: dict[str, list[dict]] = {}
+    for im in sorted(images, key=lambda im: (order.get(im["split"], len(order)), im["split"], im["image_id"])):
+        out.setdefault(im["split"], []).append(im)
+    return out
+
+
+def counts(images: list[dict], written: list[dict]) -> dict:
+    per_finding = Counter(b["finding"] for b in written)
+    split_of = {im["image_id"]: im["split"] for im in images}
+    boxes_per_split = Counter(split_of[b["image_id"]] for b in written)
+    boxed = {b["image_id"] for b in written}
+    return {"images": len(images), "boxes": len(written), "negatives": len(images) - len(boxed),
+            "splits": {s: {"images": len(ims), "boxes": boxes_per_split[s]} for s, ims in by_split(images).items()},
+            "per_finding": {name: per_finding[name] for name in FINDINGS if per_finding[name]}}
+
+
+def quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        return fn(*args, **kwargs)
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+@dataclass
+class ImageFiles:
+    """Where each exported image comes from, and how it is written beside the labels."""
+    mode: str
+    sources: dict[str, Path]                # image_id -> source file (link, copy) or path under `root` (none)
+    decode: set[str] = field(default_factory=set)   # DICOM ids: decoded to PNG, never linked
+    root: Path | None = None                # none: the recorded image root the paths are relative to
+    salt: bytes | None = None
+    written: Counter = field(default_factory=Counter)
+    folders: dict[str, str] = field(default_factory=dict)  # image folders written (none: the root)
+
+    @classmethod
+    def locate(cls, home: Home, images: list[dict], mode: str, roots: list[Path]) -> "ImageFiles":
+        from pipeline.ingest.nih import image_files
+        dicom = [im for im in images if im["source"] == "dicom"]
+        if dicom and mode == "none":
+            raise ValueError(f"{len(dicom)} image(s) come from DICOM files, whose names may carry PHI: "
+                             "use --images link or copy, which write them decoded as PNG")
+        sources: dict[str, Path] = {}
+        wanted = {im["image_id"] for im in images} - {im["image_id"] for im in dicom}
+        for root in roots:
+            if not wanted:
+                break
+            for name, path in image_files(root).items():
+                if name in wanted:
+                    sources[name] = Path(path).resolve()
+                    wanted.discard(name)
+        salt = None
+        if dicom:
+            from pipeline.ingest.dicom import home_salt
+            salt = home_salt(home)
+            sources.update(_find_dicoms(home, dicom, roots))
+        missing = sorted(wanted | {im["image_id"] for im in dicom if im["image_id"] not in sources})
+        if missing and mode != "none":
+            where = ", ".join(map(str, roots)) or "no ingest root is recorded"
+            raise FileNotFoundError(f"{len(missing)} source image(s) not found, e.g. {missing[0]!r} (searched: "
+                                    f"{where}); pass --image-root DIR where they are, or --images none to write "
+                                    "paths relative to the recorded image root")
+        root = None
+        if mode == "none":
+            if not roots:
+                raise FileNotFoundError("no ingest root is recorded in the runs table: pass --image-root DIR")
+            for name in missing:  # not on this machine: NIH's own layout under the latest root
+                sources[name] = roots[0].resolve() / "images" / name
+            under = {r.resolve() for r in roots for p in sources.values() if p.is_relative_to(r.resolve())}
+            root = under.pop() if len(under) == 1 else Path(os.path.commonpath([p.parent for p in sources.values()]))
+            sources = {k: Path(os.path.relpath(p, root)) for k, p in sources.items()}
+        return cls(mode, sources, {im["image_id"] for im in dicom}, root, salt)
+
+    def name(self, im: dict) -> str:
+        """The exported file's name: the source's, or `<image_id>.png` for a decoded DICOM."""
+        iid = im["image_id"]
+        return f"{iid}.png" if iid in self.decode else iid
+
+    def place(self, im: dict, out: Path, sub: str) -> str:
+        """Write `im` into the folder `out/sub` (unless mode none); return its path as an annotation names it:
+        relative to that folder, or with mode none to the image root."""
+        self.folders[sub] = sub if self.mode != "none" else str(self.root)
+        if self.mode == "none":
+            return self.sources[im["image_id"]].as_posix()
+        folder = out / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / self.name(im)
+        src = self.sources[im["image_id"]]
+        if im["image_id"] in self.decode:
+            from PIL import Image
+
+            from pipeline.images.dicom import read_dicom
+            pixels = read_dicom(src, salt=self.salt).pixels
+            _check_frame(im, pixels.shape[1], pixels.shape[0], "decoded DICOM")
+            Image.fromarray(pixels).save(dest, compress_level=1)
+            self.written["decoded"] += 1
+            return dest.name
+        from PIL import Image
+        with Image.open(src) as img:
+            _check_frame(im, *img.size, str(src))
+        if self.mode == "link":
+            try:
+                os.link(src, dest)
+                self.written["linked"] += 1
+                return dest.name
+            except OSError:  # another filesystem (EXDEV), or links not allowed there: copy
+                pass
+        shutil.copyfile(src, dest)
+        self.written["copied"] += 1
+        return dest.name
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "root": None if self.root is None else str(self.root),
+                "folders": self.folders, **{k: self.written[k] for k in ("linked", "copied", "decoded")}}
+
+
+def _check_frame(im: dict, width: int, height: int, what: str) -> None:
+    if (width, height) != (im["width"], im["height"]):
+        raise ValueError(f"{what} is {width}x{height} but {im['image_id']} was ingested as {im['width']}x"
+                         f"{im['height']} (the frame of its boxes): the file changed since ingestion; re-ingest it")
+
+
+def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path]) -> dict[str, Path]:
+    """DICOM image id -> file, matched by content: the sha256 of each file under the roots (names may carry PHI)."""
+    from pipeline.ingest.dicom import dicom_files
+    con = connect(home, read_only=True)
+    try:
+        wanted = {im["image_id"] for im in dicom}
+        by_sha = {sha: iid for sha, iid in con.execute(
+            "SELECT source_sha256, image_id FROM images WHERE source = 'dicom'").fetchall() if iid in wanted}
+    finally:
+        con.close()
+    found = {}
+    for root in roots:
+        for path in dicom_files(root) if root.is_dir() and len(found) < len(by_sha) else []:
+            iid = by_sha.get(content_sha256(path))
+            if iid is not None and iid not in found:
+                found[iid] = path.resolve()
+    return found
+
+
+_SHA_BY_STAT: dict[tuple, str] = {}
+
+
+def content_sha256(path: Path) -> str:
+    """`sha256_file`, remembered for this process by the file's identity and version (device, inode, size,
+    mtime, ctime): `harvest export` checks its sources before the flow, and the flow finds them again without reading
+    every DICOM file a second time. A file rewritten since is read anew."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA_BY_STAT:
+        _SHA_BY_STAT[key] = sha256_file(path)
+    return _SHA_BY_STAT[key]
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+class MalformedFile(ValueError):
+    """JSON that is neither a Label Studio export nor a COCO file."""
+
+
+class ReviewItem:
+    """One reviewed image as a file states it: candidate image ids, boxes in the file's units (`scale`: the
+    frame's size in those units), the frame the file claims (pixels, or None) and problems found reading it."""
+
+    def __init__(self, index: int, where: str, names: list[str], scale=(100.0, 100.0), frame=None):
+        self.index, self.where, self.names, self.scale, self.frame = index, where, names, scale, frame
+        self.boxes: list[dict] = []
+        self.problems: list[tuple[str, str, str]] = []   # (reason, detail, where)
+
+    def bad(self, reason: str, detail: str, where: str | None = None) -> None:
+        self.problems.append((reason, detail, where or self.where))
+
+
+def name_candidates(*names) -> list[str]:
+    """Image ids a file name may stand for: itself, its base name, without Label Studio's upload prefix,
+    and without a `.png` a decoded DICOM got on export."""
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            continue
+        base = name.replace("\\", "/").rsplit("/", 1)[-1]
+        for n in (name, base, _UPLOAD_PREFIX.sub("", base)):
+            out += [n, n[:-4]] if n.lower().endswith(".png") else [n]
+    return list(dict.fromkeys(out))
