@@ -135,7 +135,7 @@ def _typed(value, typ, path: str):
     return value
 
 
-_SINGULAR = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+_SINGULAR = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "a mapping"}
 _PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 _EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.base.amp import MODES as AMP_MODES, resolve_amp
+from pipeline.base.vocab import FINDINGS
 from pipeline.config.check import (SIZE_RULE, config_file, device_ok, fingerprint, from_dict, one_of, read_yaml,
                                    require, size_ok)
 
@@ -25,6 +26,10 @@ class MiningConfig:
     # validation split's truth boxes (never evaluation boxes); configs/demo.yaml records the demo model's choice
     # (0.9, 0.8, 0.7, 2026-11-26), where this prior gave whole-image boxes (docs/results.md).
     thresholds: tuple[float, ...] = (0.5, 0.35, 0.2)
+    # Per-finding box thresholds, {finding: [t1, .., tK]} with as many values as `thresholds`, which serves the
+    # findings not named: a box rule fitted to each finding's size and spread (`harvest tune --per-finding`,
+    # chosen on validation truth only). Stored as sorted (finding, thresholds) pairs.
+    finding_thresholds: dict = dataclasses.field(default_factory=dict)
     input_size: int | None = None   # None: the model's training input size (checkpoint meta)
     unlabeled: bool = False         # mine predicted findings (sigmoid prob >= prob_threshold), not the labels
     prob_threshold: float = 0.5
@@ -40,6 +45,7 @@ class MiningConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "finding_thresholds", _per_finding(self.finding_thresholds, len(self.thresholds)))
         for key, ok, allowed in [
                 ("steps", self.steps >= 1, "must be an integer >= 1 (T)"),
                 ("erase_threshold", 0 < self.erase_threshold <= 1, "must be in (0, 1]"),
@@ -53,8 +59,14 @@ class MiningConfig:
             require(ok, key, getattr(self, key), allowed)
 
     def to_dict(self) -> dict:
-        """Plain JSON/YAML-able values (thresholds as a list)."""
-        return {**dataclasses.asdict(self), "thresholds": list(self.thresholds)}
+        """Plain JSON/YAML-able values (thresholds as lists)."""
+        return {**dataclasses.asdict(self), "thresholds": list(self.thresholds),
+                "finding_thresholds": {f: list(t) for f, t in self.finding_thresholds}}
+
+    def threshold_table(self) -> list[tuple[float, ...]]:
+        """The box thresholds of each finding, in `FINDINGS` order: `[14][K]`."""
+        named = dict(self.finding_thresholds)
+        return [named.get(f, self.thresholds) for f in FINDINGS]
 
     @classmethod
     def from_dict(cls, data: dict | None, path: str = "") -> "MiningConfig":
@@ -73,4 +85,20 @@ class MiningConfig:
     def config_hash(self) -> str:
         """Stable 16-hex-digit identity of the settings that determine the mined rows."""
         rows = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        if not rows["finding_thresholds"]:     # one rule for all: the ids of runs mined before the field existed
+            del rows["finding_thresholds"]
         return fingerprint("mining", rows)[:16]
+
+
+def _per_finding(value, k: int) -> tuple:
+    """`finding_thresholds` as sorted (finding, thresholds) pairs, each checked: a known finding, K values in (0, 1]."""
+    pairs = value.items() if isinstance(value, dict) else value
+    out = []
+    for finding, ts in pairs:
+        key = f"finding_thresholds.{finding}"
+        require(finding in FINDINGS, key, finding, "must name a finding: " + ", ".join(FINDINGS))
+        require(isinstance(ts, (list, tuple)) and len(ts) == k and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in ts), key, ts,
+            f"must be {k} values in (0, 1], as many as `thresholds`")
+        out.append((finding, tuple(float(t) for t in ts)))
+    return tuple(sorted(out))

@@ -161,7 +161,7 @@ def _saddle_pixels(nodes: torch.Tensor, frames: torch.Tensor):
 
 def surface_component(nodes: torch.Tensor, tau: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Bool `[N,K,h,w]`: nodes of the component of `{bilinear surface >= tau}` (sampled at the frame's pixel
-    centres) holding the first maximum node; `nodes` `[N,h,w]`, `tau` `[K,1,1]`, frames `[N,2]`.
+    centres) holding the first maximum node; `nodes` `[N,h,w]`, `tau` `[K,1,1]` or `[N,K,1,1]`, frames `[N,2]`.
 
     Two diagonal nodes >= τ whose cell's other corners are < τ are joined where the two frame pixels
     straddling the cell's saddle point on their diagonal are >= τ: away from the saddle the two pieces are
@@ -178,18 +178,20 @@ def surface_component(nodes: torch.Tensor, tau: torch.Tensor, frames: torch.Tens
 
 @torch.no_grad()
 def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0.5, 0.35, 0.2)) -> Boxes:
-    """Sec. 3.2 boxes for `[N, h, w]` fused heatmaps on frames `[N, 2]` = (width, height) in pixels."""
+    """Sec. 3.2 boxes for `[N, h, w]` fused heatmaps on frames `[N, 2]` = (width, height) in pixels; the
+    thresholds `[K]` serve every map, or `[N, K]` gives each map its own."""
     fused = fused.float()
     N, h, w = fused.shape
-    K = len(thresholds)
     device = fused.device
     frames = torch.as_tensor(frames, dtype=torch.float32, device=device).reshape(N, 2).round()
     tau = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    K = tau.shape[-1]
+    tau = tau.expand(N, K)
     if N == 0:
         z = fused.new_zeros((0, K))
         return Boxes(fused.new_zeros((0, K, 4)), z, z, z.bool())
 
-    t = tau[:, None, None]
+    t = tau[..., None, None]                                                  # [N, K, 1, 1]
     component = surface_component(fused, t, frames)
     nodes = fused[:, None].expand(N, K, h, w)                                 # one map per threshold
     x_lo, x_hi = _edges(component, nodes, t, frames[:, 1])
@@ -209,4 +211,4 @@ def boxes_from_heatmaps(fused: torch.Tensor, frames: torch.Tensor, thresholds=(0
     valid &= ~torch.tril(same, diagonal=-1).any(-1)                           # a copy of an earlier threshold
     order = score.masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
     take = lambda v: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v))  # noqa: E731
-    return Boxes(take(xywh), take(score), take(tau.expand(N, K)), take(valid))
+    return Boxes(take(xywh), take(score), take(tau), take(valid))

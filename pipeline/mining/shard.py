@@ -62,15 +62,16 @@ def one_thread_on_cpu(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _reference_boxes(cams: torch.Tensor, frames: np.ndarray, config: MiningConfig) -> tuple[Boxes, np.ndarray]:
-    """The numpy/skimage path, one map at a time, packed like the fast path's output."""
+def _reference_boxes(cams: torch.Tensor, frames: np.ndarray, thresholds: np.ndarray,
+                     config: MiningConfig) -> tuple[Boxes, np.ndarray]:
+    """The numpy/skimage path, one map at a time (its thresholds `[M, K]`), packed like the fast path's output."""
     K = len(config.thresholds)
     xywh, score, thr = np.zeros((len(cams), K, 4)), np.zeros((len(cams), K)), np.zeros((len(cams), K))
     valid = np.zeros((len(cams), K), dtype=bool)
     fused = []
     for m, cam in enumerate(cams.cpu().numpy()):
         fused.append(fused_heatmap_reference(cam, config.steps, config.erase_threshold))
-        for k, box in enumerate(boxes_reference(fused[-1], frames[m], config.thresholds)):
+        for k, box in enumerate(boxes_reference(fused[-1], frames[m], thresholds[m])):
             xywh[m, k] = [box[c] for c in "xywh"]
             score[m, k], thr[m, k], valid[m, k] = box["score"], box["threshold"], True
     shape = (0, *cams.shape[1:])
@@ -111,20 +112,39 @@ def _mine_features(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, c
         return _mine_pairs(model, X, prob, labels, frames, config)
 
 
-def _mine_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig) -> dict:
-    device = X.device
+def chosen_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig):
+    """The (image, finding) pairs a batch mines (its labels, or its predictions when unlabeled): their step-1
+    CAMs `[M,h,w]`, image and finding indices `[M]`, and frames `[M,2]` (CPU)."""
     if config.unlabeled or labels is None:
         chosen = prob >= config.prob_threshold
     else:
-        chosen = torch.as_tensor(labels, device=device) > 0
+        chosen = torch.as_tensor(labels, device=X.device) > 0
     cams, b, c = _pair_cams(X, model.head.weight, chosen)
     frames = torch.as_tensor(frames, dtype=torch.float32).reshape(-1, 2)
-    pair_frames = frames[b.cpu()]
+    return cams, b, c, frames[b.cpu()]
+
+
+@torch.inference_mode()
+def fused_pairs(model, images_uint8: torch.Tensor, labels, frames, config: MiningConfig):
+    """One batch's fused heatmaps H_f (eq. 7-8, fast path) of the pairs it mines, without boxes: for cutting
+    boxes with many rules from one forward (`harvest tune`). Returns fused `[M,h,w]`, image and finding
+    indices `[M]`, frames `[M,2]` and the pairs' probabilities `[M]`, all on the CPU."""
+    X, prob = _forward(model, images_uint8, config)
+    with one_thread_on_cpu(X.device):
+        cams, b, c, pair_frames = chosen_pairs(model, X, prob, labels, frames, config)
+        fused = fused_heatmap(cams, config.steps, config.erase_threshold)
+    return fused.cpu(), b.cpu(), c.cpu(), pair_frames, prob[b, c].cpu()
+
+
+def _mine_pairs(model, X: torch.Tensor, prob: torch.Tensor, labels, frames, config: MiningConfig) -> dict:
+    device = X.device
+    cams, b, c, pair_frames = chosen_pairs(model, X, prob, labels, frames, config)
+    thresholds = torch.tensor(config.threshold_table(), dtype=torch.float32)[c.cpu()]   # each pair's finding's
     if config.fast:
         fused = fused_heatmap(cams, config.steps, config.erase_threshold)
-        boxes = boxes_from_heatmaps(fused, pair_frames.to(device), config.thresholds)
+        boxes = boxes_from_heatmaps(fused, pair_frames.to(device), thresholds.to(device))
     else:
-        boxes, fused = _reference_boxes(cams, pair_frames.numpy(), config)
+        boxes, fused = _reference_boxes(cams, pair_frames.numpy(), thresholds.numpy(), config)
         fused = torch.from_numpy(fused)
 
     valid = boxes.valid.cpu().numpy()

@@ -49,3 +49,33 @@ def test_without_truth_boxes_it_refuses(home, tmp_path):
     con.close()
     with pytest.raises(ValueError, match="truth"):
         tune_thresholds(copy, "tiny", candidates=((0.5, 0.35, 0.2),))
+
+
+def test_one_forward_gives_the_boxes_mining_gives(home):
+    """The boxes a rule cuts from the kept heatmaps are the rows `mine_shard` writes with that rule."""
+    from pipeline.config.mining import MiningConfig
+    from pipeline.mining.shard import mine_shard
+    from pipeline.evaluation.tune import cut, validation_maps
+    model, meta = load_model(home, "tiny")
+    ids = validation_ids(home, meta)
+    cfg = MiningConfig(thresholds=(0.6, 0.4, 0.2), amp="none")
+    key = ["image_id", "finding", "rank"]
+    kept = cut(validation_maps(home, model, meta, ids, cfg), cfg.thresholds).sort_values(key).reset_index(drop=True)
+    mined = mine_shard(home, "tiny", ids, cfg, "r", model=model).to_pandas().sort_values(key).reset_index(drop=True)
+    assert len(kept) == len(mined) > 0
+    assert (kept[key] == mined[key]).all().all()
+    assert ((kept[list("xywh")] - mined[list("xywh")]).abs() < 1e-3).all().all()
+
+
+def test_per_finding_rules_only_where_they_score_higher(home):
+    from pipeline.evaluation.tune import tune
+    cands = ((0.6, 0.4, 0.2), (0.3, 0.2, 0.1), (0.9, 0.8, 0.7))
+    best, table, own, compare = tune(home, "tiny", candidates=cands, min_instances=1)
+    assert best == table.iloc[0]["thresholds"] and set(own) <= set(compare["finding"])
+    for finding, rule in own.items():
+        assert rule != best and rule in cands
+    gains = compare.set_index("finding")
+    assert (gains["per_finding"] >= gains["one_rule"] - 1e-9).all()
+    assert all(gains.loc[f, "per_finding"] > gains.loc[f, "one_rule"] for f in own)
+    _, _, none, _ = tune(home, "tiny", candidates=cands, min_instances=10 ** 6)
+    assert none == {}

@@ -153,3 +153,17 @@ def test_duplicate_boxes_collapse():
 def test_empty_batch():
     boxes = boxes_from_heatmaps(torch.zeros(0, 8, 8), torch.zeros(0, 2))
     assert boxes.xywh.shape == (0, 3, 4) and boxes.valid.shape == (0, 3)
+
+
+def test_per_map_thresholds_equal_each_map_cut_alone():
+    """Thresholds `[N, K]` (a box rule per finding): each map's boxes are those it gets alone with its own."""
+    g = torch.Generator().manual_seed(7)
+    fused = fused_heatmap(_maps("phantom", 6, 16, g))
+    frames = torch.tensor([[1024., 1024.]]).expand(len(fused), 2)
+    own = torch.tensor([[0.9, 0.8, 0.7], [0.5, 0.35, 0.2], [0.6, 0.4, 0.1]])[torch.arange(len(fused)) % 3]
+    together = boxes_from_heatmaps(fused, frames, own)
+    for n in range(len(fused)):
+        alone = boxes_from_heatmaps(fused[n:n + 1], frames[:1], tuple(own[n].tolist()))
+        for field in ("xywh", "score", "threshold", "valid"):
+            assert torch.equal(getattr(together, field)[n], getattr(alone, field)[0]), (n, field)
+    assert not torch.equal(together.threshold[0], together.threshold[1])

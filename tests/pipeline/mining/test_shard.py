@@ -151,6 +151,36 @@ def test_config_hash_dict_round_trip_and_validation(tmp_path):
         MiningConfig(thresholds=(1.5,))
 
 
+def test_per_finding_thresholds_config():
+    # one rule for all keeps the ids of runs mined before per-finding rules existed (values from 63125f3)
+    assert MiningConfig().config_hash() == "4356193717d6529e"
+    assert MiningConfig(thresholds=(0.9, 0.8, 0.7)).config_hash() == "8b18d90779a3516d"
+    cfg = MiningConfig(thresholds=(0.9, 0.8, 0.7), finding_thresholds={"Nodule": [0.6, 0.5, 0.4]})
+    assert MiningConfig.from_dict(cfg.to_dict()) == cfg and cfg.config_hash() != "8b18d90779a3516d"
+    table = cfg.threshold_table()
+    assert table[INDEX["Nodule"]] == (0.6, 0.5, 0.4) and table[INDEX["Mass"]] == (0.9, 0.8, 0.7)
+    with pytest.raises(ValueError, match="finding_thresholds.Tumor"):
+        MiningConfig(finding_thresholds={"Tumor": [0.5, 0.35, 0.2]})
+    with pytest.raises(ValueError, match="as many as `thresholds`"):
+        MiningConfig(finding_thresholds={"Mass": [0.5]})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        MiningConfig.from_dict({"finding_thresholds": [0.5]})
+
+
+def test_per_finding_thresholds_change_only_their_findings_rows(mined_home):
+    home, ids = mined_home
+    base = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none"), "r")).to_pandas()
+    cfg = MiningConfig(amp="none", finding_thresholds={"Mass": [0.95, 0.9, 0.85]})
+    fast = _sorted(mine_shard(home, "tiny", ids, cfg, "r")).to_pandas()
+    ref = _sorted(mine_shard(home, "tiny", ids, MiningConfig(**{**cfg.to_dict(), "fast": False}), "r")).to_pandas()
+    assert fast[KEY + ["threshold"]].equals(ref[KEY + ["threshold"]])
+    np.testing.assert_allclose(fast[list("xywh")], ref[list("xywh")], atol=1.0)
+    mass = fast["finding"] == "Mass"
+    assert {round(float(t), 3) for t in fast.loc[mass, "threshold"]} <= {0.95, 0.9, 0.85} and mass.any()
+    others = base[base["finding"] != "Mass"].reset_index(drop=True)
+    assert fast[~mass].reset_index(drop=True).equals(others)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_rows_equal_cpu_rows(mined_home):
     """The GPU path (pinned buffer ring, boxes on a side stream while the next forward runs) gives the CPU rows."""
