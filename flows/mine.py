@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
 from pipeline.base.home import Home
 from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
-                                  process_model, recorded_parts_run, run_dir, write_part)
+                                 process_model, recorded_parts_run, run_dir, write_part)
 from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048

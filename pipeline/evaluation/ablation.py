@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config.check import merge
+from pipeline.config.train import HARVEST_SECTIONS
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -34,8 +37,6 @@ def variants() -> list[Variant]:
 
 def training_config(base_config, variant: Variant) -> dict:
     """The base config file with the variant's overrides (harvest sections dropped)."""
-    from pipeline.config.check import merge
-    from pipeline.config.harvest import HARVEST_SECTIONS
     data = yaml.safe_load(Path(base_config).read_text()) or {}
     data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
     return merge(data, variant.overrides)

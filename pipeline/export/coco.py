@@ -15,7 +15,7 @@ NAME = "coco"
 
 
 def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path,
-               polygons: bool = True) -> dict:
+          polygons: bool = True) -> dict:
     """Per split: `annotations/instances_<split>.json` (COCO instances: bbox, its polygon as `segmentation`,
     `area`, `iscrowd`) and `annotations/detections_<split>.json` (the `COCO.loadRes` list), images in
     `images/<split>/` (`file_name` relative to it; with --images none, relative to the image root).

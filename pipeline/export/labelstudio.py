@@ -189,7 +189,7 @@ def _read_result(item: ReviewItem, r) -> None:
 # ------------------------------------------------------------------------------------------ writing
 
 def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path, *,
-                      run_id: str, url_prefix: str = URL_PREFIX) -> dict:
+          run_id: str, url_prefix: str = URL_PREFIX) -> dict:
     """Per split `tasks_<split>.json`: one task per image, its mined boxes as a prediction of model_version
     `run_id` (`task`); `label_config.xml`; images in `images/<split>/` (`data.image`: url_prefix +
     `images/<split>/<name>`; with --images none, + the path under the image root)."""

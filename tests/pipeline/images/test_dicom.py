@@ -19,8 +19,8 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 from pipeline.base.home import Home
 from pipeline.images.dicom import DECODER_PACKAGES, PROJECT_SALT, parse_age, pseudonym, read_dicom
 from pipeline.images.rejects import Reject
-from tests.pipeline.images.dicom_fixtures import (MARK, MARKER, MARKER_UID, chest, patch_bytes, phi_elements, with_voi_lut,
-                                          write_dicom)
+from tests.pipeline.images.dicom_fixtures import (MARK, MARKER, MARKER_UID, chest, patch_bytes, phi_elements,
+                                                  with_voi_lut, write_dicom)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
