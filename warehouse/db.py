@@ -69,7 +69,8 @@ def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = F
         con.execute(_parquet_view_sql(name, Path(data_dir).absolute().parent, temp))
 
 
-def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(home, read_only: bool = False, sandbox: bool = False,
+            settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """Open the warehouse of a :class:`pipeline.base.home.Home` (or its root path).
 
     Writable connections apply the schema and refresh the Parquet views stored in the file. Read-only ones
@@ -77,6 +78,7 @@ def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.Duck
     `sandbox` (read-only only): no file outside <home>/data can be read or written and no setting changed for
     the rest of the connection. Inside <home>/data DuckDB could still write (COPY): run only SELECTs on it.
     DuckDB settings are per database, so this also holds for other connections to the same file in this process.
+    `settings` (e.g. memory_limit) are SET before the sandbox locks the configuration.
     """
     if sandbox and not read_only:
         raise ValueError("a sandboxed connection must be read-only")
@@ -97,6 +99,8 @@ def connect(home, read_only: bool = False, sandbox: bool = False) -> duckdb.Duck
         if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
             con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION])
         refresh_views(con, root / "data")
+    for name, value in (settings or {}).items():
+        con.execute(f"SET {name} = ?", [value])
     if sandbox:
         con.execute("SET allowed_directories = ?", [[f"{root / 'data'}/"]])
         con.execute("SET enable_external_access = false")
@@ -154,10 +158,23 @@ def _connect_retry(db: Path, read_only: bool = False, timeout: float | None = No
             return None
 
     def busy() -> str:
-        pid = re.search(r"\(PID (\d+)\)", last[0])
-        return f"{db} is locked by another process" + (f" (pid {pid.group(1)})" if pid else "")
+        return f"warehouse {db} locked by {lock_holder(last[0])}"
 
     return wait_unlocked(attempt, lock_timeout(read_only) if timeout is None else timeout, busy)
+
+
+def lock_holder(message: str) -> str:
+    """`PID 4242 (harvest sql ...)`: the process DuckDB's lock error names, with its command line where /proc
+    shows it (cut at 200 characters), else `another process`."""
+    pid = re.search(r"\(PID (\d+)\)", message)
+    if not pid:
+        return "another process"
+    try:
+        argv = Path(f"/proc/{pid.group(1)}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"PID {pid.group(1)}"
+    command = " ".join(" ".join(argv).split())
+    return f"PID {pid.group(1)}" + (f" ({command[:200]}{'...' if len(command) > 200 else ''})" if command else "")
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import yaml
 
 
 def invalid(path: str, value, allowed: str) -> ValueError:
-    """`runtime.batch_size = -4: must be a positive integer`."""
-    return ValueError(f"{path} = {value!r}: {allowed}")
+    """`runtime.batch_size = -4: must be a positive integer`; a long value is cut short (a hostile file's list)."""
+    shown = repr(value)
+    if len(shown) > 120:
+        shown = f"{shown[:100]}... ({len(shown):,} characters)"
+    return ValueError(f"{path} = {shown}: {allowed}")
 
 
 def require(ok: bool, path: str, value, allowed: str) -> None:
@@ -52,14 +56,65 @@ def check_keys(path: str, data: dict, valid) -> None:
                          f"valid{' in ' + path if path else ''}: {', '.join(sorted(valid))}")
 
 
+# A config is a few KB and a few hundred YAML nodes: far larger ones are hostile (a billion-laughs bomb of aliases
+# expands a 1 KB file to 10**9 nodes) and fail, in one line, before any Python object is built.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+# libyaml's parser when installed (PyYAML's wheels have it): fast, and it refuses nesting deeper than 1,000
+# levels, which the pure-Python scanner takes quadratic time over (1,000 `[` take seconds).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path) -> dict:
-    """A config file's top-level mapping ({} for an empty file); ValueError (one line) when it is not one."""
+    """A config file's top-level mapping ({} for an empty file); ValueError (one line) when it is not one.
+
+    Bounded whatever the file holds: at most MAX_CONFIG_BYTES are read, and the composed YAML graph must count
+    at most MAX_YAML_NODES nodes with every alias expanded (counted on the graph, without expanding it)."""
+    with open(path, "rb") as f:     # not stat(): a FIFO or /dev/zero has no size
+        text = f.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES:,} bytes: not a config file")
+    loader = _LOADER(text)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        node = loader.get_single_node()
+        if node is not None:
+            expanded_nodes(node, MAX_YAML_NODES)
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ValueError("not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
     require(data is None or isinstance(data, dict), "(top level)", data, "must be a mapping of keys")
     return data or {}
+
+
+def expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """The nodes of a composed YAML graph with every alias (and merge key) expanded, counted over its distinct
+    nodes (an alias is the node it names); ValueError once past `limit`, or on an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_ids:
+            raise ValueError("not valid YAML for a config: an alias refers to its own anchor (a recursive value)")
+        open_ids.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ()
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise ValueError(f"more than {limit:,} YAML values once its aliases are expanded "
+                                 f"(an alias bomb?): not a config file")
+        open_ids.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
 
 
 @contextmanager
@@ -140,11 +195,11 @@ _PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 _EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-SIZE_RULE = "a multiple of 32, at least 64 (pixels)"
+SIZE_RULE = "a multiple of 32 in [64, 4096] (pixels)"
 
 
 def size_ok(size: int) -> bool:
-    return size >= 64 and size % 32 == 0
+    return 64 <= size <= 4096 and size % 32 == 0
 
 
 def device_ok(device: str, auto: bool = False) -> bool:
@@ -166,3 +221,46 @@ def merge(base: dict, top: dict) -> dict:
 def fingerprint(*parts) -> str:
     """sha256 of canonical JSON: the identity of a stage (its inputs), used to skip finished stages."""
     return hashlib.sha256(json.dumps(plain(parts), sort_keys=True).encode()).hexdigest()
+
+
+# Upper bounds of counts, shared by the config loaders (each names its own where only it has one)
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 4096            # images per step: 4,096 images of 512 px are 4 GB of float32 input alone
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10_000_000      # optimizer steps (warm-up, save and log cadence)
+MAX_AM_STEPS = 20           # T, AM stages and erasure steps (sec. 3.2: T=3 works best)
+MAX_RANKS = 16              # boxes per (image, finding): one per mining threshold
+
+
+def at_most(path: str, value, high: int, what: str) -> None:
+    """The upper bound of a count: absurd magnitudes (`am.steps: 10**23`) fail here, not after minutes of work."""
+    require(value <= high, path, value, f"must be at most {high:,} ({what})")
+
+
+# `model.init`: a file written by `pipeline.weights.export_weights` (torch.save's zip, our format in its pickle)
+WEIGHTS_FORMAT = "cxr-harvest-weights/1"
+MAX_WEIGHTS_BYTES = 2 << 30     # a ResNet-50 with its neck is about 100 MB in float16
+MAX_PICKLE_BYTES = 16 << 20     # the pickle holds the keys and meta; the tensors lie beside it
+
+
+def weights_problem(path) -> str | None:
+    """Why `path` is not a weights file of ours (None: it looks like one), found without torch and without
+    reading the tensors: its size, a zip archive whose directory is whole (a truncated file has none), one
+    `data.pkl` (torch.save's layout) that names WEIGHTS_FORMAT."""
+    path = Path(path)
+    if not path.is_file():
+        return "must be an existing weights file"
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        return f"must be a weights file of at most {MAX_WEIGHTS_BYTES >> 30} GiB, not {size:,} bytes"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+            if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
+                return "is a zip archive, not a torch.save file"
+            head = archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        return f"is not a weights file written by pipeline.weights ({' '.join(str(exc).split())})"
+    if WEIGHTS_FORMAT.encode() not in head:
+        return f"is a torch file but not cxr-harvest weights (format {WEIGHTS_FORMAT}; see pipeline.weights)"
+    return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.base.amp import MODES as AMP_MODES
 from pipeline.base.vocab import FINDINGS
 from pipeline.config.check import config_file, read_yaml, require
+from pipeline.config.check import MAX_BATCH, MAX_EPOCHS, MAX_RANKS, MAX_SEED, MAX_STEPS, at_most
 from pipeline.config.check import SIZE_RULE, device_ok, from_dict, one_of, plain, size_ok
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -29,8 +30,8 @@ class BoxesConfig:
 
     def __post_init__(self):
         require(0 <= self.min_score <= 1, "min_score", self.min_score, "must be in [0, 1]")
-        require(bool(self.ranks) and all(r >= 1 for r in self.ranks), "ranks", list(self.ranks),
-                "must be 1 or more ranks >= 1")
+        require(bool(self.ranks) and all(1 <= r <= MAX_RANKS for r in self.ranks), "ranks", list(self.ranks),
+                f"must be 1 or more ranks in [1, {MAX_RANKS}]")
         bad = [f for f in self.findings or () if f not in FINDINGS]
         require(not bad, "findings", bad, f"must be findings of {', '.join(FINDINGS)}")
 
@@ -52,6 +53,9 @@ class ModelSection:
         require(self.representation >= 8, "representation", self.representation, "must be >= 8")
         require(all(n >= 1 for n in self.rpn_top_n), "rpn_top_n", list(self.rpn_top_n), "must be positive")
         require(self.box_batch >= 1, "box_batch", self.box_batch, "must be a positive integer")
+        at_most("representation", self.representation, 4096, "MLP width")
+        at_most("rpn_top_n", max(self.rpn_top_n), 100_000, "proposals per image")
+        at_most("box_batch", self.box_batch, MAX_BATCH, "RoIs per image")
 
 
 @dataclass
@@ -76,6 +80,9 @@ class TrainSection:
                                  ("clip_grad_norm", self.clip_grad_norm >= 0, "must be >= 0"),
                                  ("negatives", 0 <= self.negatives <= 1, "must be in [0, 1]")]:
             require(ok, key, getattr(self, key), allowed)
+        at_most("epochs", self.epochs, MAX_EPOCHS, "epochs")
+        at_most("batch_size", self.batch_size, MAX_BATCH, "images per step")
+        at_most("warmup_steps", self.warmup_steps, MAX_STEPS, "steps")
 
 
 @dataclass
@@ -93,6 +100,9 @@ class PredictSection:
         require(self.per_finding >= 1, "per_finding", self.per_finding, "must be >= 1")
         require(self.max_detections >= 1, "max_detections", self.max_detections, "must be >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        at_most("per_finding", self.per_finding, MAX_RANKS, "boxes per finding")
+        at_most("max_detections", self.max_detections, 100_000, "boxes per image")
+        at_most("batch_size", self.batch_size, MAX_BATCH, "images per batch")
 
 
 @dataclass
@@ -105,6 +115,7 @@ class RuntimeSection:
         require(device_ok(self.device, auto=True), "device", self.device, "must be auto, cpu, cuda or cuda:N")
         require(self.amp in AMP_MODES, "amp", self.amp, one_of(AMP_MODES))
         require(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "must be >= 0")
+        at_most("save_every_steps", self.save_every_steps, MAX_STEPS, "steps")
 
 
 @dataclass
@@ -120,6 +131,7 @@ class DetectorConfig:
 
     def __post_init__(self):
         require(self.arch is None or self.arch in ARCHS, "arch", self.arch, f"must be null or {one_of(ARCHS)[8:]}")
+        require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be an integer in [0, {MAX_SEED:,}]")
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))

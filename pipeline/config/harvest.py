@@ -12,6 +12,7 @@ from __future__ import annotations
 from pipeline.base.vocab import SPLITS
 from pipeline.config.check import (check_keys, check_section, config_file, invalid, is_int, is_number, read_yaml,
                                    require)
+from pipeline.config.check import MAX_RANKS, MAX_SEED, at_most
 from pipeline.config.mining import MiningConfig
 from pipeline.config.train import HARVEST_SECTIONS, load_config
 
@@ -26,6 +27,7 @@ DEFAULTS = {
     "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None},
 }
 PHANTOM_KEYS = ("n", "seed", "size", "difficulty")
+MAX_PHANTOM, MAX_SHARD = 1_000_000, 1_000_000
 
 
 def parse_difficulty(value) -> float:
@@ -58,7 +60,9 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
     check_keys("phantom", phantom, PHANTOM_KEYS)
     n, seed, size = phantom["n"], phantom["seed"], phantom["size"]
     require(is_int(n) and n > 0, "phantom.n", n, "must be a positive integer (images)")
+    at_most("phantom.n", n, MAX_PHANTOM, "images; NIH ChestX-ray14 has 112,120")
     require(is_int(seed) and seed >= 0, "phantom.seed", seed, "must be an integer >= 0")
+    at_most("phantom.seed", seed, MAX_SEED, "a 32-bit seed")
     require(is_int(size) and 64 <= size <= 4096 and size % 16 == 0, "phantom.size", size,
             "must be a multiple of 16 in [64, 4096] (pixels; NIH images are 1024)")
     if "difficulty" in phantom:
@@ -71,14 +75,15 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
     split, shard_size = mining["split"], mining["shard_size"]
     require(split in (*SPLITS, "all"), "mining.split", split, f"must be one of {', '.join(SPLITS)}, all")
     require(is_int(shard_size) and shard_size > 0, "mining.shard_size", shard_size, "must be a positive integer")
+    at_most("mining.shard_size", shard_size, MAX_SHARD, "images per shard")
     MiningConfig.from_dict({k: v for k, v in mining.items() if k not in DEFAULTS["mining"]}, path="mining")
 
     check_keys("export", export, DEFAULTS["export"])
     formats, ranks, min_score = export["formats"], export["ranks"], export["min_score"]
     require(isinstance(formats, list) and formats and all(f in EXPORT_FORMATS for f in formats), "export.formats",
             formats, f"must be a non-empty list of {', '.join(EXPORT_FORMATS)}")
-    require(ranks is None or isinstance(ranks, list) and all(is_int(r) and r > 0 for r in ranks), "export.ranks",
-            ranks, "must be a list of positive integers (null or []: every rank)")
+    require(ranks is None or isinstance(ranks, list) and all(is_int(r) and 0 < r <= MAX_RANKS for r in ranks),
+            "export.ranks", ranks, f"must be a list of integers in [1, {MAX_RANKS}] (null or []: every rank)")
     require(min_score is None or is_number(min_score) and 0 <= min_score <= 1, "export.min_score", min_score,
             "must be null or a number in [0, 1]")
 

@@ -13,6 +13,7 @@ from pipeline.base.amp import MODES as AMP_MODES, resolve_amp
 from pipeline.base.vocab import FINDINGS
 from pipeline.config.check import (SIZE_RULE, config_file, device_ok, fingerprint, from_dict, one_of, read_yaml,
                                    require, size_ok)
+from pipeline.config.check import MAX_AM_STEPS, MAX_BATCH, MAX_RANKS, at_most
 
 # Not part of the rows' identity: the same rows come out whatever these are.
 _EXECUTION_FIELDS = ("batch_size", "device", "channels_last", "compile", "save_heatmaps")
@@ -57,6 +58,10 @@ class MiningConfig:
                 ("batch_size", self.batch_size >= 1, "must be a positive integer"),
                 ("device", device_ok(self.device), "must be cpu, cuda or cuda:N")]:
             require(ok, key, getattr(self, key), allowed)
+        at_most("steps", self.steps, MAX_AM_STEPS, "erasure steps; T=3 works best")
+        at_most("batch_size", self.batch_size, MAX_BATCH, "images per batch")
+        require(len(self.thresholds) <= MAX_RANKS, "thresholds", self.thresholds,
+                f"must be at most {MAX_RANKS} values (one box rank each)")
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-able values (thresholds as lists)."""

@@ -19,6 +19,7 @@ from pipeline.base.amp import MODES as AMP_MODES
 from pipeline.base.vocab import SPLITS
 from pipeline.config.check import (SIZE_RULE, config_file, device_ok, from_dict, merge, one_of, plain, read_yaml,
                                    require, size_ok)
+from pipeline.config.check import MAX_AM_STEPS, MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, at_most, weights_problem
 
 # The sections of the other flows in a harvest config (`pipeline.config.harvest`): training ignores them, so
 # they never change a stage's fingerprint.
@@ -138,12 +139,13 @@ class TrainConfig:
         """Ranges and choices (`from_dict` checked the types); ValueError naming the first bad value."""
         m, d, r, a = self.model, self.data, self.runtime, self.am
         aug = d.augment
+        init_problem = None if m.init is None else weights_problem(m.init)
         checks = [
             ("name", self.name, self.name != "", "must be a non-empty string"),
             ("seed", self.seed, self.seed >= 0, "must be an integer >= 0"),
             ("model.arch", m.arch, m.arch in backbone_names(), one_of(backbone_names())),
             ("model.neck", m.neck, m.neck in NECK_NAMES, one_of(NECK_NAMES)),
-            ("model.init", m.init, m.init is None or Path(m.init).is_file(), "must be an existing weights file"),
+            ("model.init", m.init, not init_problem, init_problem),
             ("data.input_size", d.input_size, size_ok(d.input_size), f"must be {SIZE_RULE}"),
             ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "must be in (0, 1)"),
             ("data.train_splits", list(d.train_splits), bool(d.train_splits) and set(d.train_splits) <= set(SPLITS),
@@ -179,6 +181,21 @@ class TrainConfig:
             ]
         for path, value, ok, allowed in checks:
             require(ok, path, value, allowed)
+        caps = [("seed", self.seed, MAX_SEED, "a 32-bit seed"),
+                ("runtime.batch_size", r.batch_size, MAX_BATCH, "images per step"),
+                ("runtime.eval_batch_size", r.eval_batch_size, MAX_BATCH, "images per step"),
+                ("runtime.workers", r.workers, 64, "DataLoader processes"),
+                ("runtime.threads", r.threads, 1024, "threads"),
+                ("runtime.save_every_steps", r.save_every_steps, MAX_STEPS, "steps"),
+                ("runtime.log_every", r.log_every, MAX_STEPS, "steps"),
+                ("am.steps", a.steps, MAX_AM_STEPS, "AM stages; the paper's best is 3")]
+        for name, st in self.stage_configs().items():
+            p = "am.stage" if name == "am" else f"stages.{name}"
+            caps += [(f"{p}.epochs", st.epochs, MAX_EPOCHS, "epochs"),
+                     (f"{p}.warmup_steps", st.warmup_steps, MAX_STEPS, "steps"),
+                     (f"{p}.patience", st.patience, MAX_EPOCHS, "epochs")]
+        for path, value, high, what in caps:
+            at_most(path, value, high, what)
         return self
     def stage_configs(self) -> dict[str, StageConfig]:
         return {"base": self.stages.base, "msa_init": self.stages.msa_init,

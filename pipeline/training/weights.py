@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torchvision.models import get_model_weights
 
+from pipeline.config.check import WEIGHTS_FORMAT, weights_problem   # checked torch-free when a config loads
+
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +60,6 @@ def load_imagenet(model: torch.nn.Module, arch: str) -> bool:
 
 # ------------------------------------------------------------------ project-made weights (`model.init`)
 
-WEIGHTS_FORMAT = "cxr-harvest-weights/1"
-
-
 def export_weights(home, model_id: str, out: str | os.PathLike) -> str:
     """Write a trained stage's weights as a small file to start other trainings from (`model.init`): float
     tensors in float16 (half the size; a starting point needs no more), with the stage's meta. Returns sha256."""
@@ -86,8 +85,14 @@ def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 def load_init(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> bool:
     """Load `model.init` weights into `model`: the whole model when every key fits (returns True), else the
-    backbone only (a new neck or head: returns False)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone only (a new neck or head: returns False). A file that is not ours: ValueError, one line."""
+    problem = weights_problem(path)
+    try:
+        state = None if problem else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # a damaged archive, a foreign pickle: torch's message runs over many lines
+        problem = f"cannot be loaded: {' '.join(str(exc).split())[:200]}"
+    if problem:
+        raise ValueError(f"model.init {path}: {problem}")
     if not isinstance(state, dict) or state.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a cxr-harvest weights file (expected format {WEIGHTS_FORMAT!r})")
     if state["meta"].get("arch") != arch:

@@ -34,6 +34,21 @@ def sql(home, query: str, capsys) -> tuple[int, str, str]:
     return rc, out, err
 
 
+# DuckDB always lets a connection read its own database file and WAL: only the statement check refuses these
+DATABASE_FILE = {
+    "read_blob of the database": "SELECT * FROM read_blob('{root}/warehouse.duckdb')",
+    "read_text of the database": "SELECT * FROM read_text('{root}/warehouse.duckdb')",
+    "read_text of the wal": "SELECT * FROM read_text('{root}/warehouse.duckdb.wal')",
+    "read_blob of the wal, built": "SELECT * FROM read_blob('{root}/warehouse.' || 'duckdb.wal')",
+    "read_csv of the database": "SELECT * FROM read_csv('{root}/warehouse.duckdb', delim='|', header=false)",
+    "read_duckdb": "SELECT * FROM read_duckdb('{root}/warehouse.duckdb', table_name='images')",
+    "a read in a subquery": "SELECT (SELECT size FROM read_blob('{root}/warehouse.duckdb')) AS n",
+    "a read in DESCRIBE": "DESCRIBE SELECT * FROM read_text('{root}/warehouse.duckdb')",
+    "a read by query()": "SELECT * FROM query('SELECT * FROM read_blob(''{root}/warehouse.duckdb'')')",
+    "the database as a table": "SELECT * FROM '{root}/warehouse.duckdb'",
+    "the wal by a relative path": "SELECT * FROM 'warehouse.duckdb.wal'",
+}
+
 ATTACKS = {
     "copy over a part": "COPY (SELECT * FROM mined_boxes) TO '{data}/mined_boxes/run_id=x/part-00000.parquet'",
     "copy to a new part": "COPY images TO '{data}/mined_boxes/part-99999.parquet'",
@@ -56,6 +71,7 @@ ATTACKS = {
     "parser error": "SELEC 1",
     "catalog error": "SELECT * FROM no_such_table",
     "binder error": "SELECT no_such_column FROM images",
+    **DATABASE_FILE,
 }
 
 
@@ -69,7 +85,8 @@ def test_refused_with_one_line_and_the_home_unchanged(home, outside, capsys, nam
     assert sorted(p.name for p in outside.iterdir()) == ["secret.csv"]
 
 
-@pytest.mark.parametrize("name", [n for n in ATTACKS if "part" not in n])   # what the statement check lets by
+# what the statement check lets by (not the database's own files: DATABASE_FILE)
+@pytest.mark.parametrize("name", [n for n in ATTACKS if "part" not in n and n not in DATABASE_FILE])
 def test_the_sandboxed_connection_alone_refuses(home, outside, name):
     """Inside <home>/data DuckDB could write: there only the statement check of `harvest sql` stops a COPY."""
     before = fingerprint(home)
