@@ -52,7 +52,8 @@ def check_keys(path: str, data: dict, valid) -> None:
     unknown = sorted(set(data) - set(valid), key=str)
     if unknown:
         where = f"{path}." if path else ""
-        raise ValueError(f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
+        more = f" and {len(unknown) - 10:,} more" if len(unknown) > 10 else ""
+        raise ValueError(f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown[:10])}{more}; "
                          f"valid{' in ' + path if path else ''}: {', '.join(sorted(valid))}")
 
 

@@ -148,6 +148,14 @@ def test_a_plain_top_level_list_is_still_named_as_such(tmp_path):
         read_yaml(path)
 
 
+def test_many_unknown_keys_are_named_in_a_short_line(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("".join(f"key{k}: 1\n" for k in range(3000)))
+    message, seconds = timed_check(path)
+    assert "unknown key(s) key0, key1, " in message and "and 2,990 more" in message
+    assert_one_line(message, seconds, path)
+
+
 def test_shipped_configs_are_far_below_the_bounds():
     for path in (REPO / "configs").glob("*.yaml"):
         assert path.stat().st_size < 20_000
