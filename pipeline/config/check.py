@@ -238,7 +238,7 @@ def at_most(path: str, value, high: int, what: str) -> None:
     require(value <= high, path, value, f"must be at most {high:,} ({what})")
 
 
-# `model.init`: a file written by `pipeline.weights.export_weights` (torch.save's zip, our format in its pickle)
+# `model.init`: a file written by `pipeline.training.weights.export_weights` (torch.save's zip, our format in its pickle)
 WEIGHTS_FORMAT = "cxr-harvest-weights/1"
 MAX_WEIGHTS_BYTES = 2 << 30     # a ResNet-50 with its neck is about 100 MB in float16
 MAX_PICKLE_BYTES = 16 << 20     # the pickle holds the keys and meta; the tensors lie beside it
@@ -261,7 +261,7 @@ def weights_problem(path) -> str | None:
                 return "is a zip archive, not a torch.save file"
             head = archive.read(pickles[0])
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
-        return f"is not a weights file written by pipeline.weights ({' '.join(str(exc).split())})"
+        return f"is not a weights file written by pipeline.training.weights ({' '.join(str(exc).split())})"
     if WEIGHTS_FORMAT.encode() not in head:
-        return f"is a torch file but not cxr-harvest weights (format {WEIGHTS_FORMAT}; see pipeline.weights)"
+        return f"is a torch file but not cxr-harvest weights (format {WEIGHTS_FORMAT}; see pipeline.training.weights)"
     return None

@@ -181,7 +181,7 @@ def test_the_shipped_weights_pass(tmp_path):
 def test_load_init_fails_in_one_line(tmp_path):
     """The loader's own check, for weights that changed after the config was checked."""
     torch = pytest.importorskip("torch")
-    from pipeline.weights import load_init
+    from pipeline.training.weights import load_init
     init_value(tmp_path, "random bytes")
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x02}q\x00.")          # a legacy (non-zip) torch file
     with zipfile.ZipFile(tmp_path / "garbage.pt", "w") as z:          # passes the cheap check, not torch.load
