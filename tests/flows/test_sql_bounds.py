@@ -15,7 +15,7 @@ import pytest
 from flows.cli import main
 from flows.query import check_sources
 from tests.flows.test_reliability import holds_warehouse
-from tests.pipeline.test_export import make_home
+from tests.pipeline.export.test_export import make_home
 from warehouse import db
 
 REPO = Path(__file__).resolve().parents[2]
