@@ -9,11 +9,8 @@ Stages shared between variants (same fingerprint: e.g. `base` for all) are train
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from pipeline.config.check import merge
+from pipeline.config.check import merge, read_yaml
 from pipeline.config.train import HARVEST_SECTIONS
 
 
@@ -37,7 +34,7 @@ def variants() -> list[Variant]:
 
 def training_config(base_config, variant: Variant) -> dict:
     """The base config file with the variant's overrides (harvest sections dropped)."""
-    data = yaml.safe_load(Path(base_config).read_text()) or {}
+    data = read_yaml(base_config)
     data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
     return merge(data, variant.overrides)
 

@@ -22,7 +22,7 @@ from pipeline.images.rejects import Reject
 from tests.pipeline.images.dicom_fixtures import (MARK, MARKER, MARKER_UID, chest, patch_bytes, phi_elements,
                                                   with_voi_lut, write_dicom)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
