@@ -42,7 +42,7 @@ from pipeline.export import coco, cvat, labelstudio, nih_csv, yolo
 from pipeline.export.common import IMAGE_MODES, ImageFiles
 from pipeline.export.labelstudio import URL_PREFIX
 from pipeline.runs.parts import mined_image_ids
-from pipeline.runs.record import code_version, writer
+from pipeline.runs.record import code_version, ingest_roots, writer
 
 # The formats: name -> its module, whose `write` and `verify` are the writer and its write-time check. The names
 # a user may write are `pipeline.config.harvest.EXPORT_FORMATS` (a test holds them equal), checked without
@@ -158,13 +158,7 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
         model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
                           "created_at FROM models WHERE model_id = ?", model_id)
-        roots = []
-        for (params,) in con.execute("SELECT params FROM runs WHERE flow = 'ingest' "
-                                     "ORDER BY started_at DESC").fetchall():
-            params = json.loads(params) if isinstance(params, str) else params or {}
-            inside = params.get("root_in_home")   # a source inside the home: found where the home is now
-            found = ([home.root / inside] if inside else []) + ([Path(params["root"])] if params.get("root") else [])
-            roots += [root for root in found if root not in roots]
+        roots = ingest_roots(con, home)
     finally:
         con.close()
     salt = None

@@ -35,14 +35,7 @@ def check_scorable(seed: int) -> None:
 def ingested_phantom_seeds(con, home) -> set[int]:
     """The seeds of the phantoms a home ingested (`phantom_manifest.json` in its recorded ingest roots)."""
     import json
-    from pathlib import Path
 
-    seeds = set()
-    for (params,) in con.execute("SELECT params FROM runs WHERE flow = 'ingest'").fetchall():
-        params = json.loads(params) if isinstance(params, str) else params or {}
-        roots = [home.root / params["root_in_home"]] if params.get("root_in_home") else []
-        roots += [Path(params["root"])] if params.get("root") else []
-        manifest = next((r / "phantom_manifest.json" for r in roots if (r / "phantom_manifest.json").is_file()), None)
-        if manifest is not None:
-            seeds.add(int(json.loads(manifest.read_text())["seed"]))
-    return seeds
+    from pipeline.runs.record import ingest_roots
+    manifests = [root / "phantom_manifest.json" for root in ingest_roots(con, home)]
+    return {int(json.loads(m.read_text())["seed"]) for m in manifests if m.is_file()}

@@ -46,6 +46,18 @@ def start_run(home, flow: str, params: dict, model_id: str | None = None, run_id
     return run_id
 
 
+def ingest_roots(con, home) -> list[Path]:
+    """The source folders a home ingested, newest first, once each: a source inside the home where the home is
+    now (`root_in_home`), then the recorded path."""
+    roots = []
+    for (params,) in con.execute("SELECT params FROM runs WHERE flow = 'ingest' ORDER BY started_at DESC").fetchall():
+        params = json.loads(params) if isinstance(params, str) else params or {}
+        inside = params.get("root_in_home")
+        found = ([home.root / inside] if inside else []) + ([Path(params["root"])] if params.get("root") else [])
+        roots += [root for root in found if root not in roots]
+    return roots
+
+
 def mark_killed_runs(con) -> list[str]:
     """Mark `killed` the running runs whose process, on this host, is gone (or its pid now names another
     process). Runs of other hosts, and runs recorded without an owner, are left as they are. Returns their ids."""
