@@ -13,6 +13,7 @@ from flows.ingest import ingest_flow
 from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base.home import Home
+from pipeline.config.check import read_yaml
 from pipeline.config.harvest import input_size, load_sections
 from pipeline.evaluation.ablation import stage_model_id, training_config, variants
 from warehouse import db
@@ -35,7 +36,7 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
     rows = []
     variant_dir = Home.resolve(home).reports / "ablation" / "configs"
     variant_dir.mkdir(parents=True, exist_ok=True)
-    for v in variants():
+    for v in variants(read_yaml(config)):
         cfg = training_config(config, v)
         path = variant_dir / f"{v.group}-{v.setting}.yaml".replace("/", "-").replace(" ", "_").replace("=", "")
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

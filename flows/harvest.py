@@ -97,13 +97,26 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
     return summary
 
 
+def phantom_matches(out: Path, spec: dict) -> bool:
+    """True when `out` holds the complete phantom `spec` asks for: same n, seed, size and difficulty."""
+    import json
+
+    from pipeline.config.harvest import parse_difficulty
+    manifest = out / "phantom_manifest.json"
+    if not (manifest.is_file() and (out / "truth.csv").is_file() and (out / "Data_Entry_2017_v2020.csv").is_file()):
+        return False
+    have = json.loads(manifest.read_text())
+    want = {"n": int(spec["n"]), "seed": int(spec["seed"]), "size": int(spec.get("size", 1024)),
+            "difficulty": parse_difficulty(spec.get("difficulty", 0.0))}
+    return all(have.get(k) == v for k, v in want.items())
+
+
 def ensure_phantom(home: Home, config) -> Path:
     """Generate the demo's phantom dataset under the home folder once; reuse it afterwards."""
     from pipeline.phantom import generate
     spec = load_sections(config)["phantom"]
     out = home.root / "phantom"
-    entry = out / "Data_Entry_2017_v2020.csv"
-    if entry.exists() and sum(1 for _ in entry.open()) - 1 == int(spec["n"]) and (out / "truth.csv").exists():
+    if phantom_matches(out, spec):
         return out
     generate(out, **spec)
     return out

@@ -23,8 +23,13 @@ class Variant:
     steps: int                    # T used for mining
 
 
-def variants() -> list[Variant]:
-    out = [Variant("MSA", neck, {"model": {"neck": neck}, "am": {"steps": 0}}, "end_to_end", 1)
+def variants(base: dict | None = None) -> list[Variant]:
+    """The variants of `base` (a config dict). When `base` starts from weights with no `msa_init` epochs (a
+    recipe on pretrained weights), every neck gets one `msa_init` epoch, so that a neck the weights lack
+    (loaded backbone only) has its neck and head fitted before end-to-end training, as in the paper."""
+    stages = (base or {}).get("stages") or {}
+    msa = {"stages": {"msa_init": {"epochs": 1}}} if (stages.get("msa_init") or {}).get("epochs") == 0 else {}
+    out = [Variant("MSA", neck, merge({"model": {"neck": neck}, "am": {"steps": 0}}, msa), "end_to_end", 1)
            for neck in ("baseline", "bilinear", "deconv")]
     out += [Variant("AM", f"t={t}", {"am": {"mode": "kp", "steps": 3}}, f"am{t}", t) for t in (1, 2, 3)]
     out += [Variant("KP", name, {"am": {"mode": mode, "steps": 3}}, "am3", 3)
