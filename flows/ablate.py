@@ -15,14 +15,15 @@ from flows.train import train_flow
 from pipeline.base.home import Home
 from pipeline.config.check import read_yaml
 from pipeline.config.harvest import input_size, load_sections
-from pipeline.evaluation.ablation import stage_model_id, training_config, variants
+from pipeline.evaluation.ablation import csv_setting, stage_model_id, training_config, variants
+from pipeline.evaluation.acc_csv import write_home_rows
 from warehouse import db
 
 PROTOCOLS = ("all/iou", "all/iou@truth", "bounded/iou")
 
 
 @flow(name="ablate", log_prints=True)
-def ablate_flow(home: str, source: str | None, config: str) -> dict:
+def ablate_flow(home: str, source: str | None, config: str, csv: str | None = None) -> dict:
     import pandas as pd
 
     from pipeline.evaluation.compare import comparison_table, to_markdown
@@ -48,6 +49,9 @@ def ablate_flow(home: str, source: str | None, config: str) -> dict:
         rows.append((mined["run_id"], v.group, v.setting, model_id))
         print(f"{v.group} {v.setting}: model {model_id}, run {mined['run_id']} ({time.perf_counter() - t0:.0f} s)")
     runs = pd.DataFrame(rows, columns=["run_id", "group", "setting", "model_id"])
+    if csv:
+        write_home_rows(home, csv, read_yaml(config).get("name", "recipe"),
+                  {csv_setting(v): run_id for v, (run_id, *_) in zip(variants(read_yaml(config)), rows)})
     con = db.connect(Home.resolve(home), read_only=True)
     try:
         results = con.execute("SELECT * FROM eval_results WHERE run_id IN (SELECT unnest(?))",
@@ -77,7 +81,7 @@ def _run(args) -> int:
         from flows.harvest import ensure_phantom
         source = str(ensure_phantom(home, resolve_config(args.config)))
     with prefect_api(home.root):
-        out = ablate_flow(str(home.root), source, args.config)
+        out = ablate_flow(str(home.root), source, args.config, args.csv)
     print(Path(out["report"]).read_text())
     print(f"written: {out['report']} in {out['seconds']} s")
     return 0
@@ -93,4 +97,7 @@ def register(sub) -> None:
                         "CPU-sized and shares its stages with `harvest demo` in the same home; "
                         "configs/ablation-gpu.yaml is the GPU-sized one")
     p.add_argument("--source", default=None, help="NIH-layout folder (default: the config's phantom, generated)")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="also merge every setting's Acc with 95 %% bootstrap intervals into this CSV "
+                        "(docs/results/phantom-acc.csv; phantom runs only)")
     p.set_defaults(func=_run)

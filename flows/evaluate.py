@@ -81,6 +81,9 @@ def _run(args) -> int:
     print_results(home, args.run, args.protocol, args.family)
     if out["report"]:
         print(f"\nreport: {out['report']}")
+    if args.csv:
+        from pipeline.evaluation.acc_csv import write_home_rows
+        write_home_rows(home, args.csv, args.recipe, {args.setting: args.run})
     return 0
 
 
@@ -93,4 +96,9 @@ def register(sub) -> None:
     p.add_argument("--protocol", choices=["bounded", "all"], default="all", help="which table to print")
     p.add_argument("--family", choices=["iou", "iobb"], default="iou", help="overlap family to print")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="also merge the run's Acc with 95 %% bootstrap intervals into this CSV, as --setting of "
+                        "--recipe (docs/results/phantom-acc.csv; phantom runs only)")
+    p.add_argument("--setting", default="am3-kp", help="the run's setting in --csv (default am3-kp)")
+    p.add_argument("--recipe", default="localize", help="the recipe's name in --csv (default localize)")
     p.set_defaults(func=_run)

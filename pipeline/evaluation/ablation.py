@@ -37,6 +37,16 @@ def variants(base: dict | None = None) -> list[Variant]:
     return out
 
 
+CSV_SETTINGS = {("MSA", "baseline"): "neck-baseline", ("MSA", "bilinear"): "neck-bilinear",
+                ("MSA", "deconv"): "neck-deconv", ("AM", "t=1"): "am1", ("AM", "t=2"): "am2", ("AM", "t=3"): "am3-kp",
+                ("KP", "w/o KP"): "am3-none", ("KP", "KP-Vanilla"): "am3-vanilla", ("KP", "KP"): "am3-kp"}
+
+
+def csv_setting(variant: Variant) -> str:
+    """The variant's name in docs/results/phantom-acc.csv (AM t=3 and KP are the same run: `am3-kp`)."""
+    return CSV_SETTINGS[(variant.group, variant.setting)]
+
+
 def training_config(base_config, variant: Variant) -> dict:
     """The base config file with the variant's overrides (harvest sections dropped)."""
     data = read_yaml(base_config)

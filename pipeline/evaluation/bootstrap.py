@@ -1,4 +1,4 @@
-"""95 % bootstrap intervals of the Wang/Cai Acc (mode `all`, IoU family) over images.
+"""95 % bootstrap intervals of the Wang/Cai Acc (mode `all`, IoU or IoBB family) over images.
 
 Images are resampled with replacement (`n_boot` times, seeded); the hit and GT counts per image are computed
 once and each resample reweights them by the images' multiplicities, so an interval costs milliseconds.
@@ -23,12 +23,13 @@ class AccCounts:
 
 
 def acc_counts(boxes: pd.DataFrame, gt: pd.DataFrame, image_ids: list[str], findings,
-               thresholds=IOU_THRESHOLDS) -> AccCounts:
-    """Mode `all`: a GT box is hit when a box of its finding on its image has IoU > T; a box on an image with
-    GT of its finding that hits nothing is an FP; boxes on other images are not counted (protocol.py)."""
+               thresholds=IOU_THRESHOLDS, family: str = "iou") -> AccCounts:
+    """Mode `all`: a GT box is hit when a box of its finding on its image overlaps it by more than T (`family`
+    iou or iobb); a box on an image with GT of its finding that hits nothing is an FP; boxes on other images
+    are not counted (protocol.py)."""
     pos = {iid: k for k, iid in enumerate(image_ids)}
     gt = number_gt(gt)
-    pairs = overlap_pairs(boxes.assign(rank=boxes["rank"].astype(np.int64)), gt, "iou")
+    pairs = overlap_pairs(boxes.assign(rank=boxes["rank"].astype(np.int64)), gt, family)
     t = np.asarray(thresholds)[None]
     out = AccCounts({}, {}, {})
     for f in findings:
@@ -61,10 +62,10 @@ def acc_values(c: AccCounts, finding: str, weights: np.ndarray | None = None) ->
 
 
 def acc_intervals(boxes: pd.DataFrame, gt: pd.DataFrame, image_ids: list[str], findings, n_boot: int = 1000,
-                  seed: int = 0, thresholds=IOU_THRESHOLDS) -> pd.DataFrame:
+                  seed: int = 0, thresholds=IOU_THRESHOLDS, family: str = "iou") -> pd.DataFrame:
     """Rows `finding, t, acc, lo, hi, n_gt` for the findings with GT boxes on `image_ids`."""
     findings = [f for f in findings if (gt["finding"] == f).any()]
-    counts = acc_counts(boxes, gt, image_ids, findings, thresholds)
+    counts = acc_counts(boxes, gt, image_ids, findings, thresholds, family)
     rng = np.random.default_rng(seed)
     weights = [np.bincount(rng.integers(0, len(image_ids), len(image_ids)), minlength=len(image_ids))
                for _ in range(n_boot)]

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.base.vocab import BOXED_FINDINGS
 from pipeline.evaluation.bootstrap import acc_intervals
-from pipeline.evaluation.protocol import evaluate
+from pipeline.evaluation.protocol import THRESHOLDS, evaluate
 
 
 def random_run(seed: int, n_images: int = 40):
@@ -28,11 +28,13 @@ def random_run(seed: int, n_images: int = 40):
             pd.DataFrame(gt, columns=["image_id", "finding", "x", "y", "w", "h"]), ids)
 
 
+@pytest.mark.parametrize("family", ["iou", "iobb"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_point_estimate_is_the_protocols_acc_and_the_interval_brackets_it(seed):
+def test_the_point_estimate_is_the_protocols_acc_and_the_interval_brackets_it(seed, family):
     boxes, gt, ids = random_run(seed)
-    ci = acc_intervals(boxes, gt, ids, BOXED_FINDINGS, n_boot=200, seed=seed)
-    ref = evaluate(boxes, gt, "r", protocols=(("all", "iou"),))
+    ci = acc_intervals(boxes, gt, ids, BOXED_FINDINGS, n_boot=200, seed=seed, thresholds=THRESHOLDS[family],
+                       family=family)
+    ref = evaluate(boxes, gt, "r", protocols=(("all", family),))
     ref = ref[(ref["metric"] == "acc") & (ref["n_gt"] > 0)].set_index(["finding", "t"])["acc"]
     got = ci.set_index(["finding", "t"])["acc"]
     joined = pd.concat([got, ref.rename("ref")], axis=1, join="inner")
