@@ -24,9 +24,14 @@ def artifact_key(run_id: str) -> str:
 @task(name="evaluate-run")
 def evaluate_task(home: str, run_id: str, report: bool) -> dict:
     from pipeline.evaluation.run import evaluate_run   # torch
+    from pipeline.evaluation.summary import formatted
     out = evaluate_run(home, run_id, report=report)
+    summary, harvest = out["summary"], out["harvest"]
+    text = (f"harvest: {harvest.attrs['images']} images mined, {int(harvest['boxes'].sum())} boxes\n"
+            f"Acc per finding, {summary.attrs['protocol']} (n truth boxes; 95 % bootstrap interval over images):\n"
+            + formatted(summary).to_string(index=False))
     return {"model_id": out["model_id"], "rows": len(out["results"]),
-            "report": str(out["report"]) if out["report"] else None, "markdown": out["markdown"]}
+            "report": str(out["report"]) if out["report"] else None, "markdown": out["markdown"], "summary": text}
 
 
 @flow(name="evaluate", log_prints=True)
@@ -78,7 +83,10 @@ def _run(args) -> int:
     require_run(home, args.run, "evaluate")   # fails in one line, before Prefect is imported or a server starts
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         out = evaluate_flow(home, args.run, report=not args.no_report)
-    print_results(home, args.run, args.protocol, args.family)
+    if args.long:
+        print_results(home, args.run, args.protocol, args.family)
+    else:
+        print(out["summary"])
     if out["report"]:
         print(f"\nreport: {out['report']}")
     if args.csv:
@@ -93,8 +101,10 @@ def register(sub) -> None:
                                    "Wang's AFP or with all boxes, IoU and IoBB families, MaxBoxAccV2; write "
                                    "eval_results and an HTML report.")
     p.add_argument("--run", required=True, help="mining run id (see `harvest status`)")
-    p.add_argument("--protocol", choices=["bounded", "all"], default="all", help="which table to print")
-    p.add_argument("--family", choices=["iou", "iobb"], default="iou", help="overlap family to print")
+    p.add_argument("--long", action="store_true",
+                   help="print every protocol row (Acc and AFP per finding and T) instead of the per-finding summary")
+    p.add_argument("--protocol", choices=["bounded", "all"], default="all", help="with --long: which table")
+    p.add_argument("--family", choices=["iou", "iobb"], default="iou", help="with --long: which overlap family")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--csv", default=None, metavar="PATH",
                    help="also merge the run's Acc with 95 %% bootstrap intervals into this CSV, as --setting of "

@@ -32,10 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from pipeline.base.coords import scale_boxes
-from pipeline.base.vocab import BOXED_FINDINGS
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
 from pipeline.evaluation.compare import to_markdown
 from pipeline.evaluation.iou import number_gt, overlap_pairs
 from pipeline.evaluation.references import cai_table3, wang_table
+from pipeline.evaluation.summary import formatted
 
 # Okabe & Ito (2008), "Color Universal Design": distinct under every common colour-vision deficiency
 OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",
@@ -75,10 +76,14 @@ class Case:
     caption: str = ""
 
 
+HIT_IOU = 0.3   # a "best" case is a hit at the headline T(IoU)
+
+
 def select_cases(boxes: pd.DataFrame, gt: pd.DataFrame, n: int = 1, findings=BOXED_FINDINGS) -> pd.DataFrame:
     """The `n` best and `n` worst images of I_c per finding, by the best IoU of any mined box with a GT box.
 
     Returns `finding, image_id, best_iou, label` ('best' / 'worst'); an image of I_c without boxes has IoU 0.
+    A best case is a hit (IoU > `HIT_IOU`): a finding without hits shows its worst cases only.
     """
     gt = number_gt(gt[gt["finding"].isin(findings)])
     pairs = overlap_pairs(boxes, gt, "iou")
@@ -88,7 +93,9 @@ def select_cases(boxes: pd.DataFrame, gt: pd.DataFrame, n: int = 1, findings=BOX
     out = []
     for c, g in images.reset_index().groupby("finding", sort=False):
         g = g.sort_values(["best_iou", "image_id"], ascending=[False, True])
-        out += [g.head(n).assign(label="best"), g.tail(min(n, max(len(g) - n, 0))).iloc[::-1].assign(label="worst")]
+        best = g.head(n)[lambda d: d["best_iou"] > HIT_IOU]
+        worst = g.tail(min(n, len(g) - len(best))).iloc[::-1]
+        out += [best.assign(label="best"), worst.assign(label="worst")]
     cols = ["finding", "image_id", "best_iou", "label"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
@@ -191,7 +198,7 @@ def results_tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
     thresholds."""
     out = {}
     for (protocol, metric), r in results.groupby(["protocol", "metric"], sort=False):
-        findings = [c for c in BOXED_FINDINGS if c in set(r["finding"])]
+        findings = [c for c in FINDINGS if c in set(r["finding"])]
         values = ["acc", "afp"] if r["afp"].notna().any() else ["acc"]
         wide = r.pivot(index="t", columns="finding", values=values)
         if metric == "maxboxacc":   # MaxBoxAccV2 headline: the mean over the IoU thresholds
@@ -236,19 +243,24 @@ def report_header(run_id: str, model_id: str | None = None, mining_params: dict 
             "AM steps T": listed("steps"), "code commit": code_commit()}
 
 
-def report_markdown(header: dict[str, str], results: pd.DataFrame, html_path=None) -> str:
-    """The header and the headline Acc per finding (the :func:`curve_protocols`) as markdown, e.g. for a
-    Prefect artifact; the full tables are in the HTML report at `html_path`."""
+def report_markdown(header: dict[str, str], results: pd.DataFrame, html_path=None,
+                    summary: pd.DataFrame | None = None) -> str:
+    """The header, the summary (:mod:`pipeline.evaluation.summary`) and the headline Acc per finding (the
+    :func:`curve_protocols`) as markdown, e.g. for a Prefect artifact; the full tables are in the HTML report at
+    `html_path`."""
     lines = [f"# Evaluation of run `{header['run']}`", ""]
     lines += [f"- {name}: `{value}`" for name, value in header.items()]
     if html_path:
         lines.append(f"- HTML report: `{html_path}`")
+    if summary is not None:
+        lines += ["", f"## Acc per finding, `{summary.attrs.get('protocol', '')}`, n and 95 % interval", "",
+                  to_markdown(formatted(summary)).rstrip()]
     acc = results[results["metric"] == "acc"]
     for protocol in curve_protocols(results):
         r = acc[acc["protocol"] == protocol]
         wide = r.pivot(index="finding", columns="t", values="acc")
         wide.columns = [f"Acc@T={t:g}" for t in wide.columns]
-        wide = wide.reindex([c for c in BOXED_FINDINGS if c in wide.index]).reset_index()
+        wide = wide.reindex([c for c in FINDINGS if c in wide.index]).reset_index()
         lines += ["", f"## {CURVES[protocol][0]}", "", to_markdown(wide).rstrip()]
     return "\n".join(lines) + "\n"
 
@@ -258,9 +270,11 @@ def _slug(text: str) -> str:
 
 
 def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Case] = (),
-                 title: str | None = None, header: dict[str, str] | None = None) -> Path:
+                 title: str | None = None, header: dict[str, str] | None = None,
+                 summary: pd.DataFrame | None = None, harvest: pd.DataFrame | None = None) -> Path:
     """Write `<out_dir>/report.html` (self-contained) and its PNGs for one evaluation run; returns the HTML path.
-    `header`: default :func:`report_header` of `run_id` alone."""
+    `header`: default :func:`report_header` of `run_id` alone. `summary`, `harvest`: the tables of
+    :mod:`pipeline.evaluation.summary`, shown first."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = results[results["run_id"] == run_id]
@@ -268,7 +282,14 @@ def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Ca
     title = title or f"cxr-harvest evaluation, run {run_id}"
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>"
                    for k, v in header.items())
-    parts = [f"<h1>{html.escape(title)}</h1>", f'<table class="header">{rows}</table>',
+    parts = [f"<h1>{html.escape(title)}</h1>", f'<table class="header">{rows}</table>']
+    if harvest is not None:
+        parts += [f"<h2>Harvest: {harvest.attrs.get('images', '?')} images mined</h2>",
+                  harvest.to_html(index=False, border=0)]
+    if summary is not None:
+        parts += [f"<h2>Acc per finding, {html.escape(summary.attrs.get('protocol', ''))}: n truth boxes and "
+                  "95 % bootstrap interval over images</h2>", formatted(summary).to_html(index=False, border=0)]
+    parts += [
              "<p>Protocol: docs/design.md#evaluation (in the cxr-harvest repository). Acc and AFP are separate "
              "columns. <code>bounded</code> stops at Wang's AFP (Cai Table 2); <code>all</code> counts every box "
              "(Cai Table 3). <code>@truth</code> protocols score every mined image against a phantom's exact "

@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 
 from pipeline.base.home import Home
-from pipeline.base.vocab import BOXED_FINDINGS, INDEX
+from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS, INDEX
 from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
+from pipeline.evaluation.summary import acc_summary, harvest_summary
 from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.runs.record import writer
 from pipeline.phantom.seeds import check_scorable, ingested_phantom_seeds
@@ -53,7 +54,9 @@ def protocol_results(con, run_id: str) -> tuple[list[pd.DataFrame], dict[str, pd
         if gt.empty:
             continue
         gts[gt_set] = gt
-        rows = evaluate_warehouse(con, run_id, gt_table=view)
+        # NIH's list boxes 8 findings; a phantom's truth and people's review may box all 14
+        findings = BOXED_FINDINGS if gt_set == "bbox_list" else [f for f in FINDINGS if f in set(gt["finding"])]
+        rows = evaluate_warehouse(con, run_id, gt_table=view, findings=findings)
         if gt_set != "bbox_list":
             rows["protocol"] = rows["protocol"] + f"@{gt_set}"
         results.append(rows)
@@ -93,11 +96,16 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     finally:
         con.close()
     header = report_header(run_id, info["model_id"], info["params"])
-    out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None}
+    gt_set = next(s for s in ("truth", "review", "bbox_list") if s in gts)   # the summary's truth: the widest
+    summary = acc_summary(boxes, gts[gt_set], sorted(mined) if gt_set != "bbox_list" else None, gt_set)
+    harvest = harvest_summary(boxes, len(mined))
+    out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None,
+           "summary": summary, "harvest": harvest}
     if report:
         cases = _cases(home, info, boxes, eval_gt, n_cases, device) if heatmaps else []
-        out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header)
-    out["markdown"] = report_markdown(header, table, out["report"])
+        out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header, summary=summary,
+                                     harvest=harvest)
+    out["markdown"] = report_markdown(header, table, out["report"], summary=summary)
     return out
 
 
