@@ -61,20 +61,35 @@ def acc_values(c: AccCounts, finding: str, weights: np.ndarray | None = None) ->
     return (c.hits[finding] * w[:, None]).sum(0) / total, (c.fps[finding] * w[:, None]).sum(0) / n_img
 
 
+def boot_acc(c: AccCounts, finding: str, weights: np.ndarray) -> np.ndarray:
+    """Acc at each T for every resample at once, `[B, T]` from image multiplicities `weights` `[B, N]`: the
+    matrix form of :func:`acc_values` (which stays the reference; a test holds them equal)."""
+    n_gt = c.n_gt[finding]
+    on = np.flatnonzero(n_gt)                       # only images with GT of the finding count
+    w = weights[:, on].astype(np.float64)
+    total = w @ n_gt[on]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w @ c.hits[finding][on]) / total[:, None]
+
+
 def acc_intervals(boxes: pd.DataFrame, gt: pd.DataFrame, image_ids: list[str], findings, n_boot: int = 1000,
                   seed: int = 0, thresholds=IOU_THRESHOLDS, family: str = "iou") -> pd.DataFrame:
     """Rows `finding, t, acc, lo, hi, n_gt` for the findings with GT boxes on `image_ids`."""
     findings = [f for f in findings if (gt["finding"] == f).any()]
     counts = acc_counts(boxes, gt, image_ids, findings, thresholds, family)
-    rng = np.random.default_rng(seed)
-    weights = [np.bincount(rng.integers(0, len(image_ids), len(image_ids)), minlength=len(image_ids))
-               for _ in range(n_boot)]
+    weights = resample_weights(len(image_ids), n_boot, seed)
     rows = []
     for f in findings:
         point = acc_values(counts, f)[0]
-        boots = np.array([acc_values(counts, f, w)[0] for w in weights]).reshape(len(weights), -1)
+        boots = boot_acc(counts, f, weights)
         for k, t in enumerate(thresholds):
             samples = boots[:, k][np.isfinite(boots[:, k])]
             lo, hi = np.percentile(samples, [2.5, 97.5]) if len(samples) else (np.nan, np.nan)
             rows.append((f, float(t), float(point[k]), float(lo), float(hi), int(counts.n_gt[f].sum())))
     return pd.DataFrame(rows, columns=["finding", "t", "acc", "lo", "hi", "n_gt"])
+
+
+def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """`[n_boot, n]` multiplicities of `n` images in `n_boot` seeded resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.base.vocab import BOXED_FINDINGS
-from pipeline.evaluation.bootstrap import acc_intervals
+from pipeline.evaluation.bootstrap import acc_counts, acc_intervals, acc_values, boot_acc, resample_weights
 from pipeline.evaluation.protocol import THRESHOLDS, evaluate
 
 
@@ -51,3 +51,14 @@ def test_seeded_and_duplicated_images_change_nothing():
     twice = lambda d: pd.concat([d, d.assign(image_id=d["image_id"] + "#2")], ignore_index=True)
     b = acc_intervals(twice(boxes), twice(gt), ids + [i + "#2" for i in ids], BOXED_FINDINGS, n_boot=50, seed=3)
     np.testing.assert_allclose(a["acc"], b["acc"], atol=1e-12)
+
+
+def test_the_matrix_bootstrap_equals_the_per_resample_reference():
+    boxes, gt, ids = random_run(8)
+    findings = [f for f in BOXED_FINDINGS if (gt["finding"] == f).any()]
+    counts = acc_counts(boxes, gt, ids, findings)
+    weights = resample_weights(len(ids), 30, seed=1)
+    for f in findings:
+        if counts.n_gt[f].sum():
+            ref = np.array([acc_values(counts, f, w)[0] for w in weights])
+            np.testing.assert_allclose(boot_acc(counts, f, weights), ref, atol=1e-12)
