@@ -8,19 +8,15 @@ server a flow uses is `flows._runtime.prefect_api`; a home's own is `flows._home
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-from pipeline.base.lifeline import process_started
 
 # Offline and quiet: no analytics, no telemetry. Applied to this process and to every child it starts.
 OFFLINE_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -50,7 +46,6 @@ class PrefectServer:
     prefect_home: Path
     process: subprocess.Popen
     log: Path
-    _own_home: bool = field(default=False, repr=False)
 
     def stop(self, timeout: float = 20) -> None:
         if self.process.poll() is None:
@@ -60,26 +55,6 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._own_home:
-            shutil.rmtree(self.prefect_home, ignore_errors=True)
-
-
-_TEMP_PREFIX, _OWNER = "harvest-prefect-", "owner.pid"
-
-
-def sweep_stale_prefect_homes(tmp: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the temporary server folders whose owner process is gone: a SIGKILLed `harvest` cannot run
-    `stop()` (its server dies with it, by PR_SET_PDEATHSIG, but the folder stays). Returns what was removed."""
-    removed = []
-    for folder in Path(tmp or tempfile.gettempdir()).glob(_TEMP_PREFIX + "*"):
-        try:
-            pid = int((folder / _OWNER).read_text())
-        except (OSError, ValueError):
-            continue    # not ours to judge (no owner recorded)
-        if process_started(pid) is None:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -91,20 +66,14 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: str = "127.0.0.1",
-                         port: int | None = None, timeout: float = 180, ui: bool = False,
-                         scheduler: bool = False) -> PrefectServer:
+def start_prefect_server(prefect_home: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None,
+                         timeout: float = 180, ui: bool = False, scheduler: bool = False) -> PrefectServer:
     """Start `prefect server start` (by default API only: no UI, no scheduler) and wait for `/api/health`.
 
-    `prefect_home` (default: a fresh temp folder, removed by `stop()`) holds the server's SQLite database.
+    `prefect_home` holds the server's SQLite database and its log.
     """
-    own = prefect_home is None
-    if own:
-        sweep_stale_prefect_homes()
-    home = Path(prefect_home or tempfile.mkdtemp(prefix=_TEMP_PREFIX))
+    home = Path(prefect_home)
     home.mkdir(parents=True, exist_ok=True)
-    if own:
-        (home / _OWNER).write_text(str(os.getpid()))
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
     env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": str(ui).lower()}
@@ -116,7 +85,7 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
              "--port", str(port), "--ui" if ui else "--no-ui", "--analytics-off",
              "--scheduler" if scheduler else "--no-scheduler", "--no-late-runs"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = PrefectServer(api_url, home, proc, log, own)
+    server = PrefectServer(api_url, home, proc, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -131,7 +100,7 @@ def start_prefect_server(prefect_home: str | os.PathLike | None = None, host: st
 
 
 @contextmanager
-def prefect_server(prefect_home=None, **kwargs):
+def prefect_server(prefect_home, **kwargs):
     server = start_prefect_server(prefect_home, **kwargs)
     try:
         yield server

@@ -5,28 +5,30 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager, nullcontext
+import tempfile
+from contextlib import ExitStack, contextmanager
 
 from flows._home_server import home_prefect_server
-from flows._prefect_server import OFFLINE_ENV, prefect_server, use_prefect_api
+from flows._prefect_server import OFFLINE_ENV, use_prefect_api
 
 
 @contextmanager
 def prefect_api(home=None):
     """Use `$PREFECT_API_URL` when set (a user's long-lived server, docker compose); else the home's own
     loopback server, whose database keeps every run's history (`flows._home_server`), shared by the flow,
-    its Dask workers and any other command on the same home. Without a home: a temporary server."""
+    its Dask workers and any other command on the same home. Without a home (library use), or when the home's
+    server runs on another host (a shared file system), a temporary home's server, removed afterwards."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         yield url
         return
-    with home_prefect_server(home) if home is not None else nullcontext() as url:
-        if url:
-            with use_prefect_api(url):
-                yield url
-            return
-    with prefect_server() as server, use_prefect_api(server.api_url):
-        yield server.api_url
+    with ExitStack() as stack:
+        url = stack.enter_context(home_prefect_server(home)) if home is not None else None
+        if url is None:
+            temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="harvest-home-"))
+            url = stack.enter_context(home_prefect_server(temporary))
+        with use_prefect_api(url):
+            yield url
 
 
 def local_cluster_kwargs(n_workers: int | None = None, api_url: str | None = None) -> dict:

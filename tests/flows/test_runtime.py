@@ -1,13 +1,11 @@
-"""Worker-to-GPU mapping and the Dask address default (no cluster needed)."""
+"""Worker-to-GPU mapping and the Dask address default (no cluster needed); the API a flow uses without a home."""
+import tempfile
+
 import pytest
 
 from flows import cli
-import os
-import subprocess
-import sys
-
-from flows._prefect_server import sweep_stale_prefect_homes
-from flows._runtime import gpu_index
+from flows._prefect_server import healthy
+from flows._runtime import gpu_index, prefect_api
 
 
 @pytest.mark.parametrize("name, gpus, expected", [
@@ -29,12 +27,11 @@ def test_dask_address_defaults_to_the_environment(monkeypatch, argv):
     assert cli.build_parser().parse_args(argv + ["--dask-address", "tcp://h:1"]).dask_address == "tcp://h:1"
 
 
-def test_sweep_removes_only_folders_of_dead_owners(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    folders = {name: tmp_path / f"harvest-prefect-{name}" for name in ("dead", "alive", "unowned")}
-    for folder in folders.values():
-        folder.mkdir()
-    (folders["dead"] / "owner.pid").write_text(dead.stdout.strip())
-    (folders["alive"] / "owner.pid").write_text(str(os.getpid()))
-    assert sweep_stale_prefect_homes(tmp_path) == [folders["dead"]]
-    assert not folders["dead"].exists() and folders["alive"].exists() and folders["unowned"].exists()
+def test_without_a_home_a_temporary_homes_server_serves_and_is_removed(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with prefect_api() as url:
+        assert healthy(url)
+        (folder,) = tmp_path.glob("harvest-home-*")
+        assert (folder / "prefect" / "server.json").is_file()      # the home server's own bookkeeping
+    assert not list(tmp_path.glob("harvest-home-*"))
