@@ -13,6 +13,8 @@ import sys
 # Prefect's telemetry cannot reach the internet from lab machines; switching it off also halves server start-up.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# One line per failed task or flow run on the console, and no links to a server gone at exit (flows/_logging.py)
+os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", os.path.join(os.path.dirname(__file__), "logging.yml"))
 
 # verb -> (module that registers it, one-line help), in the order `harvest --help` lists them
 COMMANDS = {
@@ -78,12 +80,47 @@ def main(argv=None) -> int:
     except BrokenPipeError:   # `harvest status | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        print(f"harvest {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except Exception as exc:
+        full = disk_full(exc, getattr(args, "home", None))
+        if full:
+            print(f"harvest {args.verb}: error: {full}", file=sys.stderr)
+            return 1
         if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError, *_one_line_errors())):
             raise
         print(f"harvest {args.verb}: error: {exc}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def disk_full(exc: BaseException, home=None) -> str | None:
+    """One line for an error caused by a full disk (ENOSPC anywhere in the exception's chain, or a library's
+    message saying so), naming the path and the space left; None for any other error."""
+    import errno
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            path = getattr(e, "filename", None)
+            if path is None:   # the library did not say: the fullest of the home's folders
+                root = os.path.abspath(home or os.environ.get("HARVEST_HOME") or "harvest-data")
+                folders = [root] + [f.path for f in os.scandir(root) if f.is_dir()] if os.path.isdir(root) else [root]
+                path = min(folders, key=lambda f: _free(f))
+            return (f"no space left on the device writing {path} ({_free(path) / 2**20:.0f} MiB free there); free "
+                    "some space and rerun the same command: it resumes")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free(path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    import shutil
+    where = os.path.abspath(path)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    return shutil.disk_usage(where).free
 
 
 def _one_line_errors() -> tuple:
