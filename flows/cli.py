@@ -99,6 +99,8 @@ def disk_full(exc: BaseException, home=None) -> str | None:
     """One line for an error caused by a full disk (ENOSPC anywhere in the exception's chain, or a library's
     message saying so), naming the path and the space left; None for any other error."""
     import errno
+
+    from pipeline.base.files import free_bytes
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -107,20 +109,11 @@ def disk_full(exc: BaseException, home=None) -> str | None:
             if path is None:   # the library did not say: the fullest of the home's folders
                 root = os.path.abspath(home or os.environ.get("HARVEST_HOME") or "harvest-data")
                 folders = [root] + [f.path for f in os.scandir(root) if f.is_dir()] if os.path.isdir(root) else [root]
-                path = min(folders, key=lambda f: _free(f))
-            return (f"no space left on the device writing {path} ({_free(path) / 2**20:.0f} MiB free there); free "
-                    "some space and rerun the same command: it resumes")
+                path = min(folders, key=free_bytes)
+            return (f"no space left on the device writing {path} ({free_bytes(path) / 2**20:.0f} MiB free there); "
+                    "free some space and rerun the same command: it resumes")
         e = e.__cause__ or e.__context__
     return None
-
-
-def _free(path) -> int:
-    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
-    import shutil
-    where = os.path.abspath(path)
-    while not os.path.exists(where) and os.path.dirname(where) != where:
-        where = os.path.dirname(where)
-    return shutil.disk_usage(where).free
 
 
 def _one_line_errors() -> tuple:

@@ -38,6 +38,16 @@ def ingest_flow(home: str, kind: str, root: str, sizes: list[int] = (256,), meta
     return {"run_id": run_id, **counts}
 
 
+def require_cache_space(home: Home, root: Path, sizes: list[int]) -> None:
+    """One line before any work when the cache cannot hold the source's images: each takes size x size bytes
+    per cache size, less what the cache already holds (a re-ingest reuses it)."""
+    from pipeline.base.files import require_free
+    n = sum(1 for p in root.rglob("*") if p.suffix.lower() in (".png", ".dcm", ".dicom", "") and p.is_file())
+    held = {s: sum(f.stat().st_size for f in (home.cache / f"size={s}").glob("*.u8")) for s in sizes}
+    need = sum(max(0, n * s * s - held[s]) for s in sizes)
+    require_free(home.cache, need, f"the image cache of {n:,} images at {', '.join(map(str, sizes))} px")
+
+
 def parse_sizes(text: str) -> list[int]:
     return [int(s) for s in str(text).split(",") if s.strip()]
 
@@ -49,6 +59,8 @@ def _run(args) -> int:
         raise FileNotFoundError(f"--root {args.root}: no such folder")
     from pipeline.ingest.common import ingest_lock
     home = Home.resolve(args.home).make()
+    if not getattr(args, "metadata_only", False):
+        require_cache_space(home, Path(args.root), parse_sizes(args.sizes))
     with ingest_lock(home), prefect_api(home.root):
         ingest_flow(str(home.root), args.kind, args.root, parse_sizes(args.sizes), getattr(args, "metadata_only", False))
     return 0

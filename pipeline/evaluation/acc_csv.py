@@ -79,10 +79,12 @@ def write_rows(path, rows: pd.DataFrame, *, recipe: str, setting: str, phantom_s
     path = Path(path)
     new = rows.assign(recipe=recipe, setting=setting, phantom_seed=int(phantom_seed), difficulty=float(difficulty),
                       hardware=hardware_label or hardware())[COLUMNS]
-    old = pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame(columns=COLUMNS)
-    same = (old[KEY].astype(str) == pd.Series([recipe, setting, str(int(phantom_seed)), str(float(difficulty))],
-                                               index=KEY)).all(axis=1) if len(old) else pd.Series(dtype=bool)
-    table = pd.concat([old[~same] if len(old) else old, new], ignore_index=True)
+    table = new
+    if path.is_file() and path.stat().st_size:
+        old = pd.read_csv(path)
+        same = (old[KEY].astype(str) == pd.Series([recipe, setting, str(int(phantom_seed)), str(float(difficulty))],
+                                                   index=KEY)).all(axis=1)
+        table = pd.concat([old[~same], new], ignore_index=True)
     table = table.sort_values(KEY + ["protocol", "finding", "t"], kind="stable")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

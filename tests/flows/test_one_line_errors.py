@@ -76,7 +76,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(cache)], check=False)
 
 
-def test_a_full_disk_during_ingest_is_one_line_naming_the_folder(small_disk):
+def test_ingest_and_phantom_check_the_free_space_first(small_disk):
     env = {**os.environ, "PYTHONPATH": REPO}
     phantom = small_disk / "phantom"
     subprocess.run([sys.executable, "-m", "flows.cli", "phantom", "--out", str(phantom), "--n", "24", "--size", "256",
@@ -84,10 +84,15 @@ def test_a_full_disk_during_ingest_is_one_line_naming_the_folder(small_disk):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(small_disk / "home"), "ingest", "nih",
                           "--root", str(phantom), "--sizes", "256"], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=600)
-    assert out.returncode == 1
-    assert "Traceback" not in out.stdout + out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"harvest ingest: error: no space left on the device writing {small_disk / 'home' / 'cache'}")
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"harvest ingest: error: the image cache of 24 images at 256 px needs about 2 MiB in "
+        f"{small_disk / 'home' / 'cache'}, and 0 MiB are free there; free some space or choose another folder"]
+    assert not (small_disk / "home" / "prefect").exists()              # failed before any server started
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "phantom", "--out", str(small_disk / "home" / "cache" / "p"),
+                          "--n", "24", "--size", "256"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+        "harvest phantom: error: a phantom of 24 images at 256 px needs about 1 MiB in")
 
 
 def test_ctrl_c_ends_in_one_line(tmp_path):
