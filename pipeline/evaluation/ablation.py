@@ -9,6 +9,7 @@ Stages shared between variants (same fingerprint: e.g. `base` for all) are train
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config.check import merge, read_yaml
 from pipeline.config.train import HARVEST_SECTIONS
@@ -51,6 +52,9 @@ def training_config(base_config, variant: Variant) -> dict:
     """The base config file with the variant's overrides (harvest sections dropped)."""
     data = read_yaml(base_config)
     data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
+    init = (data.get("model") or {}).get("init")
+    if isinstance(init, str) and not Path(init).is_absolute():   # the variant file is written elsewhere
+        data = merge(data, {"model": {"init": str((Path(base_config).parent / init).resolve())}})
     return merge(data, variant.overrides)
 
 
