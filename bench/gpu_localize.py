@@ -182,7 +182,7 @@ def score(home: Home, config, settings: list[str], out: Path, recipe: str, devic
     spec = load_sections(config)
     phantom = json.loads((home.root / "phantom" / "phantom_manifest.json").read_text())
     mining = {k: v for k, v in spec["mining"].items() if k not in ("split", "shard_size", "device")}
-    ids = {s: stage_model_id(yaml.safe_load(config_file(home, config, s).read_text()), variant(s).stage)
+    ids = {s: stage_model_id(yaml.safe_load(config_file(home, config, s).read_text()), variant(s).stage, home)
            for s in settings}
     head = ids.get(HEADLINE, next(iter(ids.values())))
     mining["thresholds"] = list(thresholds(home, head, candidates))

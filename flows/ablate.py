@@ -42,7 +42,7 @@ def ablate_flow(home: str, source: str | None, config: str, csv: str | None = No
         path = variant_dir / f"{v.group}-{v.setting}.yaml".replace("/", "-").replace(" ", "_").replace("=", "")
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         train_flow(home, str(path))
-        model_id = stage_model_id(cfg, v.stage)
+        model_id = stage_model_id(cfg, v.stage, Home.resolve(home))
         mined = mine_flow(home, model=model_id, split=mining["split"], shard_size=int(mining["shard_size"]),
                           config={**mine_cfg, "steps": v.steps})
         evaluate_run(home, mined["run_id"], report=False)

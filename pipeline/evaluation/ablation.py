@@ -26,12 +26,15 @@ class Variant:
 
 def variants(base: dict | None = None) -> list[Variant]:
     """The variants of `base` (a config dict). When `base` starts from weights with no `msa_init` epochs (a
-    recipe on pretrained weights), every neck gets one `msa_init` epoch, so that a neck the weights lack
-    (loaded backbone only) has its neck and head fitted before end-to-end training, as in the paper."""
+    recipe on pretrained weights), every neck gets one epoch that fits its neck and head on the frozen
+    backbone before end-to-end training, as `msa_init` does in the paper (`base` for the baseline, which has
+    no `msa_init`): a neck the weights lack is loaded backbone only."""
     stages = (base or {}).get("stages") or {}
-    msa = {"stages": {"msa_init": {"epochs": 1}}} if (stages.get("msa_init") or {}).get("epochs") == 0 else {}
-    out = [Variant("MSA", neck, merge({"model": {"neck": neck}, "am": {"steps": 0}}, msa), "end_to_end", 1)
-           for neck in ("baseline", "bilinear", "deconv")]
+    pretrained = (stages.get("msa_init") or {}).get("epochs") == 0
+    fit = {"baseline": {"stages": {"base": {"epochs": 1, "lr": 0.1, "freeze_backbone": True}}},   # no msa_init
+           "bilinear": {"stages": {"msa_init": {"epochs": 1}}}, "deconv": {"stages": {"msa_init": {"epochs": 1}}}}
+    out = [Variant("MSA", neck, merge({"model": {"neck": neck}, "am": {"steps": 0}}, fit[neck] if pretrained else {}),
+                   "end_to_end", 1) for neck in ("baseline", "bilinear", "deconv")]
     out += [Variant("AM", f"t={t}", {"am": {"mode": "kp", "steps": 3}}, f"am{t}", t) for t in (1, 2, 3)]
     out += [Variant("KP", name, {"am": {"mode": mode, "steps": 3}}, "am3", 3)
             for name, mode in (("w/o KP", "none"), ("KP-Vanilla", "vanilla"), ("KP", "kp"))]
@@ -58,10 +61,12 @@ def training_config(base_config, variant: Variant) -> dict:
     return merge(data, variant.overrides)
 
 
-def stage_model_id(config: dict, stage: str) -> str:
-    """The model id that training gives the named stage of `config` (fingerprints are deterministic)."""
-    from pipeline.training.stages import plan_stages, resolved_config
-    plans = {p.name: p for p in plan_stages(resolved_config(config))}
+def stage_model_id(config: dict, stage: str, home=None) -> str:
+    """The model id that training on `home`'s images gives the named stage of `config` (fingerprints are
+    deterministic; without a home, the id of the config alone, which no training since data lineage has)."""
+    from pipeline.training.stages import home_plans, plan_stages, resolved_config
+    cfg = resolved_config(config)
+    plans = {p.name: p for p in (home_plans(home, cfg) if home is not None else plan_stages(cfg))}
     if stage not in plans:
         raise KeyError(f"stage {stage!r} not in the plan {list(plans)} (0 epochs?)")
     return plans[stage].model_id

@@ -58,14 +58,19 @@ class StagePlan:
     parent: "StagePlan | None"
     t: int = 0                 # AM stage t (0: plain classification)
     reference: "StagePlan | None" = None   # the first AM stage: N_A is its starting network
+    data: dict | None = None   # what it trains and validates on: digest and image counts (`data_digest`)
 
     @property
     def model_id(self) -> str:
         return f"{self.name}-{self.fingerprint[:12]}"
 
 
-def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
-    """The stages to run, in order, with fingerprints chained through their parents."""
+def plan_stages(cfg: TrainConfig, data: dict | None = None) -> list[StagePlan]:
+    """The stages to run, in order, with fingerprints chained through their parents.
+
+    `data` (:func:`data_digest` of the home's images) enters each stage's fingerprint: new, changed or
+    relabelled images give new model ids, so `harvest train` trains anew. Without it (planning with no home),
+    the ids are those of a config alone, as homes made before lineage named its data had them."""
     shared = {"seed": cfg.seed, "arch": cfg.model.arch, "imagenet": cfg.model.imagenet,
               "head_prior": cfg.model.head_prior,
               "input_size": cfg.data.input_size, "val_fraction": cfg.data.val_fraction,
@@ -85,8 +90,10 @@ def plan_stages(cfg: TrainConfig) -> list[StagePlan]:
     for index, (name, neck, st, t, extra) in enumerate(steps):
         if st.epochs <= 0:
             continue
-        fp = fingerprint(parent.fingerprint if parent else None, name, neck, asdict(st), shared, extra)
-        parent = StagePlan(name, index, neck, st, fp, parent, t, reference)
+        used = data and data["am" if t else "train"]
+        fp = fingerprint(parent.fingerprint if parent else None, name, neck, asdict(st), shared,
+                         {**extra, "data": used["digest"]} if used else extra)
+        parent = StagePlan(name, index, neck, st, fp, parent, t, reference, used or None)
         if t and reference is None:     # the first AM stage: N_A is the network it starts from
             reference = parent.reference = parent
         plans.append(parent)
@@ -126,6 +133,31 @@ def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
     if not out["train"]:
         raise ValueError(f"no {cfg.data.input_size}px cached images in splits {cfg.data.train_splits}; "
                          f"ingest with size {cfg.data.input_size} first (`harvest ingest ...`)")
+    return out
+
+
+def data_digest(home: Home, ids: dict[str, list[str]]) -> dict[str, dict]:
+    """What the stages train and validate on, per image set (`train` with `val`, `am` with `val`): a sha256
+    over every image's id, its source file's sha256 and its sorted labels, in `split_ids` order, and the counts.
+    """
+    con = db.connect(home, read_only=True)
+    try:
+        rows = con.execute("""SELECT i.image_id, i.source_sha256,
+                                     coalesce(string_agg(l.finding, '|' ORDER BY l.finding), '')
+                              FROM images i LEFT JOIN labels l USING (image_id)
+                              WHERE i.image_id IN (SELECT unnest(?)) GROUP BY ALL""",
+                           [sorted({i for part in ids.values() for i in part})]).fetchall()
+    finally:
+        con.close()
+    line = {r[0]: f"{r[0]}\t{r[1]}\t{r[2]}\n".encode() for r in rows}
+    out = {}
+    for name, parts in (("train", ("train", "val")), ("am", ("am", "val"))):
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(f"[{part}]\n".encode())
+            for image_id in ids.get(part, []):
+                h.update(line[image_id])
+        out[name] = {"digest": h.hexdigest()[:16], "images": {part: len(ids.get(part, [])) for part in parts}}
     return out
 
 
@@ -214,7 +246,8 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                       reference_id=plan.reference.parent.model_id if plan.reference and plan.reference.parent
                       else None, stage=plan.name,
                       t=plan.t, arch=cfg.model.arch, neck=plan.neck, num_classes=model.num_classes,
-                      input_size=cfg.data.input_size, config=cfg.to_dict(), fingerprint=plan.fingerprint)
+                      input_size=cfg.data.input_size, config={**cfg.to_dict(), "trained_on": plan.data},
+                      fingerprint=plan.fingerprint)
     epoch, start_step = 0, 0
     trainer = {"history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
     state = ckpt.restore(model, optimizer, scheduler)
@@ -314,7 +347,7 @@ def train(home, config, resume: bool = True, on_step=None) -> str:
     log.info("training %s on %s (amp %s): %d train, %d val, %d AM images, world size %d", cfg.name, device, cfg.runtime.amp,
              len(ids["train"]), len(ids["val"]), len(ids["am"]), d.world)
     meta = None
-    for plan in plan_stages(cfg):
+    for plan in plan_stages(cfg, data_digest(home, ids)):
         meta = run_stage(home, cfg, plan, ids, d, device, resume=resume, on_step=on_step)
     return meta["model_id"]
 
@@ -330,7 +363,18 @@ def train_distributed(home, config_path, nproc: int, resume: bool = True) -> str
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pipeline.training.stages", "--home", str(home.root), "--config", str(config_path)]
     subprocess.run(cmd + ([] if resume else ["--no-resume"]), check=True)
-    return plan_stages(resolved_config(config_path))[-1].model_id
+    return final_model_id(home, resolved_config(config_path))
+
+
+def home_plans(home, cfg: TrainConfig) -> list[StagePlan]:
+    """The stages `train` runs for `cfg` (resolved) on the home's images: the ids it gives them."""
+    home = Home.resolve(home) if not isinstance(home, Home) else home
+    return plan_stages(cfg, data_digest(home, split_ids(home, cfg)))
+
+
+def final_model_id(home, cfg: TrainConfig) -> str:
+    """The model id `train` gives the last stage of `cfg` on the home's images."""
+    return home_plans(home, cfg)[-1].model_id
 
 
 def resolved_config(config, device: torch.device | None = None) -> TrainConfig:

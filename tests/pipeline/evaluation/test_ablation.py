@@ -24,7 +24,8 @@ def test_variant_configs_load_from_another_folder_and_name_the_csv_settings(tmp_
         cfg = load_config(path)                   # fails when model.init was left relative to configs/
         assert Path(cfg.model.init).is_file()
         if v.group == "MSA":                      # on pretrained weights each neck gets its neck and head fitted
-            assert cfg.stages.msa_init.epochs == 1 and cfg.model.neck == v.setting
+            fit = cfg.stages.base if v.setting == "baseline" else cfg.stages.msa_init
+            assert fit.epochs == 1 and fit.freeze_backbone and cfg.model.neck == v.setting
 
 
 def test_the_kp_variant_is_the_recipes_own_model():

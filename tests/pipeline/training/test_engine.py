@@ -165,7 +165,7 @@ def test_a_new_head_starts_at_the_training_prevalence(trained):
     expected = torch.from_numpy(np.log(prevalence / (1 - prevalence))).float()
     assert expected[INDEX[BLOB_FINDINGS[0]]] - expected.min() > 1      # labelled findings vs absent ones
     stages.train(home, cfg)
-    for plan in stages.plan_stages(stages.resolved_config(cfg)):        # base (new head), msa_init (new neck + head)
+    for plan in stages.home_plans(home, stages.resolved_config(cfg)):   # base (new head), msa_init (new neck + head)
         bias = checkpoint.load_checkpoint(home / "checkpoints" / plan.model_id / "final.pt")["model"]["head.bias"]
         torch.testing.assert_close(bias, expected)
     off = config.load_config(cfg, {"model": {"head_prior": False}})
@@ -194,10 +194,10 @@ def test_model_init_starts_the_first_stage_from_exported_weights(trained, tmp_pa
     moved = tmp_path / "elsewhere.pt"
     path.rename(moved)
     same = config.load_config(cfg, {"model": {"init": str(moved)}})
-    assert stages.plan_stages(stages.resolved_config(same))[0].model_id == started
+    assert stages.home_plans(home, stages.resolved_config(same))[0].model_id == started
     torch.save({"format": "cxr-harvest-weights/1", "model": {}, "meta": {"arch": "resnet50"}}, path)
     other = config.load_config(cfg, {"model": {"init": str(path)}})
-    assert stages.plan_stages(stages.resolved_config(other))[0].model_id != started
+    assert stages.home_plans(home, stages.resolved_config(other))[0].model_id != started
     with pytest.raises(ValueError, match="resnet50"):
         stages.train(home, other)
     with pytest.raises(ValueError, match="model.init"):
