@@ -14,7 +14,7 @@ from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base.home import Home
 from pipeline.config.check import read_yaml
-from pipeline.config.harvest import input_size, load_sections
+from pipeline.config.harvest import cache_sizes, load_sections
 from pipeline.evaluation.ablation import csv_setting, stage_model_id, training_config, variants
 from pipeline.evaluation.acc_csv import write_home_rows
 from warehouse import db
@@ -33,7 +33,7 @@ def ablate_flow(home: str, source: str | None, config: str, csv: str | None = No
     mining = load_sections(config)["mining"]
     mine_cfg = {k: v for k, v in mining.items() if k not in ("split", "shard_size")}
     if source:
-        ingest_flow(home, "nih", source, sizes=[input_size(config)])
+        ingest_flow(home, "nih", source, sizes=cache_sizes(config))
     rows = []
     variant_dir = Home.resolve(home).reports / "ablation" / "configs"
     variant_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base import amp
 from pipeline.base.home import Home
-from pipeline.config.harvest import check, input_size, load_sections
+from pipeline.config.harvest import cache_sizes, check, load_sections
 from pipeline.config.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,28 @@ def current_model(home: Home) -> str | None:
     return row[0] if row else None
 
 
+def evaluated(home: Home, run_id: str) -> bool:
+    """The run has `eval_results` rows: an evaluation of it finished."""
+    from warehouse import db
+    con = db.connect(home, read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM eval_results WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+    finally:
+        con.close()
+
+
+def current_export(folder: Path, min_score, ranks) -> bool:
+    """An export of the run already sits in `folder` with these filters (its `manifest.json` says so)."""
+    import json
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return False
+    filters = json.loads(manifest.read_text()).get("filters") or {}
+    return (filters.get("min_score") == (None if min_score is None else float(min_score))
+            and filters.get("ranks") == (None if ranks is None else sorted({int(r) for r in ranks}))
+            and filters.get("findings") is None)
+
+
 @task(name="has-ground-truth")
 def has_ground_truth(home: str) -> bool:
     from warehouse import db
@@ -66,7 +88,7 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
     sections = load_sections(config)
     timings = {}
     if source:
-        ingest = ingest_flow(home, "nih", str(source), sizes=[input_size(config)])
+        ingest = ingest_flow(home, "nih", str(source), sizes=cache_sizes(config))
         timings["ingest"] = time.perf_counter() - t0
     else:
         ingest = None
@@ -80,14 +102,22 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
                       dask_address=dask_address, config=mine_cfg or None)
     timings["mine"] = time.perf_counter() - t0 - sum(timings.values())
     run_id = mined["run_id"]
-    evaluation = evaluate_flow(home, run_id) if has_ground_truth(home) else None
+    nothing_new = mined.get("images_mined") == 0 and evaluated(home_, run_id)
+    if nothing_new:
+        print(f"nothing new: run {run_id} mined no image this time and was evaluated before; its report and "
+              "exports stay as they are")
+        evaluation = {"report": str(p) if (p := home_.reports / run_id / "report.html").exists() else None}
+    else:
+        evaluation = evaluate_flow(home, run_id) if has_ground_truth(home) else None
     timings["evaluate"] = time.perf_counter() - t0 - sum(timings.values())
     exp = sections["export"]
-    exports = {fmt: export_flow(home, run_id, fmt, None, exp.get("min_score"), tuple(exp.get("ranks") or []) or None)
-               for fmt in exp["formats"]}
+    ranks = tuple(exp.get("ranks") or []) or None
+    exports = {fmt: str(home_.exports / run_id / fmt) if nothing_new and current_export(
+                   home_.exports / run_id / fmt, exp.get("min_score"), ranks)
+               else export_flow(home, run_id, fmt, None, exp.get("min_score"), ranks) for fmt in exp["formats"]}
     timings["export"] = time.perf_counter() - t0 - sum(timings.values())
     summary = {"home": home, "model_id": model_id, "run_id": run_id, "ingest": ingest, "mine": mined,
-               "report": evaluation and evaluation.get("report"),
+               "nothing_new": nothing_new, "report": evaluation and evaluation.get("report"),
                "exports": {k: v.get("path") if isinstance(v, dict) else str(v) for k, v in exports.items()},
                "seconds": {k: round(v, 1) for k, v in timings.items()}}
     create_markdown_artifact(key="harvest-summary", markdown="\n".join(

@@ -90,3 +90,10 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
 
 def input_size(path) -> int:
     return int(load_config(path).data.input_size)
+
+
+def cache_sizes(path) -> list[int]:
+    """The cache sizes a harvest of the config reads: the training input size, and the mining one when the
+    `mining` section sets another (`mining.input_size`: boxes cut from a finer CAM grid)."""
+    mining = load_sections(path)["mining"].get("input_size")
+    return sorted({input_size(path), *([int(mining)] if mining else [])})

@@ -105,6 +105,19 @@ def test_harvest_then_scheduled_run_mines_only_new_images(tiny, prefect_api, tmp
     con.close()
     assert len(per_image) <= TINY["phantom"]["n"] and all(n <= 3 * 14 for _, n in per_image)
 
+    # a night with nothing new does no work: no evaluation, no rewritten export
+    manifest = Path(second["exports"]["coco"]) / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    con = db.connect(home, read_only=True)
+    evaluations = con.execute("SELECT count(*) FROM runs WHERE flow = 'evaluate'").fetchone()[0]
+    con.close()
+    third = harvest_flow(**dep.parameters)
+    assert third["nothing_new"] and third["mine"]["images_mined"] == 0 and third["run_id"] == first["run_id"]
+    assert manifest.stat().st_mtime_ns == before and third["report"] == second["report"]
+    con = db.connect(home, read_only=True)
+    assert con.execute("SELECT count(*) FROM runs WHERE flow = 'evaluate'").fetchone()[0] == evaluations
+    con.close()
+
     async def artifact_keys():
         async with get_client() as client:
             return {a.key for a in await client.read_artifacts()}
