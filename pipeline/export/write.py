@@ -202,7 +202,7 @@ def _assign_splits(images: list[dict], model: dict | None, has_val: bool) -> dic
         if im["split"] == "train" and held_out(im["patient_id"], seed, fraction):
             im["split"] = "val"
     source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
-    return {"val": f"patients held out of train as training does (seed {seed}, val_fraction {fraction}, {source})",
+    return {"val": f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})",
             "test": test}
 
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS
 from pipeline.export import cvat, write as ex
 from pipeline.export.review import import_review, reviewed
 from tests.pipeline.export.test_export import DICOM_ID, IMAGES, RUN, SPLIT, exported, make_home
 from tests.pipeline.export.test_review import A, NEG, f32, gt_rows, review_rejects
+from tests.pipeline.export.test_review import home  # noqa: F401 (the fixture: a fresh copy of this module's base home)
 from warehouse.db import connect
 
 
@@ -25,11 +24,6 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("cvat")
     home = make_home(root / "home")
     return home, ex.export(home, RUN, "cvat", root / "cvat", ranks=None)
-
-
-@pytest.fixture
-def home(base, tmp_path):
-    return Home(shutil.copytree(base[0].root, tmp_path / "home"))
 
 
 def name(image_id: str) -> str:
