@@ -27,15 +27,18 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("import-review", help="import boxes corrected in Label Studio or CVAT as reviewed ground truth",
                        description="Read a Label Studio JSON export (each task's latest annotation that was not "
-                                   "cancelled) or a COCO file or zip (CVAT's COCO 1.0 export: every image it lists "
-                                   "counts as reviewed) and store its boxes as gt_boxes with source 'review', in "
-                                   "pixels of each image's frame. An image's latest import replaces its earlier "
-                                   "review; a reviewed image without a box is a reviewed negative (table reviews). "
-                                   "Bad boxes, unknown images and unknown findings become rejects rows (stage "
-                                   "'review'); the rest is imported. `harvest evaluate` then adds @review protocols.")
-    p.add_argument("file", help="the exported JSON (Label Studio, COCO) or CVAT's zip")
+                                   "cancelled), a CVAT for images 1.1 XML file or CVAT's zip of it, or a COCO file or "
+                                   "zip (CVAT's COCO 1.0 export); in CVAT's files every listed image counts as "
+                                   "reviewed. Its boxes are stored as gt_boxes with source 'review', in pixels of "
+                                   "each image's frame. An image's latest import replaces its earlier review; a "
+                                   "reviewed image without a box is a reviewed negative (table reviews). Bad boxes, "
+                                   "unknown images and unknown findings become rejects rows (stage 'review'); the "
+                                   "rest is imported. `harvest evaluate` then adds @review protocols.")
+    p.add_argument("file", help="the exported file: Label Studio JSON, CVAT XML or zip, COCO JSON or zip")
     p.add_argument("--format", dest="fmt", default="auto", choices=FORMATS,
-                   help="file format (default auto: a list of tasks is Label Studio, images + annotations is COCO)")
+                   help="file format (default auto: a list of tasks is Label Studio, XML is CVAT, images + "
+                        "annotations is COCO)")
     p.add_argument("--run", dest="run_id", default=None,
-                   help="the mining run whose boxes were reviewed (default: the predictions' model_version, if one)")
+                   help="the mining run whose boxes were reviewed (default: the one a Label Studio export names in "
+                        "its predictions' model_version, else the home's only mining run)")
     p.set_defaults(func=_run)

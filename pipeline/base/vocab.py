@@ -5,12 +5,14 @@ silently dropped (docs/design.md#data-contracts).
 """
 from __future__ import annotations
 
+import hashlib
+
 FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
-SPLITS: tuple[str, ...] = ("train", "val", "test")   # the warehouse's `images.split` values
+SPLITS: tuple[str, ...] = ("train", "val", "test")   # the warehouse's `images.split` values; test: the evaluation split
 # The 8 findings that carry ground-truth boxes in BBox_List_2017.csv, in the paper's table order.
 BOXED_FINDINGS: tuple[str, ...] = FINDINGS[:8]
 INDEX = {name: i for i, name in enumerate(FINDINGS)}
@@ -45,3 +47,11 @@ def parse_labels(field: str) -> list[str]:
         raise UnknownFinding(f"'No Finding' combined with findings in {field!r}")
     names.discard(NO_FINDING)
     return sorted(names, key=INDEX.__getitem__)
+
+
+def held_out(patient: str, seed: int, fraction: float) -> bool:
+    """Whether training holds `patient` out of `train` for validation when the warehouse has no `val` split: a
+    seeded hash of the patient id below `fraction` (data.val_fraction), so a patient is never split and the choice
+    is stable when new images arrive. The rule of `pipeline.training.stages.split_ids`, which exports follow
+    (a test holds the two equal)."""
+    return int(hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()[:8], 16) / 2 ** 32 < fraction

@@ -1,5 +1,5 @@
 """COCO instances: the writer, its write-time check (pycocotools and torchvision read it back) and the reader
-`harvest import-review` uses for COCO files (and CVAT's COCO 1.0)."""
+`harvest import-review` uses for COCO files (CVAT's COCO 1.0 export among them)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,10 @@ from pipeline.export.common import (ImageFiles, MalformedFile, ReviewItem, by_sp
 NAME = "coco"
 
 
-def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path,
-          polygons: bool = True) -> dict:
+def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path) -> dict:
     """Per split: `annotations/instances_<split>.json` (COCO instances: bbox, its polygon as `segmentation`,
     `area`, `iscrowd`) and `annotations/detections_<split>.json` (the `COCO.loadRes` list), images in
-    `images/<split>/` (`file_name` relative to it; with --images none, relative to the image root).
-    `polygons=False`: empty `segmentation` and no detections file (CVAT, `pipeline.export.cvat`)."""
+    `images/<split>/` (`file_name` relative to it; with --images none, relative to the image root)."""
     ids = {im["image_id"]: k for k, im in enumerate(sorted(images, key=lambda im: im["image_id"]), start=1)}
     per_image: dict[str, list[dict]] = {}
     for b in boxes:
@@ -38,14 +36,13 @@ def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _
                        "score": short(b["score"])}
                 detections.append(det)
                 annotations.append({"id": k, **det, "area": w * h, "iscrowd": 0, "rank": int(b["rank"]),
-                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]] if polygons else []})
+                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
         coco = {"info": {"description": f"cxr-harvest pseudo-labels (mined boxes), {split} split"},
                 "images": entries, "annotations": annotations,
                 "categories": [{"id": i, "name": name, "supercategory": "finding"}
                                for i, name in enumerate(FINDINGS, start=1)]}
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        if polygons:
-            (out / "annotations" / f"detections_{split}.json").write_text(json.dumps(detections))
+        (out / "annotations" / f"detections_{split}.json").write_text(json.dumps(detections))
     return counts(images, boxes)
 
 

@@ -127,6 +127,19 @@ def latest_annotation(t: dict) -> dict | None:
     return max(anns, key=lambda x: x[:2])[2] if anns else None
 
 
+def model_versions(tasks) -> set[str]:
+    """The runs a Label Studio JSON export names: its tasks' predictions' `model_version` and, where the export lists
+    predictions by id only, each annotation's `prediction.model_version` (the prediction its annotator saw)."""
+    versions = set()
+    for t in tasks if isinstance(tasks, list) else [tasks]:
+        if isinstance(t, dict):
+            seen = [*(t.get("predictions") or []), *(a.get("prediction") for a in t.get("annotations") or []
+                                                     if isinstance(a, dict))]
+            versions |= {p["model_version"] for p in seen if isinstance(p, dict)
+                         and isinstance(p.get("model_version"), str) and p["model_version"]}
+    return versions
+
+
 def review_items(tasks, use_predictions: bool = False) -> list[ReviewItem]:
     """The reviewed images of a Label Studio JSON export: each task's latest annotation that was not cancelled
     (an empty one is a reviewed negative). Tasks without one were not reviewed and give nothing.

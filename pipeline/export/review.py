@@ -1,8 +1,10 @@
 """The review loop: boxes corrected by people come back as `gt_boxes` rows with source `review` (docs/architecture.md).
 
 `import_review(home, file)` reads a Label Studio JSON export (each task's latest annotation that was not
-cancelled; tasks with predictions only were not reviewed) or a COCO file (what CVAT's "COCO 1.0" export holds,
-as JSON or the zip; every image it lists counts as reviewed). Boxes are converted to pixels of the image's frame
+cancelled; tasks with predictions only were not reviewed), a CVAT for images 1.1 XML file (or CVAT's zip of it) or
+a COCO file (CVAT's "COCO 1.0" export among them, as JSON or the zip); in the last two every listed image counts as
+reviewed. The mining run whose boxes were reviewed is `run_id`, else the one the file names (`file_run`), else
+the home's only mining run. Boxes are converted to pixels of the image's frame
 in the warehouse (`images.width/height`) and stored, in one transaction, as the image's review: they replace
 the boxes of its earlier review, and `reviews` records the file (a reviewed image without a box is a reviewed
 negative). Bad input is a `rejects` row (stage `review`) and the rest goes on; an image with a bad box is not
@@ -13,6 +15,7 @@ imported at all (a partial review would read as "no more boxes here"), its earli
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
@@ -22,12 +25,12 @@ import pandas as pd
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import NO_FINDING, UnknownFinding, normalize_finding
-from pipeline.export import coco, labelstudio
+from pipeline.export import coco, cvat, labelstudio
 from pipeline.export.common import MalformedFile, ReviewItem, positive
 from pipeline.runs.record import writer
 from warehouse.db import add_reject, transaction
 
-FORMATS = ("auto", "labelstudio", "coco")
+FORMATS = ("auto", "labelstudio", "cvat", "coco")
 STAGE = "review"
 EDGE_PX = 1e-3          # a box may cross its frame by this much (rounding of percent coordinates), then is clipped
 ASPECT_TOLERANCE = 0.01
@@ -46,26 +49,33 @@ def reviewed(con) -> tuple[pd.DataFrame, set[str]]:
 # ------------------------------------------------------------------------------------------ reading files
 
 def load(path: Path):
-    """The JSON of `path`, or for a zip (a CVAT export) the list of its `annotations/instances_*.json`."""
+    """The JSON or XML of `path`; for a zip (a CVAT export), the list of its XML files (CVAT for images 1.1) or else
+    of its `annotations/instances_*.json` (COCO 1.0)."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            names = sorted(n for n in z.namelist() if Path(n).name.startswith("instances_") and n.endswith(".json"))
+            xml = sorted(n for n in z.namelist() if n.endswith(".xml"))
+            names = xml or sorted(n for n in z.namelist() if Path(n).name.startswith("instances_")
+                                  and n.endswith(".json"))
             if not names:
-                raise ValueError(f"{path}: a zip without annotations/instances_<subset>.json "
-                                 "(export COCO 1.0 from CVAT)")
-            return [_json(z.read(n), f"{path}:{n}") for n in names]
-    return _json(path.read_bytes(), str(path))
+                raise ValueError(f"{path}: a zip without annotations.xml or annotations/instances_<subset>.json "
+                                 "(export CVAT for images 1.1 or COCO 1.0 from CVAT)")
+            return [_parse(z.read(n), f"{path}:{n}") for n in names]
+    return _parse(path.read_bytes(), str(path))
 
 
-def _json(raw: bytes, where: str):
+def _parse(raw: bytes, where: str):
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where} is not JSON ({exc}); pass a Label Studio JSON export or a COCO file") from None
+        return ET.fromstring(raw) if raw.lstrip()[:1] == b"<" else json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, ET.ParseError) as exc:
+        raise ValueError(f"{where} is neither JSON nor XML ({exc}); pass a Label Studio JSON export, a CVAT for "
+                         "images 1.1 file or a COCO file") from None
 
 
 def detect(data) -> str:
-    """`labelstudio` for a list of tasks (or one task), `coco` for a COCO object (or a zip's list of them)."""
+    """`labelstudio` for a list of tasks (or one task), `cvat` for XML (or a zip's list of it), `coco` for a COCO
+    object (or a zip's list of them)."""
+    if isinstance(data, ET.Element) or (isinstance(data, list) and data and isinstance(data[0], ET.Element)):
+        return "cvat"
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return "coco"
     if isinstance(data, list) and data and all(isinstance(d, dict) and "images" in d for d in data):
@@ -75,7 +85,7 @@ def detect(data) -> str:
     raise MalformedFile("neither a Label Studio export (a list of tasks) nor a COCO file (images, annotations)")
 
 
-READERS = {"labelstudio": labelstudio.review_items, "coco": coco.review_items}
+READERS = {"labelstudio": labelstudio.review_items, "cvat": cvat.review_items, "coco": coco.review_items}
 
 
 # ------------------------------------------------------------------------------------------ importing
@@ -98,9 +108,10 @@ def import_review(home, path, fmt: str = "auto", run_id: str | None = None) -> d
         items = READERS[fmt](data)
     except (MalformedFile, ValueError) as exc:
         problems.append(("malformed_file", f"{exc}; nothing was imported from this file", None))
-    run_id = run_id or (_model_version(data) if fmt == "labelstudio" else None)
     con = writer(home)
     try:
+        if items:
+            run_id = review_run(con, labelstudio.model_versions(data) if fmt == "labelstudio" else set(), run_id)
         with transaction(con):
             stored = _store(con, path, sha, fmt, run_id, items, problems)
     finally:
@@ -110,11 +121,21 @@ def import_review(home, path, fmt: str = "auto", run_id: str | None = None) -> d
     return {"file": str(path), "sha256": sha, "format": fmt, "run_id": run_id, **stored}
 
 
-def _model_version(tasks) -> str | None:
-    """The mining run of a Label Studio export: its predictions' model_version, when there is exactly one."""
-    versions = {p.get("model_version") for t in (tasks if isinstance(tasks, list) else [tasks]) if isinstance(t, dict)
-                for p in t.get("predictions") or [] if isinstance(p, dict)}
-    return versions.pop() if len(versions) == 1 else None
+def review_run(con, named: set[str], run_id: str | None = None) -> str | None:
+    """The mining run whose boxes were reviewed: `run_id` when given, else the one run the file names (`named`: a
+    Label Studio export's model_version), else the home's only run with mined boxes (None on a home without one).
+    A ValueError, in one line naming the fix, when the file names several runs or one without mined boxes, or
+    names none while the home has several."""
+    if run_id:
+        return run_id
+    mined = [r[0] for r in con.execute("SELECT DISTINCT run_id FROM mined_boxes ORDER BY 1").fetchall()]
+    if len(named) > 1 or (named and not set(named) & set(mined)):
+        raise ValueError(f"the file's predictions name {', '.join(sorted(named))}, not one mining run of this home: "
+                         "pass --run RUN_ID (`harvest status` lists runs)")
+    if not named and len(mined) > 1:
+        raise ValueError(f"the file names no mining run and this home has {len(mined)} ({', '.join(mined[:3])}"
+                         f"{', ...' if len(mined) > 3 else ''}): pass --run RUN_ID, the run whose boxes were reviewed")
+    return next(iter(named), mined[0] if mined else None)
 
 
 def _store(con, path: Path, sha: str, fmt: str, run_id, items: list[ReviewItem], problems: list) -> dict:

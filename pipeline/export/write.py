@@ -1,9 +1,11 @@
 """Pseudo-label exports of one mining run: COCO, YOLO, NIH `BBox_List_2017.csv`, and for review Label Studio tasks
-and CVAT's COCO 1.0 (docs/design.md#purpose, #flows).
+and CVAT for images 1.1 XML (docs/design.md#purpose, #flows).
 
-Every export holds every image the run mined, negatives (images without a kept box) included, per warehouse
-split (`images.split`: `train` and `test` for NIH, whatever ingestion stored otherwise; no `val` is carved
-here), with image paths that resolve:
+Every export holds every image the run mined, negatives (images without a kept box) included, per split as the
+mining model's training drew them (`_assign_splits`): `train`; `val`, the warehouse's `val` split or else the
+patients training held out of `train`; and `test`, the evaluation split, as stored. Paths inside an export are
+relative to its folder (or, with `--images none`, to the image root the manifest names), so a copied or moved
+export loads as it is. Image paths resolve:
 
 - `--images link` (default): the source files are hard-linked beside the labels (copied when the export is
   on another filesystem); `copy` always copies. Sources are found under the roots of the completed ingest
@@ -37,7 +39,7 @@ import numpy as np
 
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.base.vocab import INDEX, normalize_finding
+from pipeline.base.vocab import INDEX, held_out, normalize_finding
 from pipeline.export import coco, cvat, labelstudio, nih_csv, yolo
 from pipeline.export.common import IMAGE_MODES, ImageFiles
 from pipeline.export.labelstudio import URL_PREFIX
@@ -98,7 +100,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
             write = partial(write, run_id=run_id, url_prefix=url_prefix)
             verify = partial(verify, boxes=boxes, url_prefix=url_prefix)
         elif fmt == "cvat":
-            verify = partial(verify, boxes=boxes)
+            write, verify = partial(write, run_id=run_id), partial(verify, boxes=boxes)
         counts = write(tmp, list(rows.values()), boxes, files, out_dir)
         counts["dropped_outside_frame"] = len(raw_boxes) - len(boxes)
         verify(tmp, files)
@@ -128,6 +130,10 @@ def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(),
     home = home if isinstance(home, Home) else Home.resolve(home)
     filters = filters or {"min_score": None, "ranks": None, "findings": None}
     rows, raw_boxes, trace, roots = _read_run(home, run_id, filters, pseudonyms=fmt == "nih-csv")
+    splits = sorted({im["split"] for im in rows.values()})
+    if fmt == "yolo" and "train" not in splits:
+        raise ValueError(f"run {run_id!r} mined no train image (only {', '.join(splits)}), and a YOLO dataset "
+                         "trains on train: mine the train split too, or export coco")
     files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots])
     return rows, raw_boxes, trace, files
 
@@ -158,9 +164,15 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
         model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
                           "created_at FROM models WHERE model_id = ?", model_id)
+        for record in (run, model):
+            for key in ("params", "config"):
+                if record is not None and isinstance(record.get(key), str):
+                    record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
+        has_val = con.execute("SELECT count(*) FROM images WHERE split = 'val'").fetchone()[0] > 0
         roots = ingest_roots(con, home)
     finally:
         con.close()
+    splits = _assign_splits(images, model, has_val)
     salt = None
     if pseudonyms:
         from pipeline.images.dicom import pseudonym
@@ -169,12 +181,29 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
     for im in images:  # the patient id never leaves this function; NIH CSV gets a keyed pseudonym
         patient = im.pop("patient_id")
         im["patient"] = pseudonym("patient", patient, salt) if pseudonyms else None
-    for record in (run, model):
-        for key in ("params", "config"):
-            if record is not None and isinstance(record.get(key), str):
-                record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
-    trace = {"run_id": run_id, "model_id": model_id, "run": run, "model": model, "box_model_ids": model_ids}
+    trace = {"run_id": run_id, "model_id": model_id, "run": run, "model": model, "box_model_ids": model_ids,
+             "splits": splits}
     return {im["image_id"]: im for im in images}, boxes, trace, roots
+
+
+def _assign_splits(images: list[dict], model: dict | None, has_val: bool) -> dict:
+    """Set each image's export split as the mining model's training drew it (`pipeline.training.stages.split_ids`):
+    with a `val` split in the warehouse, the stored split; else the `train` patients that the model's training
+    config (its `seed` and `data.val_fraction`, or TrainConfig's defaults where the model records none) held out
+    become `val`. `test`, the evaluation split, is never moved. Returns the manifest's account of it."""
+    test = "the evaluation split, as stored: never train or val"
+    if has_val:
+        return {"val": "the warehouse's val split", "test": test}
+    from pipeline.config.train import TrainConfig
+    config, default = (model or {}).get("config") or {}, TrainConfig()
+    seed = config.get("seed", default.seed)
+    fraction = (config.get("data") or {}).get("val_fraction", default.data.val_fraction)
+    for im in images:
+        if im["split"] == "train" and held_out(im["patient_id"], seed, fraction):
+            im["split"] = "val"
+    source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
+    return {"val": f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})",
+            "test": test}
 
 
 def _dicts(cursor) -> list[dict]:

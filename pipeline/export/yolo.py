@@ -13,9 +13,10 @@ NAME = "yolo"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # both YOLO's and PIL's
 
 
-def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, dest: Path) -> dict:
+def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _dest: Path) -> dict:
     """Ultralytics layout: `images/<split>/<name>`, `labels/<split>/<stem>.txt` (lines `class cx cy w h` in
-    [0, 1] of the frame; empty for a negative, which YOLO reads as background) and `data.yaml`."""
+    [0, 1] of the frame; empty for a negative, which YOLO reads as background) and `data.yaml` (train, val: the
+    validation split, or train when the run has none; test: the evaluation split; paths relative to its folder)."""
     splits = by_split(images)
     for split, ims in splits.items():
         stems = Counter(Path(files.name(im)).stem for im in ims)
@@ -36,29 +37,33 @@ def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, d
             (out / "labels" / split / f"{Path(name).stem}.txt").write_text(
                 "".join(r + "\n" for r in lines[im["image_id"]]))
     folders = {s: f"images/{s}" for s in splits}
-    keys = {"train": folders.get("train") or next(iter(folders.values())),
-            "val": folders.get("val") or folders.get("test") or folders.get("train") or next(iter(folders.values())),
+    keys = {"train": folders["train"], "val": folders.get("val", folders["train"]),
             **({"test": folders["test"]} if "test" in folders else {})}
-    note = ("" if "val" in folders else
-            f"# The warehouse has no val split: val is {keys['val']} (training carves its own val from train).\n")
+    note = ("# val: the validation split of the mining model's training (manifest.json `splits`).\n" if "val" in folders
+            else "# No image of this run is in the validation split: val is the train split, so its metrics are not\n"
+                 "# held out (manifest.json `splits`).\n")
     (out / "data.yaml").write_text(
-        "# cxr-harvest pseudo-labels in the Ultralytics layout. `path` is this folder where it was written;\n"
-        "# after moving the folder, delete that line (paths then resolve against this file's folder).\n" + note
-        + yaml.safe_dump({"path": str(dest), **keys, "nc": len(FINDINGS), "names": dict(enumerate(FINDINGS))},
-                         sort_keys=False))
+        "# cxr-harvest pseudo-labels in the Ultralytics layout. No `path` key: Ultralytics resolves train, val and\n"
+        "# test against this file's folder, so the folder can be copied or moved as it is.\n" + note
+        + ("# test: the evaluation split. Keep it for a final `yolo val split=test`, never for choosing epochs.\n"
+           if "test" in folders else "")
+        + yaml.safe_dump({**keys, "nc": len(FINDINGS), "names": dict(enumerate(FINDINGS))}, sort_keys=False))
     return counts(images, boxes)
 
 
 def verify(out: Path, _files: ImageFiles) -> None:
-    """The Ultralytics layout as `check_det_dataset` and its label loader read it: `train`/`val` keys naming
-    existing folders, `names` of `nc` classes, and for every image `labels/.../<stem>.txt` (img2label_paths)
-    with lines `class cx cy w h`, class < nc, coordinates in [0, 1]."""
+    """The Ultralytics layout as `check_det_dataset` and its label loader read it: no `path` (the folder travels),
+    `train`/`val` keys naming folders `images/<split>` of the export, val not the test split, `names` of `nc`
+    classes, and for every image `labels/.../<stem>.txt` (img2label_paths) with lines `class cx cy w h`, class < nc,
+    coordinates in [0, 1]."""
     data = yaml.safe_load((out / "data.yaml").read_text())
-    if not {"train", "val", "names", "nc"} <= set(data) or len(data["names"]) != data["nc"]:
-        raise ValueError(f"data.yaml lacks train, val, names or nc: {sorted(data)}")
+    if not {"train", "val", "names", "nc"} <= set(data) or len(data["names"]) != data["nc"] or "path" in data:
+        raise ValueError(f"data.yaml lacks train, val, names or nc, or names a path: {sorted(data)}")
     for key in SPLITS:
-        if key in data and not (out / data[key]).is_dir():
-            raise ValueError(f"data.yaml {key}: {data[key]} is not a folder of the export")
+        if key in data and not (Path(data[key]) == Path("images", Path(data[key]).name) and (out / data[key]).is_dir()):
+            raise ValueError(f"data.yaml {key}: {data[key]} is not a folder images/<split> of the export")
+    if data["val"] == data.get("test"):
+        raise ValueError("data.yaml: val is the test split, the evaluation split")
     for image in (out / "images").rglob("*"):
         if not image.is_file():
             continue

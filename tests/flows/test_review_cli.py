@@ -7,7 +7,7 @@ import pytest
 
 from flows.cli import main
 from pipeline.export import write as ex
-from tests.pipeline.export.test_export import RUN, make_home
+from tests.pipeline.export.test_export import BOXES, RUN, add_mining_run, make_home
 from warehouse.db import connect
 
 
@@ -46,7 +46,7 @@ def test_import_review_prints_what_it_stored(home_and_tasks, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["notes.txt"], "is not JSON"),
+    (["notes.txt"], "is neither JSON nor XML"),
     (["missing.json"], "no review file"),
     (["export.json", "--run", "no-such-run"], "no run 'no-such-run'"),
     (["odd.json"], "neither a Label Studio export")])
@@ -59,3 +59,15 @@ def test_user_errors_are_one_line(home_and_tasks, tmp_path, monkeypatch, capsys,
     assert harvest(home, *args) == 1
     err = capsys.readouterr().err
     assert err.startswith("harvest import-review: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_review_naming_no_run_on_a_home_of_several_asks_for_one(home_and_tasks, tmp_path, capsys):
+    home, tasks = home_and_tasks
+    add_mining_run(home, "mine-other", BOXES[:1], [BOXES[0][0]])
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{k: v for k, v in t.items() if k != "predictions"} for t in tasks]))
+    assert harvest(home, path) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names no mining run and this home has 2" in err and "pass --run RUN_ID" in err
+    assert harvest(home, path, "--run", "mine-other") == 0
+    assert "(mining run mine-other)" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from pipeline.export import labelstudio
 from pipeline.export.common import ImageFiles
 from pipeline.export.labelstudio import URL_PREFIX, from_percent, image_path, to_percent
 from pipeline.export.review import MalformedFile, import_review, reviewed
-from tests.pipeline.export.test_export import BOXES, DICOM_ID, IMAGES, RUN, exported, make_home
+from tests.pipeline.export.test_export import BOXES, DICOM_ID, IMAGES, RUN, add_mining_run, exported, make_home
 from warehouse.db import connect
 
 FRAME = {i[0]: (i[1], i[2]) for i in IMAGES}
@@ -224,7 +224,7 @@ def _write(path, data):
 
 def test_files_that_are_not_reviews(base, home, tmp_path):
     (tmp_path / "notes.txt").write_text("not json at all")
-    with pytest.raises(ValueError, match="is not JSON"):
+    with pytest.raises(ValueError, match="is neither JSON nor XML"):
         import_review(home, tmp_path / "notes.txt")
     with pytest.raises(MalformedFile, match="neither a Label Studio export"):
         import_review(home, _write(tmp_path / "odd.json", {"hello": "world"}))
@@ -249,16 +249,9 @@ def test_an_image_reviewed_twice_in_a_file_or_in_another_frame(base, home, tmp_p
     assert "not imported" not in reasons["duplicate_image"][2] and "not imported" in reasons["frame_mismatch"][2]
 
 
-def test_cvat_export_is_coco_with_rectangles_and_its_coco_export_comes_back(base, home, tmp_path):
-    out = ex.export(base[0], RUN, "cvat", tmp_path / "cvat", ranks=None)
-    assert sorted(p.name for p in (out / "annotations").iterdir()) == \
-        ["instances_test.json", "instances_train.json"]
-    labels = json.loads((out / "cvat_labels.json").read_text())
-    assert [lab["name"] for lab in labels] == list(FINDINGS) and {lab["type"] for lab in labels} == {"rectangle"}
+def test_cvat_coco_1_0_export_comes_back(base, home, tmp_path):
+    out = ex.export(base[0], RUN, "coco", tmp_path / "coco", ranks=None)
     train = json.loads((out / "annotations" / "instances_train.json").read_text())
-    assert all(a["segmentation"] == [] for a in train["annotations"]) and train["annotations"]
-    assert all((out / "images" / "train" / im["file_name"]).is_file() for im in train["images"])
-
     # CVAT's COCO 1.0 export of a task made of the train images: its own category ids (labels in its order),
     # rectangles with empty segmentation, a polygon, and attributes; the reviewer moved, deleted and added boxes.
     cats = [{"id": k, "name": name, "supercategory": ""} for k, name in enumerate(reversed(FINDINGS), start=1)]
@@ -289,6 +282,30 @@ def test_cvat_export_is_coco_with_rectangles_and_its_coco_export_comes_back(base
     result = import_review(home, _write(tmp_path / "instances_default.json", cvat))
     assert (result["images"], result["rejects"]) == (2, 2)
     assert sorted(r[0] for r in review_rejects(home)) == ["rotated_box", "unknown_finding"]
+
+
+def test_the_run_is_what_label_studio_keeps_and_asked_for_when_ambiguous(base, home, tmp_path):
+    """Label Studio's JSON export lists a task's predictions by id and keeps the one its annotator saw in
+    `annotation.prediction`: its model_version names the run, on a home with two mining runs too."""
+    add_mining_run(home, "mine-other", BOXES[:1], [A])
+    ts, want, _ = reviewer_edits(base[1])
+    for t in ts:
+        for a in t["annotations"]:
+            a["prediction"] = {"id": 7, "model_version": RUN, "result": t["predictions"][0]["result"]}
+        t["predictions"] = [7]
+    out = import_review(home, _write(tmp_path / "kept.json", ts))
+    assert out["run_id"] == RUN and gt_rows(home) == want
+    for t in ts:
+        for a in t["annotations"]:
+            del a["prediction"]
+    bare = _write(tmp_path / "bare.json", ts)
+    with pytest.raises(ValueError, match=r"names no mining run and this home has 2 \(mine-20261126-a, mine-other\): "
+                                         r"pass --run RUN_ID"):
+        import_review(home, bare)
+    assert import_review(home, bare, run_id="mine-other")["run_id"] == "mine-other"
+    ts[0]["annotations"][0]["prediction"] = {"model_version": "mine-elsewhere"}
+    with pytest.raises(ValueError, match="name mine-elsewhere, not one mining run of this home: pass --run"):
+        import_review(home, _write(tmp_path / "stranger.json", ts))
 
 
 def test_evaluation_scores_the_reviewed_images_as_at_review(base, home, tmp_path):
