@@ -79,17 +79,23 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError, *_one_line_errors())):
+        line = _one_line(exc)
+        if line is None:
             raise
-        print(f"harvest {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"harvest {args.verb}: error: {line}", file=sys.stderr)
         return 1
     return int(result or 0)
 
 
-def _one_line_errors() -> tuple:
-    """Errors whose message says it all, from modules already imported (importing them here would slow the CLI)."""
+def _one_line(exc: Exception) -> str | None:
+    """The message of an error that says it all, else None. Warehouse errors are known only when its module is
+    already imported (importing it here would slow the CLI): a busy lock, a query reaching a damaged part."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError)):
+        return str(exc)
     db = sys.modules.get("warehouse.db")
-    return (db.WarehouseBusy,) if db else ()
+    if db is None:
+        return None
+    return str(exc) if isinstance(exc, db.WarehouseBusy) else db.damaged_part_error(exc)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ def finished_parts(folder: Path) -> dict[int, list[str]]:
     """Shard index -> image ids covered, from the parts already on disk (temp files are not `*.parquet`)."""
     done = {}
     for path in sorted(folder.glob("part-*.parquet")):
-        meta = pq.read_schema(path).metadata or {}
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (pa.ArrowException, OSError) as exc:   # a damaged footer: one line naming the part
+            raise ValueError(f"Parquet part {path} is damaged ({exc}); run `harvest check --repair`") from None
         done[int(path.stem.split("-")[1])] = json.loads(meta.get(IMAGE_IDS_KEY, b"[]"))
     return done
 

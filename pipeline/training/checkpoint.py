@@ -13,6 +13,7 @@ and `final.pt` (the stage's result; its sha256 is recorded in the warehouse `mod
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -30,6 +31,7 @@ from pipeline.images.dataset import NORM_MEAN, NORM_STD
 from pipeline.runs.record import writer
 from warehouse import db
 
+log = logging.getLogger("pipeline.training")
 FORMAT = "cxr-harvest/checkpoint-v1"
 LAST, FINAL = "last.pt", "final.pt"
 
@@ -82,10 +84,20 @@ class Resumable:
         return self.home.checkpoints / self.model_id
 
     def _matching(self, name: str) -> dict | None:
+        """The state in `name` when it has our fingerprint. A file that does not load, or a `final.pt` whose
+        sha256 is not the one `models` records, counts as absent, with a one-line warning: the stage trains
+        again (from a readable `last.pt` when there is one)."""
         path = self.folder / name
         if not (self.resume and path.exists()):
             return None
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+            if name == FINAL:
+                check_recorded(self.home, self.model_id, path)
+        except Exception as exc:   # truncated, bit-flipped, not ours: whatever torch.load raises
+            log.warning("checkpoint %s is unreadable (%s): training stage %s again", path,
+                        " ".join(str(exc).split())[:300], self.model_id)
+            return None
         return state if state["meta"].get("fingerprint") == self.fingerprint else None
 
     def finished(self) -> dict | None:
@@ -123,6 +135,18 @@ class Resumable:
             sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
                                    "epoch": epoch, "step": 0, "trainer": trainer, "meta": meta}, path)
             register_model(self.home, meta, path, sha)
+
+
+def check_recorded(home: Home, model_id: str, path: Path) -> None:
+    """ValueError unless `path` has the sha256 that `models` records for `model_id` (no row: nothing to check,
+    e.g. a kill between the checkpoint's write and its registration)."""
+    con = db.connect(home, read_only=True)
+    try:
+        row = con.execute("SELECT checkpoint_sha256 FROM models WHERE model_id = ?", [model_id]).fetchone()
+    finally:
+        con.close()
+    if row and row[0] != sha256_file(path):
+        raise ValueError(f"its sha256 is not the one recorded for model {model_id}")
 
 
 def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str | None = None) -> str:
