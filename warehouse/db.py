@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -280,14 +281,18 @@ def transaction(con: duckdb.DuckDBPyConnection):
         con.execute("COMMIT")
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write `table` to `path` so that readers see either no file or the whole file."""
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike,
+                         before_commit: Callable[[Path], object] | None = None) -> Path:
+    """Write `table` to `path` so that readers see either no file or the whole file. `before_commit(tmp)` runs
+    on the written temp file before it is renamed to `path` (e.g. to record its checksum)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # not *.parquet: views skip it
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        if before_commit is not None:
+            before_commit(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from models import create_model
-from pipeline.base.files import sha256_file
+from pipeline.base.files import checksum_path, matches_record, record_sha256, sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS
 from pipeline.images.dataset import NORM_MEAN, NORM_STD
@@ -43,7 +43,8 @@ def model_meta(**fields) -> dict:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
-    """Write `state` atomically (temp file in the same folder, fsync, rename); returns the file's sha256."""
+    """Write `state` atomically (temp file in the same folder, fsync, rename) with its sha256 recorded beside it
+    (`<name>.sha256`, before the rename); returns the sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -52,15 +53,20 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        sha256 = record_sha256(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sha256_file(path)
+    return sha256
 
 
-def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
-    """Safe load (weights_only=True); raises with the cause when the file is not one of ours."""
+def load_checkpoint(path: str | os.PathLike, device="cpu", verify: bool = True) -> dict:
+    """Safe load (weights_only=True); raises with the cause when the file is not one of ours, or (`verify`)
+    does not match the sha256 recorded beside it (files from before the records load unchecked)."""
+    if verify and matches_record(path) is False:
+        raise ValueError(f"checkpoint {path} does not match its recorded sha256 ({checksum_path(path).name}): "
+                         "it was modified or truncated")
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a cxr-harvest checkpoint (expected format {FORMAT!r})")
@@ -208,7 +214,7 @@ def load_model(home, model_id: str = "latest", device="cpu"):
     if sha256_file(path) != row["checkpoint_sha256"]:
         raise ValueError(f"checkpoint {path} does not match the sha256 recorded for model {row['model_id']}; "
                          "it was modified or truncated: retrain with `harvest train` (finished stages are reused)")
-    state = load_checkpoint(path, device="cpu")
+    state = load_checkpoint(path, device="cpu", verify=False)   # checked against `models` above
     meta = state["meta"]
     model = create_model(meta["arch"], meta["neck"], meta["num_classes"])
     model.load_state_dict(state["model"])

@@ -129,3 +129,15 @@ def test_resumable_counts_a_damaged_checkpoint_as_absent_with_one_warning(tmp_pa
         assert [r.getMessage().count("\n") for r in caplog.records] == [0], caplog.records
         assert str(home.checkpoints / model_id / name) in caplog.records[0].getMessage()
         final.write_bytes(good)
+
+
+def test_every_checkpoint_has_its_sha256_beside_it_and_loads_only_when_it_matches(tmp_path):
+    path = tmp_path / "m" / "last.pt"
+    sha = checkpoint.save_checkpoint({"model": {"w": torch.arange(1000.0)}, "meta": {}}, path)
+    assert (tmp_path / "m" / "last.pt.sha256").read_text() == f"{sha}  last.pt\n"
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.arange(1000.0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01                                    # inside the tensor's bytes: torch loads it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        checkpoint.load_checkpoint(path)
