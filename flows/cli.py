@@ -19,6 +19,7 @@ COMMANDS = {
     "ingest": ("flows.ingest", "ingest an NIH ChestX-ray14 folder or a folder of DICOM files"),
     "sql": ("flows.query", "run a read-only SQL query over the warehouse and print a table"),
     "status": ("flows.query", "counts per table, last runs, rejects by reason"),
+    "check": ("flows.check", "verify the warehouse against its files; --repair rebuilds what it can"),
     "phantom": ("flows.phantom", "write a phantom ChestX-ray14 in the NIH layout (exact boxes in truth.csv)"),
     "pretrain": ("flows.pretrain", "make starting weights from a phantom of a seed reserved for pretraining"),
     "train": ("flows.train", "train the ResNet-MSA classifier with attention mining and KP"),
