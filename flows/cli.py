@@ -21,6 +21,7 @@ COMMANDS = {
     "ingest": ("flows.ingest", "ingest an NIH ChestX-ray14 folder or a folder of DICOM files"),
     "sql": ("flows.query", "run a read-only SQL query over the warehouse and print a table"),
     "status": ("flows.query", "counts per table, last runs, rejects by reason"),
+    "check": ("flows.check", "verify the warehouse against its files; --repair rebuilds what it can"),
     "phantom": ("flows.phantom", "write a phantom ChestX-ray14 in the NIH layout (exact boxes in truth.csv)"),
     "pretrain": ("flows.pretrain", "make starting weights from a phantom of a seed reserved for pretraining"),
     "train": ("flows.train", "train the ResNet-MSA classifier with attention mining and KP"),
@@ -88,9 +89,10 @@ def main(argv=None) -> int:
         if full:
             print(f"harvest {args.verb}: error: {full}", file=sys.stderr)
             return 1
-        if not isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError, *_one_line_errors())):
+        line = _one_line(exc)
+        if line is None:
             raise
-        print(f"harvest {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"harvest {args.verb}: error: {line}", file=sys.stderr)
         return 1
     return int(result or 0)
 
@@ -116,10 +118,15 @@ def disk_full(exc: BaseException, home=None) -> str | None:
     return None
 
 
-def _one_line_errors() -> tuple:
-    """Errors whose message says it all, from modules already imported (importing them here would slow the CLI)."""
+def _one_line(exc: Exception) -> str | None:
+    """The message of an error that says it all, else None. Warehouse errors are known only when its module is
+    already imported (importing it here would slow the CLI): a busy lock, a query reaching a damaged part."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, KeyError)):
+        return str(exc)
     db = sys.modules.get("warehouse.db")
-    return (db.WarehouseBusy,) if db else ()
+    if db is None:
+        return None
+    return str(exc) if isinstance(exc, db.WarehouseBusy) else db.damaged_part_error(exc)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import re
 import time
 
+import duckdb
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -26,7 +27,6 @@ from flows._runtime import add_dask_address, dask_task_runner, prefect_api, work
 from pipeline.base.home import Home
 from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
                                  process_model, recorded_parts_run, run_dir, write_part)
-from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048
 
@@ -133,12 +133,12 @@ def _api_url() -> str:
 
 def _summary(home: Home, run_id, model_id, split, image_ids, done, results, seconds) -> dict:
     mined = [r for r in results if not r["skipped"]]
-    con = db.connect(home, read_only=True)
-    try:
-        rows, images_with_boxes = con.execute(
-            "SELECT count(*), count(DISTINCT image_id) FROM mined_boxes WHERE run_id = ?", [run_id]).fetchone()
-    finally:
-        con.close()
+    parts = [str(p) for p in sorted(run_dir(home, run_id).glob("*.parquet"))]
+    rows, images_with_boxes = 0, 0
+    if parts:   # this run's parts only: another run's damaged part does not stop this one
+        with duckdb.connect() as con:
+            rows, images_with_boxes = con.execute(
+                "SELECT count(*), count(DISTINCT image_id) FROM read_parquet(?)", [parts]).fetchone()
     return {"run_id": run_id, "model_id": model_id, "split": split, "images": len(image_ids),
             "shards_total": len(finished_parts(run_dir(home, run_id))),
             "shards_mined": len(mined), "shards_skipped": len(done) + len(results) - len(mined),

@@ -153,8 +153,8 @@ def _sql(args) -> int:
             cols, rows = bounded(con, lambda: fetch(con, query, max_rows=args.max_rows), args.timeout)
         finally:
             con.close()
-    except duckdb.Error as exc:   # parser, binder, catalog, permission ...: one line, no traceback
-        raise ValueError(str(exc).split("\n\n")[0].replace("\n", " ")) from None
+    except duckdb.Error as exc:   # parser, binder, catalog, permission, damaged part ...: one line, no traceback
+        raise ValueError(db.damaged_part_error(exc) or str(exc).split("\n\n")[0].replace("\n", " ")) from None
     render(cols, rows, args.max_rows)
     return 0
 
@@ -167,8 +167,7 @@ def _status(args) -> int:
         tables = [r[0] for r in con.execute(   # DISTINCT: a TEMP view shadows its stored view of the same name
             "SELECT DISTINCT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
         ).fetchall()]
-        counts = " UNION ALL ".join(f"SELECT '{t}' AS \"table\", count(*) AS rows FROM {t}" for t in tables)
-        print_table(con, counts)
+        render(["table", "rows"], [(t, count_rows(con, t)) for t in tables], len(tables))
         print("\nlast runs:")
         print_table(con, "SELECT run_id, flow, status, started_at, finished_at, model_id FROM runs "
                          "ORDER BY started_at DESC LIMIT 10")
@@ -178,6 +177,14 @@ def _status(args) -> int:
     finally:
         con.close()
     return 0
+
+
+def count_rows(con, table: str) -> int | str:
+    """Rows of `table`, or why it cannot be read (a damaged Parquet part): one table's damage hides no other."""
+    try:
+        return con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    except duckdb.Error as exc:
+        return f"unreadable: {db.damaged_part_error(exc) or db.first_line(exc)}"
 
 
 def seconds(text: str) -> float:

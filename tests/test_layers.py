@@ -24,6 +24,7 @@ LAYERS = (
     ("pipeline.evaluation",),                        # judging
     ("pipeline.export",),                            # data out, and the review loop's way back
     ("pipeline.detector",),
+    ("pipeline.integrity",),                          # `harvest check`: verifies everything, rebuilds with all of the above
     ("flows",),
     ("bench",),
 )

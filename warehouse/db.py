@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -45,17 +46,29 @@ def schema_sql() -> str:
     return resources.files("warehouse").joinpath("schema.sql").read_text()
 
 
-def _parquet_view_sql(name: str, root: Path, temp: bool = False) -> str:
+def _parquet_view_sql(name: str, root: Path, temp: bool = False, damaged: dict[str, str] | None = None) -> str:
     """A view over the Parquet parts of `name`: stored in the file with a glob relative to the home, or a TEMP
-    view of this connection only, with the absolute glob of `root` (what a read-only connection can create)."""
+    view of this connection only, with the absolute glob of `root` (what a read-only connection can create).
+    `damaged` (partition folder -> one-line message): the view reads each other folder of parts on its own,
+    and a damaged one is a branch that raises its message when a query reaches it, so a query filtering on
+    another folder's key (`WHERE run_id = ?`) still runs."""
     part_dir = root / "data" / name
     view = f"CREATE OR REPLACE {'TEMP ' if temp else ''}VIEW {name}"
     cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in PARQUET_TABLES[name])
     if not any(part_dir.rglob("*.parquet")):
         return f"{view} AS SELECT {cols} WHERE false"
-    glob = ((part_dir if temp else Path("data", name)) / "**" / "*.parquet").as_posix().replace("'", "''")
+    folders = [""] if damaged is None else _partitions(part_dir)
+    branches = []
+    for folder in folders:
+        if damaged and folder in damaged:
+            key, _, value = folder.partition("=")
+            branches.append(f"SELECT * REPLACE ({_quote(value)} AS {key}) FROM (SELECT {cols}) "
+                            f"WHERE error({_quote(damaged[folder])})" if value else
+                            f"SELECT {cols} WHERE error({_quote(damaged[folder])})")
+        else:
+            branches.append(f"SELECT * FROM read_parquet({_quote(_glob(name, root, temp, folder))}, union_by_name=true)")
     # the empty typed relation first: every column of the schema, in its order, whatever the parts hold
-    parts = f"SELECT {cols} WHERE false UNION ALL BY NAME SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+    parts = " UNION ALL BY NAME ".join([f"SELECT {cols} WHERE false", *branches])
     defaults = PARQUET_DEFAULTS.get(name)
     if not defaults:
         return f"{view} AS {parts}"
@@ -63,10 +76,89 @@ def _parquet_view_sql(name: str, root: Path, temp: bool = False) -> str:
     return f"{view} AS SELECT * REPLACE ({fill}) FROM ({parts})"
 
 
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _glob(name: str, root: Path, temp: bool, folder: str = "") -> str:
+    """The parts of `name` under `folder` ('' all, '.' those directly in data/<name>), as the view reads them."""
+    base = (root / "data" / name) if temp else Path("data", name)
+    return (base / "*.parquet" if folder == "." else base / folder / "**" / "*.parquet").as_posix()
+
+
+def _partitions(part_dir: Path) -> list[str]:
+    """The folders directly under `part_dir` holding parts (e.g. run_id=<run>), and '.' for loose parts."""
+    out = sorted(p.name for p in part_dir.iterdir() if p.is_dir() and any(p.rglob("*.parquet")))
+    return out + (["."] if any(part_dir.glob("*.parquet")) else [])
+
+
 def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = False) -> None:
-    """(Re)point the Parquet views at the parts under `data_dir` (<home>/data); called after a writer adds parts."""
+    """(Re)point the Parquet views at the parts under `data_dir` (<home>/data); called after a writer adds parts.
+    Parts DuckDB cannot read (a damaged footer) never stop the connection: only queries that reach them fail,
+    with one line naming the file (`damaged_partitions`)."""
+    root = Path(data_dir).absolute().parent
     for name in PARQUET_TABLES:
-        con.execute(_parquet_view_sql(name, Path(data_dir).absolute().parent, temp))
+        try:
+            con.execute(_parquet_view_sql(name, root, temp))
+        except duckdb.Error:
+            damaged = damaged_partitions(con, name, root)
+            try:
+                con.execute(_parquet_view_sql(name, root, temp, damaged))
+            except duckdb.Error as exc:   # the folders disagree with each other: the whole table is unreadable
+                message = f"{name} cannot be read ({first_line(exc)}); run `harvest check` to find the bad part"
+                con.execute(_parquet_view_sql(name, root, temp, {f: message for f in _partitions(root / "data" / name)}))
+
+
+def damaged_partitions(con: duckdb.DuckDBPyConnection, name: str, root: Path) -> dict[str, str]:
+    """Partition folder of `name` -> one line naming its unreadable part, for each folder DuckDB cannot bind."""
+    out = {}
+    for folder in _partitions(root / "data" / name):
+        try:
+            con.execute(f"DESCRIBE SELECT * FROM read_parquet({_quote(_glob(name, root, True, folder))}, "
+                        "union_by_name=true)")
+        except duckdb.Error as exc:
+            out[folder] = part_damage(exc, root / "data" / name / folder)
+    return out
+
+
+def part_damage(exc: Exception, where: Path | None = None) -> str:
+    """One line: the part (named by DuckDB, else the first under `where` whose footer pyarrow cannot read, else
+    the folder) and the cure."""
+    reason = first_line(exc)
+    named = re.search(r"""["']([^"']+\.parquet)["']""", reason)
+    if not named and where is None:
+        return f"{reason}; run `harvest check --repair`"
+    path = named.group(1) if named else next((str(p) for p in sorted(where.rglob("*.parquet")) if not _footer_ok(p)),
+                                             str(where))
+    reason = reason.replace(f"'{path}'", "").replace(f'"{path}"', "")
+    return f"Parquet part {path} is damaged ({reason.strip(' :')}); run `harvest check --repair`"
+
+
+def _footer_ok(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except Exception:   # any reader failure is damage here
+        return False
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, without DuckDB's `Invalid Input Error: `-style prefix."""
+    return re.sub(r"^[A-Z][A-Za-z ]* Error: ", "", str(exc).strip().split("\n")[0])
+
+
+_READ_FAILURE = re.compile(r"Failed to read file|magic bytes|TProtocolException|Decompression|Corrupt", re.I)
+
+
+def damaged_part_error(exc: BaseException) -> str | None:
+    """The one-line message for a query that failed reading a damaged Parquet part (DuckDB names the file when
+    a data page is bad, e.g. `Failed to read file "...": ZSTD Decompression failure`), else None."""
+    if not isinstance(exc, duckdb.Error):
+        return None
+    text = first_line(exc)
+    if "harvest check" in text:   # a damaged part's branch of the view (refresh_views)
+        return text
+    return part_damage(exc) if _READ_FAILURE.search(text) and ".parquet" in text else None
 
 
 def connect(home, read_only: bool = False, sandbox: bool = False,
@@ -189,14 +281,18 @@ def transaction(con: duckdb.DuckDBPyConnection):
         con.execute("COMMIT")
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write `table` to `path` so that readers see either no file or the whole file."""
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike,
+                         before_commit: Callable[[Path], object] | None = None) -> Path:
+    """Write `table` to `path` so that readers see either no file or the whole file. `before_commit(tmp)` runs
+    on the written temp file before it is renamed to `path` (e.g. to record its checksum)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # not *.parquet: views skip it
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        if before_commit is not None:
+            before_commit(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

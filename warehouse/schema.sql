@@ -53,6 +53,15 @@ CREATE TABLE IF NOT EXISTS cache_entries (
     PRIMARY KEY (source_sha256, size)
 );
 
+-- crc32 of each cached image (its uint8 [size, size] bytes), written with its cache_entries row: `harvest check`
+-- verifies every row and mining every image it reads. Rows cached before this table existed have none (unknown).
+CREATE TABLE IF NOT EXISTS cache_checksums (
+    source_sha256 VARCHAR NOT NULL,
+    size          INTEGER NOT NULL,
+    crc32         UBIGINT NOT NULL,
+    PRIMARY KEY (source_sha256, size)
+);
+
 CREATE TABLE IF NOT EXISTS models (
     model_id          VARCHAR PRIMARY KEY,
     parent_id         VARCHAR,

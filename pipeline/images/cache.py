@@ -3,18 +3,21 @@
 Each ingestion chunk decodes its images once, resizes them to every configured size and writes one immutable
 shard per size: `cache/size=<S>/shard-<id>.u8`, raw uint8 `[n, S, S]`, written atomically (temp + rename).
 The warehouse table `cache_entries(source_sha256, size, shard, row)` indexes it, committed after the shard
-exists, so a killed writer leaves at most an unreferenced shard and never a dangling row.
+exists, so a killed writer leaves at most an unreferenced shard and never a dangling row; `cache_checksums`
+holds the crc32 of each row's bytes (`checksum`), which `harvest check` and mining verify.
 Readers read shards with `os.preadv` straight into their batch buffers; nothing on the hot path decodes PNG or DICOM.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.base.files import write_atomic
 
 
 def resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -29,17 +32,17 @@ def shard_path(cache_dir: Path, size: int, shard: int) -> Path:
 def write_shard(cache_dir: Path, size: int, shard: int, images: np.ndarray) -> Path:
     """Write `[n, size, size]` uint8 atomically; the shard is never modified afterwards."""
     assert images.dtype == np.uint8 and images.shape[1:] == (size, size), images.shape
-    path = shard_path(cache_dir, size, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(np.ascontiguousarray(images).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(shard_path(cache_dir, size, shard), memoryview(np.ascontiguousarray(images)).cast("B"))
+
+
+def checksum(image: np.ndarray) -> int:
+    """crc32 of one cached image's bytes (zlib's, which releases the GIL: a read-ahead thread verifies while
+    the model runs)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(image)).cast("B"))
+
+
+class DamagedCache(ValueError):
+    """A cached image whose bytes are not the ones cached (one line: the image, the shard file and row)."""
 
 
 class _Shard:

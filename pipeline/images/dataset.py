@@ -37,8 +37,9 @@ class CacheDataset(torch.utils.data.Dataset):
                 where.append("i.split = ?")
                 params.append(split)
             rows = con.execute(f"""
-                SELECT i.image_id, i.width, i.height, c.shard, c.row
+                SELECT i.image_id, i.width, i.height, c.shard, c.row, coalesce(CAST(k.crc32 AS BIGINT), -1)
                 FROM images i JOIN cache_entries c ON c.source_sha256 = i.source_sha256
+                LEFT JOIN cache_checksums k ON k.source_sha256 = c.source_sha256 AND k.size = c.size
                 WHERE {' AND '.join(where)} ORDER BY i.image_id""", params).fetchall()
             if image_ids is not None:
                 wanted = set(image_ids)
@@ -50,6 +51,7 @@ class CacheDataset(torch.utils.data.Dataset):
             self.frames = np.array([(r[1], r[2]) for r in rows], dtype=np.float64).reshape(-1, 2)
             self.shards = np.array([r[3] for r in rows], dtype=np.int64)
             self.rows = np.array([r[4] for r in rows], dtype=np.int64)
+            self.checksums = np.array([r[5] for r in rows], dtype=np.int64)   # -1: none recorded
             pos = {iid: k for k, iid in enumerate(self.image_ids)}
             self.labels = np.zeros((len(rows), len(FINDINGS)), dtype=np.float32)
             # only this dataset's images: a mining shard must not read the whole table
@@ -76,12 +78,15 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self._unbatch(self.get_batch([i]), 0)
 
-    def get_batch(self, indices, out: torch.Tensor | None = None) -> dict:
+    def get_batch(self, indices, out: torch.Tensor | None = None, verify: bool = False) -> dict:
         """Stacked samples for `indices`, read straight from the cache shards; the images into
-        `out` (uint8 `[B,1,S,S]`, e.g. page-locked memory for a fast copy to a GPU) when given."""
+        `out` (uint8 `[B,1,S,S]`, e.g. page-locked memory for a fast copy to a GPU) when given. `verify`: each
+        image against its recorded crc32 (`cache.DamagedCache` names the first that differs)."""
         idx = np.asarray(indices, dtype=np.int64)
         images = cache.gather(self.home.cache, self.size, self.shards[idx], self.rows[idx],
                               out=None if out is None else out.numpy()[:, 0])
+        if verify:
+            self._verify(idx, images)
         batch = {
             "image": out if out is not None else torch.from_numpy(images).unsqueeze(1),
             "labels": torch.from_numpy(self.labels[idx]),
@@ -93,6 +98,13 @@ class CacheDataset(torch.utils.data.Dataset):
             batch["boxes"] = [p[0] for p in pairs]
             batch["box_findings"] = [p[1] for p in pairs]
         return batch
+
+    def _verify(self, idx: np.ndarray, images: np.ndarray) -> None:
+        for k, i in enumerate(idx):
+            if self.checksums[i] >= 0 and cache.checksum(images[k]) != self.checksums[i]:
+                path = cache.shard_path(self.home.cache, self.size, int(self.shards[i]))
+                raise cache.DamagedCache(f"cached image {self.image_ids[i]} ({path}, row {self.rows[i]}) does not "
+                                         "match its recorded crc32; run `harvest check --repair`")
 
     @staticmethod
     def _unbatch(batch: dict, k: int) -> dict:

@@ -225,6 +225,8 @@ def sweep_orphans(home) -> dict:
         with db.transaction(con):
             rows = con.execute("""DELETE FROM cache_entries WHERE source_sha256 NOT IN
                 (SELECT source_sha256 FROM images WHERE source_sha256 IS NOT NULL)""").fetchone()[0]
+            con.execute("""DELETE FROM cache_checksums k WHERE NOT EXISTS (SELECT 1 FROM cache_entries c
+                WHERE c.source_sha256 = k.source_sha256 AND c.size = k.size)""")
         used = set(con.execute("SELECT DISTINCT size, shard FROM cache_entries").fetchall())
     finally:
         con.close()
@@ -240,6 +242,15 @@ def sweep_orphans(home) -> dict:
             path.unlink(missing_ok=True)
             files += 1
     return {"orphan_cache_rows": rows, "orphan_cache_files": files}
+
+
+def add_cache_rows(con, rows: list[tuple[str, int, int, int, int]]) -> None:
+    """Insert or replace `cache_entries` and `cache_checksums` rows: (source_sha256, size, shard, row, crc32)."""
+    entries = pd.DataFrame(rows, columns=["source_sha256", "size", "shard", "row", "crc32"])
+    con.register("_ce", entries)
+    con.execute("INSERT OR REPLACE INTO cache_entries SELECT source_sha256, size, shard, row FROM _ce")
+    con.execute("INSERT OR REPLACE INTO cache_checksums SELECT source_sha256, size, crc32 FROM _ce")
+    con.unregister("_ce")
 
 
 def reject_rows(con, stage: str, source: str, rejects: Iterable[tuple[str, Reject]]) -> int:
@@ -320,11 +331,8 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
                 with db.transaction(con):
                     upsert_images(con, rows, labels)
                     if fresh:
-                        entries = pd.DataFrame([(d.sha256, s, shard, k) for s in sizes for k, d in enumerate(fresh)],
-                                               columns=["source_sha256", "size", "shard", "row"])
-                        con.register("_ce", entries)
-                        con.execute("INSERT OR REPLACE INTO cache_entries SELECT * FROM _ce")
-                        con.unregister("_ce")
+                        add_cache_rows(con, [(d.sha256, s, shard, k, cache.checksum(d.pixels[s]))
+                                             for s in sizes for k, d in enumerate(fresh)])
                     clear_rejects(con, stage, source, [d.item.rel for d in ok])
                     counts["rejects"] += reject_rows(con, stage, source,
                                                      [(d.item.rel, d.reject) for d in chunk if d.reject])

@@ -272,7 +272,7 @@ def mine_shard(home, model_id: str, image_ids, config: MiningConfig | dict | Non
 
     def fetch(i: int) -> dict:
         rows = np.arange(starts[i], min(starts[i] + config.batch_size, len(dataset)))
-        return dataset.get_batch(rows, out=pinned[i % 3][:len(rows)] if cuda else None)
+        return dataset.get_batch(rows, out=pinned[i % 3][:len(rows)] if cuda else None, verify=True)
 
     tables, heatmaps = [], []
 

@@ -4,7 +4,7 @@ detector runs the same way; a bare script (the GPU procedure) can call them dire
 
 A run's parts live at `data/mined_boxes/run_id=<run_id>/part-<shard:05d>.parquet`; each carries the image ids
 it covers in its Parquet metadata (`IMAGE_IDS_KEY`), boxed or not, so a rerun mines only what is missing and
-exports list the run's negatives.
+exports list the run's negatives, and has its sha256 beside it (`<part>.sha256`, `harvest check` verifies it).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.base.files import record_sha256
 from pipeline.base.home import Home
 from pipeline.base.vocab import SPLITS as IMAGE_SPLITS
 from pipeline.runs.record import recorded_run
@@ -44,7 +45,10 @@ def finished_parts(folder: Path) -> dict[int, list[str]]:
     """Shard index -> image ids covered, from the parts already on disk (temp files are not `*.parquet`)."""
     done = {}
     for path in sorted(folder.glob("part-*.parquet")):
-        meta = pq.read_schema(path).metadata or {}
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (pa.ArrowException, OSError) as exc:   # a damaged footer: one line naming the part
+            raise ValueError(f"Parquet part {path} is damaged ({exc}); run `harvest check --repair`") from None
         done[int(path.stem.split("-")[1])] = json.loads(meta.get(IMAGE_IDS_KEY, b"[]"))
     return done
 
@@ -86,9 +90,11 @@ def list_images(home: Home, split: str) -> list[str]:
 
 
 def write_part(home: Home, run_id: str, shard: int, table: pa.Table, image_ids: list[str]) -> Path:
-    """Write shard `shard` of `run_id` atomically, recording the images it covers."""
+    """Write shard `shard` of `run_id` atomically, recording the images it covers, and its sha256 beside it
+    (`part-<shard>.parquet.sha256`, written before the part is renamed into place: `record_sha256`)."""
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), IMAGE_IDS_KEY: json.dumps(image_ids)})
-    return db.write_parquet_atomic(table, part_path(home, run_id, shard))
+    path = part_path(home, run_id, shard)
+    return db.write_parquet_atomic(table, path, before_commit=lambda tmp: record_sha256(tmp, path))
 
 
 def mined_image_ids(home: Home, run_id: str) -> list[str]:

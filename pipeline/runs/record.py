@@ -58,12 +58,17 @@ def ingest_roots(con, home) -> list[Path]:
     return roots
 
 
-def mark_killed_runs(con) -> list[str]:
-    """Mark `killed` the running runs whose process, on this host, is gone (or its pid now names another
-    process). Runs of other hosts, and runs recorded without an owner, are left as they are. Returns their ids."""
+def dead_runs(con) -> list[str]:
+    """The running runs whose process, on this host, is gone (or its pid now names another process). Runs of
+    other hosts, and runs recorded without an owner, are not among them. Reads only."""
     rows = con.execute("""SELECT r.run_id, o.host, o.pid, o.pid_started FROM runs r
                           JOIN run_owners o USING (run_id) WHERE r.status = 'running'""").fetchall()
-    dead = [run_id for run_id, host, pid, started in rows if Owner(host, pid, started).is_dead()]
+    return [run_id for run_id, host, pid, started in rows if Owner(host, pid, started).is_dead()]
+
+
+def mark_killed_runs(con) -> list[str]:
+    """Mark `killed` the `dead_runs`; returns their ids."""
+    dead = dead_runs(con)
     if dead:
         con.execute("UPDATE runs SET status = 'killed', finished_at = coalesce(finished_at, now()) "
                     "WHERE status = 'running' AND run_id IN (SELECT unnest(?))", [dead])

@@ -13,6 +13,7 @@ and `final.pt` (the stage's result; its sha256 is recorded in the warehouse `mod
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -23,13 +24,14 @@ from pathlib import Path
 import torch
 
 from models import create_model
-from pipeline.base.files import sha256_file
+from pipeline.base.files import checksum_path, matches_record, record_sha256, sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS
 from pipeline.images.dataset import NORM_MEAN, NORM_STD
 from pipeline.runs.record import writer
 from warehouse import db
 
+log = logging.getLogger("pipeline.training")
 FORMAT = "cxr-harvest/checkpoint-v1"
 LAST, FINAL = "last.pt", "final.pt"
 
@@ -41,7 +43,8 @@ def model_meta(**fields) -> dict:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
-    """Write `state` atomically (temp file in the same folder, fsync, rename); returns the file's sha256."""
+    """Write `state` atomically (temp file in the same folder, fsync, rename) with its sha256 recorded beside it
+    (`<name>.sha256`, before the rename); returns the sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,15 +53,20 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        sha256 = record_sha256(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sha256_file(path)
+    return sha256
 
 
-def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
-    """Safe load (weights_only=True); raises with the cause when the file is not one of ours."""
+def load_checkpoint(path: str | os.PathLike, device="cpu", verify: bool = True) -> dict:
+    """Safe load (weights_only=True); raises with the cause when the file is not one of ours, or (`verify`)
+    does not match the sha256 recorded beside it (files from before the records load unchecked)."""
+    if verify and matches_record(path) is False:
+        raise ValueError(f"checkpoint {path} does not match its recorded sha256 ({checksum_path(path).name}): "
+                         "it was modified or truncated")
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a cxr-harvest checkpoint (expected format {FORMAT!r})")
@@ -82,10 +90,20 @@ class Resumable:
         return self.home.checkpoints / self.model_id
 
     def _matching(self, name: str) -> dict | None:
+        """The state in `name` when it has our fingerprint. A file that does not load, or a `final.pt` whose
+        sha256 is not the one `models` records, counts as absent, with a one-line warning: the stage trains
+        again (from a readable `last.pt` when there is one)."""
         path = self.folder / name
         if not (self.resume and path.exists()):
             return None
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+            if name == FINAL:
+                check_recorded(self.home, self.model_id, path)
+        except Exception as exc:   # truncated, bit-flipped, not ours: whatever torch.load raises
+            log.warning("checkpoint %s is unreadable (%s): training stage %s again", path,
+                        " ".join(str(exc).split())[:300], self.model_id)
+            return None
         return state if state["meta"].get("fingerprint") == self.fingerprint else None
 
     def finished(self) -> dict | None:
@@ -123,6 +141,18 @@ class Resumable:
             sha = save_checkpoint({"model": model.state_dict(), "optimizer": None, "scheduler": None,
                                    "epoch": epoch, "step": 0, "trainer": trainer, "meta": meta}, path)
             register_model(self.home, meta, path, sha)
+
+
+def check_recorded(home: Home, model_id: str, path: Path) -> None:
+    """ValueError unless `path` has the sha256 that `models` records for `model_id` (no row: nothing to check,
+    e.g. a kill between the checkpoint's write and its registration)."""
+    con = db.connect(home, read_only=True)
+    try:
+        row = con.execute("SELECT checkpoint_sha256 FROM models WHERE model_id = ?", [model_id]).fetchone()
+    finally:
+        con.close()
+    if row and row[0] != sha256_file(path):
+        raise ValueError(f"its sha256 is not the one recorded for model {model_id}")
 
 
 def register_model(home, meta: dict, checkpoint: str | os.PathLike, sha256: str | None = None) -> str:
@@ -184,7 +214,7 @@ def load_model(home, model_id: str = "latest", device="cpu"):
     if sha256_file(path) != row["checkpoint_sha256"]:
         raise ValueError(f"checkpoint {path} does not match the sha256 recorded for model {row['model_id']}; "
                          "it was modified or truncated: retrain with `harvest train` (finished stages are reused)")
-    state = load_checkpoint(path, device="cpu")
+    state = load_checkpoint(path, device="cpu", verify=False)   # checked against `models` above
     meta = state["meta"]
     model = create_model(meta["arch"], meta["neck"], meta["num_classes"])
     model.load_state_dict(state["model"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.models import get_model_weights
 
+from pipeline.base.files import matches_record
 from pipeline.config.check import WEIGHTS_FORMAT, weights_problem   # checked torch-free when a config loads
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ def load_imagenet(model: torch.nn.Module, arch: str) -> bool:
 
 def export_weights(home, model_id: str, out: str | os.PathLike) -> str:
     """Write a trained stage's weights as a small file to start other trainings from (`model.init`): float
-    tensors in float16 (half the size; a starting point needs no more), with the stage's meta. Returns sha256."""
-    from pipeline.base.files import sha256_file
+    tensors in float16 (half the size; a starting point needs no more), with the stage's meta. Returns sha256,
+    also recorded beside the file (`<out>.sha256`, checked by `load_init`)."""
+    from pipeline.base.files import record_sha256
     from pipeline.base.home import Home
     from pipeline.training.checkpoint import FINAL, load_checkpoint
 
@@ -74,7 +76,7 @@ def export_weights(home, model_id: str, out: str | os.PathLike) -> str:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": WEIGHTS_FORMAT, "model": weights, "meta": meta}, out)
-    return sha256_file(out)
+    return record_sha256(out, out)
 
 
 def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -86,7 +88,8 @@ def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 def load_init(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> bool:
     """Load `model.init` weights into `model`: the whole model when every key fits (returns True), else the
     backbone only (a new neck or head: returns False). A file that is not ours: ValueError, one line."""
-    problem = weights_problem(path)
+    problem = weights_problem(path) or ("does not match its recorded sha256 (modified or truncated)"
+                                        if matches_record(path) is False else None)
     try:
         state = None if problem else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # a damaged archive, a foreign pickle: torch's message runs over many lines

@@ -35,7 +35,8 @@ def test_the_command_answers_in_well_under_two_seconds(home, args):
     # what checks a config: a bad one fails before torch loads
     ("pipeline.config.train, pipeline.config.mining, pipeline.config.detector, pipeline.config.harvest", {"torch"}),
     # verbs whose flows are built on first use (flows._verbs)
-    ("flows.train, flows.ingest, flows.tune, flows.evaluate, flows.export, flows.detector", {"prefect", "torch"}),
+    ("flows.train, flows.ingest, flows.tune, flows.evaluate, flows.export, flows.detector, flows.check",
+     {"prefect", "torch"}),
     # a deployment's entrypoint is a Prefect flow at import, so these load Prefect, but not torch
     ("flows.harvest, flows.ablate, flows.mine", {"torch"})])
 def test_verb_and_config_modules_import_no_heavy_library(modules, heavy):

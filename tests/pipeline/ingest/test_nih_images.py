@@ -139,3 +139,31 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(make_nih, tmp_path):
     summary = ingest_nih(killed, root, sizes=(32,), workers=1)
     assert summary["skipped_cached"] >= len(partial["cache"]) - 256  # committed chunks are not decoded again
     assert _snapshot(killed) == _snapshot(clean)
+
+
+def test_each_cached_row_has_its_crc32_and_mining_reads_verify_it(make_nih, tmp_path):
+    from pipeline.images import cache
+
+    root = make_nih(GOOD)
+    home = tmp_path / "home"
+    ingest_nih(home, root, sizes=(32, 16))
+    con = db.connect(home, read_only=True)
+    rows = con.execute("""SELECT c.size, c.shard, c.row, k.crc32 FROM cache_entries c
+                          LEFT JOIN cache_checksums k USING (source_sha256, size) ORDER BY ALL""").fetchall()
+    con.close()
+    assert len(rows) == 8 and all(crc is not None for *_, crc in rows)
+    for size, shard, row, crc in rows:
+        image = cache.gather(home / "cache", size, np.array([shard]), np.array([row]))[0]
+        assert cache.checksum(image) == crc
+    ds = CacheDataset(home, size=32)
+    path = home / "cache" / "size=32" / f"shard-{ds.shards[2]:06d}.u8"
+    data = bytearray(path.read_bytes())
+    data[ds.rows[2] * 32 * 32 + 100] ^= 0x04                       # one bit of the third image
+    path.write_bytes(bytes(data))
+    ds = CacheDataset(home, size=32)                                # a new descriptor for the rewritten file
+    ds.get_batch([0, 1, 3], verify=True)                            # the others verify
+    assert ds.get_batch([2])["image"].shape == (1, 1, 32, 32)       # training reads do not verify
+    with pytest.raises(cache.DamagedCache) as err:
+        ds.get_batch([1, 2], verify=True)
+    assert str(err.value) == (f"cached image {ds.image_ids[2]} ({path}, row {ds.rows[2]}) does not match its "
+                              "recorded crc32; run `harvest check --repair`")

@@ -43,3 +43,26 @@ def test_one_model_per_process_loaded_once_per_key():
     assert process_model(("home", "b"), load("b")) == ("model b", True)
     assert process_model(("home", "a"), load("a")) == ("model a", True)   # b replaced a: one kept at a time
     assert loads == ["a", "b", "a"]
+
+
+def test_a_part_has_its_sha256_beside_it_in_sha256sum_format(tmp_path):
+    import subprocess
+
+    import pyarrow as pa
+
+    from pipeline.base.files import matches_record, recorded_sha256, sha256_file
+    from pipeline.runs.parts import finished_parts, write_part
+
+    home = Home(tmp_path / "home").make()
+    table = pa.table({"image_id": ["a.png", "b.png"], "score": [0.5, 0.25]})
+    path = write_part(home, "mine-train-abc", 3, table, ["a.png", "b.png", "c.png"])
+    assert recorded_sha256(path) == sha256_file(path) and matches_record(path) is True
+    assert finished_parts(run_dir(home, "mine-train-abc")) == {3: ["a.png", "b.png", "c.png"]}   # not a part
+    check = subprocess.run(["sha256sum", "-c", path.name + ".sha256"], cwd=path.parent, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout == f"{path.name}: OK\n"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert matches_record(path) is False
+    (path.parent / (path.name + ".sha256")).unlink()
+    assert matches_record(path) is None                             # a part from before the records: unknown

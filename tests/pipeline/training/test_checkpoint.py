@@ -79,3 +79,65 @@ def test_checkpoints_load_safely_and_match_the_warehouse(homes):
     con.close()
     with pytest.raises(KeyError, match="no model"):
         checkpoint.load_model(clean, "nope")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_a_damaged_final_checkpoint_counts_as_absent_and_its_stage_trains_again(homes, tmp_path, caplog, damage):
+    clean, _ = homes
+    cfg = resume_config()
+    final_id = train(clean, cfg)                                    # trained by the first test, else now
+    home = tmp_path / "home"
+    shutil.copytree(clean, home)
+    final = home / "checkpoints" / final_id / "final.pt"
+    data = bytearray(final.read_bytes())
+    if damage == "truncated":                                       # torch.load fails
+        final.write_bytes(data[: len(data) // 2])
+    else:                                                           # loads, but not the recorded sha256
+        data[len(data) // 2] ^= 0x10
+        final.write_bytes(bytes(data))
+    steps = []                                                      # the stage trains again from its last.pt
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        assert train(home, cfg, on_step=lambda *a: steps.append(a[0])) == final_id
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "\n" not in warned[0] and str(final) in warned[0], warned
+    assert steps == []                                              # base reused, am1 rebuilt from its last epoch
+    model, meta = checkpoint.load_model(home, final_id)             # the sha256 in `models` matches again
+    a = checkpoint.load_checkpoint(clean / "checkpoints" / final_id / "final.pt")["model"]
+    b = model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)                  # the same weights as the clean run's
+
+
+def test_resumable_counts_a_damaged_checkpoint_as_absent_with_one_warning(tmp_path, caplog):
+    from pipeline.base.home import Home
+    from tests.conftest import register_tiny_model
+
+    home = Home(tmp_path / "home").make()
+    model_id = register_tiny_model(home.root, "tiny-abc")
+    final = home.checkpoints / model_id / "final.pt"
+    ckpt = checkpoint.Resumable(home, model_id, fingerprint=None)
+    assert ckpt.finished()["model_id"] == model_id                  # intact: reused
+    good = final.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    for damaged, name in [(bytes(flipped), "final.pt"), (good[: len(good) // 3], "final.pt"),
+                          (good[: len(good) // 3], "last.pt")]:
+        (home.checkpoints / model_id / name).write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.training"):
+            found = ckpt.finished() if name == "final.pt" else ckpt.restore(None, None, None)
+        assert found is None
+        assert [r.getMessage().count("\n") for r in caplog.records] == [0], caplog.records
+        assert str(home.checkpoints / model_id / name) in caplog.records[0].getMessage()
+        final.write_bytes(good)
+
+
+def test_every_checkpoint_has_its_sha256_beside_it_and_loads_only_when_it_matches(tmp_path):
+    path = tmp_path / "m" / "last.pt"
+    sha = checkpoint.save_checkpoint({"model": {"w": torch.arange(1000.0)}, "meta": {}}, path)
+    assert (tmp_path / "m" / "last.pt.sha256").read_text() == f"{sha}  last.pt\n"
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.arange(1000.0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01                                    # inside the tensor's bytes: torch loads it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        checkpoint.load_checkpoint(path)

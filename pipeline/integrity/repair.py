@@ -1,0 +1,187 @@
+"""Repair what `pipeline.integrity.check` found: rebuild it, else move it to `<home>/quarantine/<stamp>/`.
+
+A file is moved to quarantine before it is rebuilt and dropped from there once the rebuild is in place, so a
+rebuild that fails leaves it quarantined (nothing reads it, nothing is lost). Cache rows are decoded again from
+their sources (found under the recorded ingest roots, by name and then by content) into a new shard, and their
+`cache_entries` rows point there; parts of a `harvest mine` run are mined again from the run's recorded config;
+registered checkpoints are trained again from the config in `models`. Rows of the warehouse stay, but for the
+index rows of cache images whose source is gone.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.base.files import checksum_path, sha256_file
+from pipeline.base.home import Home
+from pipeline.images import cache
+from pipeline.ingest.common import add_cache_rows, decode_png, ingest_lock, next_shard
+from pipeline.integrity.check import Problem
+from pipeline.runs.record import ingest_roots, writer
+from warehouse import db
+
+
+class Unrepairable(Exception):
+    """Why a thing cannot be rebuilt here, and what rebuilds it."""
+
+
+class Repair:
+    def __init__(self, home, say: Callable[[str], None] = print):
+        self.home, self.say = Home.resolve(home), say
+        self.folder = self.home.root / "quarantine" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+    def run(self, problems: list[Problem]) -> None:
+        if any(p.kind == "run" for p in problems):
+            writer(self.home).close()   # marks the runs of dead processes killed
+            self.say("repaired: runs of dead processes marked killed")
+        cached = [p for p in problems if p.kind == "cache"]
+        if cached:
+            self.cache(cached)
+        for p in problems:
+            if p.kind in ("checkpoint", "part", "export"):
+                try:
+                    getattr(self, p.kind)(p)
+                except Exception as exc:   # what cannot be rebuilt is quarantined (a failed rebuild left it there)
+                    where = self.quarantine(p.path) if p.path.exists() else self.dest(p.path)
+                    self.say(f"quarantined: {p.path} -> {where}: {' '.join(str(exc).split())[:300]}")
+
+    def dest(self, path: Path) -> Path:
+        return self.folder / path.relative_to(self.home.root)
+
+    def quarantine(self, path: Path) -> Path:
+        dest = self.dest(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        if checksum_path(path).exists():
+            os.replace(checksum_path(path), checksum_path(dest))
+        return dest
+
+    @contextmanager
+    def rebuilt(self, path: Path, how: str):
+        """Quarantine `path`, let the caller rebuild it, drop the quarantined copy once that worked."""
+        moved = self.quarantine(path) if path.exists() else None
+        yield
+        if moved is not None:
+            shutil.rmtree(moved) if moved.is_dir() else moved.unlink()
+            checksum_path(moved).unlink(missing_ok=True)
+        self.say(f"repaired: {path}: {how}")
+
+    # ---- cache -------------------------------------------------------------------------------------
+
+    def cache(self, problems: list[Problem]) -> None:
+        """Decode the damaged rows again into one new shard per size; rows whose source is gone are dropped
+        from the index (their image stays; `harvest ingest` caches it again once the file is back)."""
+        wanted = {(sha, p.data["size"]) for p in problems for sha in p.data["sources"]}
+        with ingest_lock(self.home):
+            con = db.connect(self.home, read_only=True)
+            try:
+                images = {sha: (iid, source) for sha, iid, source in con.execute(
+                    "SELECT source_sha256, min(image_id), min(source) FROM images WHERE source_sha256 IN "
+                    "(SELECT unnest(?)) GROUP BY 1", [sorted({s for s, _ in wanted})]).fetchall()}
+                roots, shard = ingest_roots(con, self.home), next_shard(con, self.home)
+            finally:
+                con.close()
+            pixels = {sha: self.decode(sha, *images[sha], roots) for sha in images}
+            rows, lost, stacks = [], [], {}
+            for sha, size in sorted(wanted):
+                if pixels.get(sha) is None:
+                    lost.append((sha, size))
+                    continue
+                stack = stacks.setdefault(size, [])
+                stack.append(cache.resize(pixels[sha], size))
+                rows.append((sha, size, shard, len(stack) - 1, cache.checksum(stack[-1])))
+            for size, stack in stacks.items():
+                cache.write_shard(self.home.cache, size, shard, np.stack(stack))
+            con = writer(self.home)
+            try:
+                with db.transaction(con):
+                    if rows:
+                        add_cache_rows(con, rows)
+                    for table in ("cache_entries", "cache_checksums") if lost else ():
+                        con.executemany(f"DELETE FROM {table} WHERE source_sha256 = ? AND size = ?", lost)
+                used = set(con.execute("SELECT DISTINCT size, shard FROM cache_entries").fetchall())
+            finally:
+                con.close()
+        for p in problems:
+            if (p.data["size"], p.data["shard"]) not in used and p.path.exists():
+                self.say(f"quarantined: {p.path} -> {self.quarantine(p.path)}: no row reads it any more")
+        self.say(f"repaired: {len(rows)} cached image(s) decoded again from their sources into shard {shard}"
+                 + (f"; {len(lost)} whose source was not found left the cache (ingest it again)" if lost else ""))
+
+    def decode(self, sha: str, image_id: str, source: str, roots: list[Path]) -> np.ndarray | None:
+        """The pixels of the source file of content `sha` (NIH layout: by name; DICOM: by content), or None."""
+        for root in roots:
+            path = self.sources(root, source == "dicom").get(sha if source == "dicom" else image_id)
+            if path is None or sha256_file(path) != sha:
+                continue
+            data = path.read_bytes()
+            if source == "dicom":
+                from pipeline.images.dicom import read_dicom
+                from pipeline.ingest.dicom import home_salt
+                return read_dicom(io.BytesIO(data), salt=home_salt(self.home)).pixels
+            return decode_png(data, path.suffix)
+        return None
+
+    @functools.cache
+    def sources(self, root: Path, dicom: bool) -> dict[str, Path]:
+        """The files of an ingest root, once: NIH layout by name; DICOM by content (names may carry PHI)."""
+        from pipeline.ingest.dicom import dicom_files
+        from pipeline.ingest.nih import image_files
+
+        if not root.is_dir():
+            return {}
+        return {sha256_file(p): p for p in dicom_files(root)} if dicom else image_files(root)
+
+    # ---- one file each -----------------------------------------------------------------------------
+
+    def checkpoint(self, p: Problem) -> None:
+        from pipeline.training.checkpoint import model_row
+        from pipeline.training.stages import plan_stages, resolved_config, train
+
+        if p.data["model_id"] is None:   # resume state (last.pt, best.pt): the stage starts over without it
+            raise Unrepairable("resume state: `harvest train` starts the stage over without it")
+        row = model_row(self.home, p.data["model_id"])
+        config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+        if row["stage"] == "detector" or not config:
+            raise Unrepairable(f"model {row['model_id']}: train it again with `harvest detector train`")
+        if row["model_id"] not in [s.model_id for s in plan_stages(resolved_config(config))]:
+            raise Unrepairable(f"the config recorded for {row['model_id']} no longer plans it; train it again")
+        with self.rebuilt(p.path, f"stage {row['model_id']} trained again"):
+            train(self.home, config)
+
+    def part(self, p: Problem) -> None:
+        from pipeline.config.mining import MiningConfig
+        from pipeline.mining import mine_shard
+        from pipeline.runs.parts import finished_parts, list_images, plan_shards, run_dir, write_part
+        from pipeline.training.checkpoint import load_model
+
+        run_id, shard = p.data["run_id"], p.data["shard"]
+        con = db.connect(self.home, read_only=True)
+        try:
+            run = con.execute("SELECT flow, params, model_id FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        finally:
+            con.close()
+        if not run or run[0] != "mine":
+            raise Unrepairable(f"part of a {run[0] if run else 'unrecorded'} run: run it again to rebuild it")
+        params = json.loads(run[1]) if isinstance(run[1], str) else run[1]
+        config = MiningConfig.from_dict(params["config"])
+        with self.rebuilt(p.path, f"shard {shard} of {run_id} mined again"):
+            jobs = plan_shards(list_images(self.home, params["split"]), params["shard_size"],
+                               finished_parts(run_dir(self.home, run_id)))
+            ids = dict(jobs).get(shard)
+            if ids is None:
+                raise Unrepairable(f"the images of shard {shard} changed since: run `harvest mine` again")
+            model = load_model(self.home, run[2], device=config.device)[0]
+            write_part(self.home, run_id, shard, mine_shard(self.home, run[2], ids, config, run_id, model=model), ids)
+
+    def export(self, p: Problem) -> None:
+        raise Unrepairable("run `harvest export` again to rebuild it")

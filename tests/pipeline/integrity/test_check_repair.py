@@ -1,0 +1,153 @@
+"""`pipeline.integrity` on a real small home (ingested cache, a registered model, a mining run, an export):
+each fault is found with the file it is in, and repair gives back the clean home's rows, bytes and parts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from pipeline.base.files import sha256_file
+from pipeline.base.home import Home
+from pipeline.config.mining import MiningConfig
+from pipeline.images import cache
+from pipeline.images.dataset import CacheDataset
+from pipeline.ingest.nih import ingest_nih
+from pipeline.integrity.check import check_home
+from pipeline.integrity.repair import Repair
+from pipeline.mining import mine_shard
+from pipeline.runs.parts import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir, write_part
+from pipeline.runs.record import recorded_run
+from pipeline.training.checkpoint import save_checkpoint
+from tests.conftest import register_tiny_model
+from warehouse import db
+
+SIZE, RUN = 64, "mine-all-test"
+ROWS = [(f"0000000{k}_000.png", labels, k) for k, labels in
+        enumerate(["Mass", "Effusion|Nodule", "No Finding", "Atelectasis", "Cardiomegaly", "Pneumothorax"])]
+
+
+def mine(home) -> None:
+    """What `harvest mine --split all --shard-size 2` does, without Prefect: one part per shard of a recorded run."""
+    config = MiningConfig()
+    params = {"split": "all", "shard_size": 2, "config": config.to_dict()}
+    with recorded_parts_run(home, "mine", params, "tiny", RUN):
+        for shard, ids in plan_shards(list_images(home, "all"), 2, finished_parts(run_dir(home, RUN))):
+            write_part(home, RUN, shard, mine_shard(home, "tiny", ids, config, RUN), ids)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, make_nih_module):
+    base = tmp_path_factory.mktemp("integrity")
+    root = make_nih_module(base, ROWS)
+    home = Home(base / "home").make()
+    with recorded_run(home, "ingest", {"kind": "nih", "root": str(root), "sizes": [SIZE]}):
+        ingest_nih(home, root, sizes=(SIZE,), workers=1)
+    register_tiny_model(home.root, "tiny", neck="baseline", input_size=SIZE)
+    save_checkpoint({"model": {}, "meta": {}}, home.checkpoints / "tiny" / "last.pt")
+    mine(home)
+    export = home.exports / "coco-test"
+    export.mkdir()
+    (export / "labels.json").write_text('{"images": []}\n')
+    (export / "manifest.json").write_text(json.dumps({"files": {"labels.json": sha256_file(export / "labels.json")}}))
+    return home
+
+
+@pytest.fixture(scope="module")
+def make_nih_module():
+    from PIL import Image
+
+    from tests.conftest import HEADER, gray_image
+
+    def make(base, rows):
+        root = base / "nih"
+        (root / "images").mkdir(parents=True)
+        for k, (name, _, _) in enumerate(rows):
+            Image.fromarray(gray_image(k, 128)).save(root / "images" / name)
+        (root / "Data_Entry_2017_v2020.csv").write_text(HEADER + "".join(
+            f"{n},{labels},0,{p},40,M,PA,1024,1024,0.143,0.143\n" for n, labels, p in rows))
+        (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+        (root / "test_list.txt").write_text("")
+        (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows))
+        return root
+    return make
+
+
+def state(home) -> dict:
+    """What must equal a clean run's: warehouse rows, every cached image's bytes, every mined row."""
+    con = db.connect(home, read_only=True)
+    try:
+        tables = {t: con.execute(f"SELECT * EXCLUDE (ingested_at) FROM {t} ORDER BY ALL" if t == "images" else
+                                 f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("images", "labels", "gt_boxes")}
+        mined = con.execute("SELECT * FROM mined_boxes ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+    ds = CacheDataset(home, size=SIZE)
+    pixels = {i: ds.get_batch([k], verify=True)["image"].numpy().tobytes() for k, i in enumerate(ds.image_ids)}
+    return {**tables, "mined": mined, "pixels": pixels}
+
+
+def flip(path, at: float, bit: int = 0x08) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_clean_home_has_no_problem_and_an_old_one_no_unknown_counted(clean, tmp_path, capsys):
+    assert check_home(clean) == []
+    assert main(["--home", str(clean.root), "check"]) == 0
+    assert capsys.readouterr().out == f"{clean.root}: no problem found\n"
+    old = Home(shutil.copytree(clean.root, tmp_path / "old"))      # as written before checksums were recorded
+    for record in old.root.rglob("*.sha256"):
+        record.unlink()
+    con = db.connect(old)
+    con.execute("DELETE FROM cache_checksums")
+    con.close()
+    assert check_home(old) == []
+    part = sorted(run_dir(old, RUN).glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:-100])                      # still found: it cannot be read
+    assert [(p.kind, p.path) for p in check_home(old)] == [("part", part)]
+
+
+def test_each_fault_is_named_and_repair_gives_back_the_clean_home(clean, tmp_path, capsys):
+    home = Home(shutil.copytree(clean.root, tmp_path / "home"))
+    ds = CacheDataset(home, size=SIZE)
+    shard = cache.shard_path(home.cache, SIZE, int(ds.shards[3]))
+    flip(shard, (ds.rows[3] * SIZE * SIZE + 7) / shard.stat().st_size)   # one pixel of one cached image
+    part = sorted(run_dir(home, RUN).glob("*.parquet"))[1]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    last = home.checkpoints / "tiny" / "last.pt"
+    flip(last, 0.5)
+    (home.exports / "coco-test" / "labels.json").write_text('{"images": [1]}\n')
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    con = db.connect(home)
+    con.execute("INSERT INTO runs VALUES ('mine-x', 'mine', '{}', 'tiny', 'v', now(), NULL, 'running')")
+    con.execute("INSERT INTO run_owners VALUES ('mine-x', ?, ?, NULL)", [os.uname().nodename, int(dead.stdout)])
+    con.close()
+
+    found = check_home(home)
+    assert [(p.kind, p.path) for p in found] == [("cache", shard), ("checkpoint", last), ("part", part),
+                                                 ("run", None), ("export", home.exports / "coco-test")]
+    assert main(["--home", str(home.root), "check"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [p.line() for p in found] and all(str(p.path) in line for p, line in zip(found, lines) if p.path)
+
+    said = []
+    Repair(home, say=said.append).run(found)
+    assert check_home(home) == [], said
+    assert state(home) == state(clean)                               # rows, cached bytes, mined rows
+    assert pq.read_table(part).equals(pq.read_table(clean.root / part.relative_to(home.root)))
+    quarantined = sorted(p.relative_to(home.root / "quarantine").parts[1:] for p in
+                         (home.root / "quarantine").rglob("*") if p.is_file())
+    assert quarantined == [("checkpoints", "tiny", "last.pt"), ("checkpoints", "tiny", "last.pt.sha256"),
+                           ("exports", "coco-test", "labels.json"), ("exports", "coco-test", "manifest.json")]
+    con = db.connect(home, read_only=True)
+    assert con.execute("SELECT status FROM runs WHERE run_id = 'mine-x'").fetchone()[0] == "killed"
+    con.close()
+    assert len(said) == 5 and all("\n" not in s for s in said), said
