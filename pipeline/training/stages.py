@@ -36,6 +36,7 @@ from models.head import prior_bias
 from pipeline.base.amp import device_of, resolve_amp
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
+from pipeline.base.vocab import held_out
 from pipeline.config.check import fingerprint
 from pipeline.config.train import StageConfig, TrainConfig, load_config
 from pipeline.images.dataset import CacheDataset
@@ -123,8 +124,7 @@ def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
     def is_val(patient: str, split: str) -> bool:
         if has_val:
             return split == "val"
-        h = int(hashlib.sha256(f"{cfg.seed}:{patient}".encode()).hexdigest()[:8], 16) / 2 ** 32
-        return split == "train" and h < cfg.data.val_fraction
+        return split == "train" and held_out(patient, cfg.seed, cfg.data.val_fraction)
 
     val = {r[0] for r in rows if is_val(r[1], r[2])}
     out = {"val": sorted(val),
