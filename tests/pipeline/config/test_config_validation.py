@@ -165,3 +165,12 @@ def test_cli_rejects_a_bad_config_in_one_line(tmp_path, verb):
                                         f"must be an integer"], proc.stderr
     assert not (tmp_path / "home").exists()       # nothing ran: no home, no phantom data, no Prefect server
     assert seconds < 30, seconds                  # imports only (about 3 s idle; a loaded 2-core box is slower)
+
+
+def test_a_harvest_caches_the_training_and_the_mining_input_size(tmp_path):
+    from pipeline.config.harvest import cache_sizes
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {input_size: 256}\nmining: {input_size: 384}\n")
+    assert cache_sizes(path) == [256, 384]
+    path.write_text("data: {input_size: 256}\nmining: {thresholds: [0.5]}\n")
+    assert cache_sizes(path) == [256]
