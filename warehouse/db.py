@@ -66,7 +66,8 @@ def _parquet_view_sql(name: str, root: Path, temp: bool = False, damaged: dict[s
                             f"WHERE error({_quote(damaged[folder])})" if value else
                             f"SELECT {cols} WHERE error({_quote(damaged[folder])})")
         else:
-            branches.append(f"SELECT * FROM read_parquet({_quote(_glob(name, root, temp, folder))}, union_by_name=true)")
+            glob = _quote(_glob(name, root, temp, folder))
+            branches.append(f"SELECT * FROM read_parquet({glob}, union_by_name=true)")
     # the empty typed relation first: every column of the schema, in its order, whatever the parts hold
     parts = " UNION ALL BY NAME ".join([f"SELECT {cols} WHERE false", *branches])
     defaults = PARQUET_DEFAULTS.get(name)
@@ -106,7 +107,8 @@ def refresh_views(con: duckdb.DuckDBPyConnection, data_dir: Path, temp: bool = F
                 con.execute(_parquet_view_sql(name, root, temp, damaged))
             except duckdb.Error as exc:   # the folders disagree with each other: the whole table is unreadable
                 message = f"{name} cannot be read ({first_line(exc)}); run `harvest check` to find the bad part"
-                con.execute(_parquet_view_sql(name, root, temp, {f: message for f in _partitions(root / "data" / name)}))
+                every = {folder: message for folder in _partitions(root / "data" / name)}
+                con.execute(_parquet_view_sql(name, root, temp, every))
 
 
 def damaged_partitions(con: duckdb.DuckDBPyConnection, name: str, root: Path) -> dict[str, str]:

@@ -82,6 +82,9 @@ def checkpoint_problems(home: Home, models: list[tuple]) -> list[Problem]:
             None if sha256_file(path) == sha else "does not match the sha256 recorded in models"
         if why:
             out.append(Problem("checkpoint", path, f"{why} (model {model_id})", {"model_id": model_id, "stage": stage}))
+        elif matches_record(path) is False:   # the file is the registered one: only the record beside it is bad
+            out.append(Problem("checkpoint", path, "matches models but not the sha256 recorded beside it",
+                               {"model_id": model_id, "record_only": True}))
     for path in sorted(home.checkpoints.glob("*/*.pt")):
         if path not in registered and matches_record(path) is False:
             out.append(Problem("checkpoint", path, "does not match its recorded sha256", {"model_id": None}))

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.base.files import checksum_path, sha256_file
+from pipeline.base.files import checksum_path, matches_record, record_sha256, sha256_file
 from pipeline.base.home import Home
 from pipeline.images import cache
 from pipeline.ingest.common import add_cache_rows, decode_png, ingest_lock, next_shard
@@ -47,12 +47,19 @@ class Repair:
         if cached:
             self.cache(cached)
         for p in problems:
-            if p.kind in ("checkpoint", "part", "export"):
+            if p.kind in ("checkpoint", "export"):
                 try:
                     getattr(self, p.kind)(p)
                 except Exception as exc:   # what cannot be rebuilt is quarantined (a failed rebuild left it there)
-                    where = self.quarantine(p.path) if p.path.exists() else self.dest(p.path)
-                    self.say(f"quarantined: {p.path} -> {where}: {' '.join(str(exc).split())[:300]}")
+                    self.failed(p.path, exc)
+        parts = [p for p in problems if p.kind == "part"]
+        if parts:   # after the cache and the checkpoints they are mined from
+            self.parts(parts)
+
+    def failed(self, path: Path, exc: Exception) -> None:
+        """`path` could not be rebuilt: in quarantine (moved there now, or by the rebuild that failed)."""
+        where = self.quarantine(path) if path.exists() else self.dest(path)
+        self.say(f"quarantined: {path} -> {where}: {' '.join(str(exc).split())[:300]}")
 
     def dest(self, path: Path) -> Path:
         return self.folder / path.relative_to(self.home.root)
@@ -147,7 +154,13 @@ class Repair:
         from pipeline.training.checkpoint import model_row
         from pipeline.training.stages import plan_stages, resolved_config, train
 
+        if p.data.get("record_only"):
+            record_sha256(p.path, p.path)
+            self.say(f"repaired: {checksum_path(p.path)}: written again from the file, which matches models")
+            return
         if p.data["model_id"] is None:   # resume state (last.pt, best.pt): the stage starts over without it
+            if matches_record(p.path):   # written again meanwhile, by a stage trained again above
+                return
             raise Unrepairable("resume state: `harvest train` starts the stage over without it")
         row = model_row(self.home, p.data["model_id"])
         config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
@@ -158,13 +171,23 @@ class Repair:
         with self.rebuilt(p.path, f"stage {row['model_id']} trained again"):
             train(self.home, config)
 
-    def part(self, p: Problem) -> None:
+    def parts(self, problems: list[Problem]) -> None:
+        """Mine the damaged shards of each `harvest mine` run again: all of a run's damaged parts are quarantined
+        first, so the shard plan reads only its good ones."""
+        for run_id in sorted({p.data["run_id"] for p in problems}):
+            damaged = [p for p in problems if p.data["run_id"] == run_id]
+            try:
+                self.mine_again(run_id, damaged)
+            except Exception as exc:   # left in quarantine, with the reason
+                for p in damaged:
+                    self.failed(p.path, exc)
+
+    def mine_again(self, run_id: str, damaged: list[Problem]) -> None:
         from pipeline.config.mining import MiningConfig
         from pipeline.mining import mine_shard
         from pipeline.runs.parts import finished_parts, list_images, plan_shards, run_dir, write_part
         from pipeline.training.checkpoint import load_model
 
-        run_id, shard = p.data["run_id"], p.data["shard"]
         con = db.connect(self.home, read_only=True)
         try:
             run = con.execute("SELECT flow, params, model_id FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -174,14 +197,18 @@ class Repair:
             raise Unrepairable(f"part of a {run[0] if run else 'unrecorded'} run: run it again to rebuild it")
         params = json.loads(run[1]) if isinstance(run[1], str) else run[1]
         config = MiningConfig.from_dict(params["config"])
-        with self.rebuilt(p.path, f"shard {shard} of {run_id} mined again"):
-            jobs = plan_shards(list_images(self.home, params["split"]), params["shard_size"],
-                               finished_parts(run_dir(self.home, run_id)))
-            ids = dict(jobs).get(shard)
-            if ids is None:
-                raise Unrepairable(f"the images of shard {shard} changed since: run `harvest mine` again")
-            model = load_model(self.home, run[2], device=config.device)[0]
+        moved = {p.data["shard"]: (p.path, self.quarantine(p.path)) for p in damaged if p.path.exists()}
+        jobs = dict(plan_shards(list_images(self.home, params["split"]), params["shard_size"],
+                                finished_parts(run_dir(self.home, run_id))))
+        if any(shard not in jobs for shard in moved):
+            raise Unrepairable("the run's images changed since it was mined: run `harvest mine` again")
+        model = load_model(self.home, run[2], device=config.device)[0]
+        for shard, (path, copy) in moved.items():
+            ids = jobs[shard]
             write_part(self.home, run_id, shard, mine_shard(self.home, run[2], ids, config, run_id, model=model), ids)
+            copy.unlink()
+            checksum_path(copy).unlink(missing_ok=True)
+            self.say(f"repaired: {path}: shard {shard} of {run_id} mined again")
 
     def export(self, p: Problem) -> None:
         raise Unrepairable("run `harvest export` again to rebuild it")

@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from pipeline.base.files import sha256_file
+from pipeline.base.files import matches_record, sha256_file
 from pipeline.base.home import Home
 from pipeline.config.mining import MiningConfig
 from pipeline.images import cache
@@ -24,8 +25,7 @@ from pipeline.integrity.repair import Repair
 from pipeline.mining import mine_shard
 from pipeline.runs.parts import finished_parts, list_images, plan_shards, recorded_parts_run, run_dir, write_part
 from pipeline.runs.record import recorded_run
-from pipeline.training.checkpoint import save_checkpoint
-from tests.conftest import register_tiny_model
+from pipeline.training.stages import train
 from warehouse import db
 
 SIZE, RUN = 64, "mine-all-test"
@@ -33,13 +33,23 @@ ROWS = [(f"0000000{k}_000.png", labels, k) for k, labels in
         enumerate(["Mass", "Effusion|Nodule", "No Finding", "Atelectasis", "Cardiomegaly", "Pneumothorax"])]
 
 
-def mine(home) -> None:
+def mine(home, model_id: str) -> None:
     """What `harvest mine --split all --shard-size 2` does, without Prefect: one part per shard of a recorded run."""
     config = MiningConfig()
     params = {"split": "all", "shard_size": 2, "config": config.to_dict()}
-    with recorded_parts_run(home, "mine", params, "tiny", RUN):
+    with recorded_parts_run(home, "mine", params, model_id, RUN):
         for shard, ids in plan_shards(list_images(home, "all"), 2, finished_parts(run_dir(home, RUN))):
-            write_part(home, RUN, shard, mine_shard(home, "tiny", ids, config, RUN), ids)
+            write_part(home, RUN, shard, mine_shard(home, model_id, ids, config, RUN), ids)
+
+
+def one_step_config() -> dict:
+    """One `base` stage of one optimizer step (ResNet-18, 64 px): seconds, deterministic, so retraining it in a
+    repair gives the same weights."""
+    from tests.pipeline.training.ddp_worker import tiny_config
+
+    return tiny_config(model={"neck": "baseline"}, runtime={"batch_size": 4, "eval_batch_size": 8},
+                       stages={"base": {"epochs": 1}, "msa_init": {"epochs": 0}, "end_to_end": {"epochs": 0}},
+                       am={"steps": 0})
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +59,7 @@ def clean(tmp_path_factory, make_nih_module):
     home = Home(base / "home").make()
     with recorded_run(home, "ingest", {"kind": "nih", "root": str(root), "sizes": [SIZE]}):
         ingest_nih(home, root, sizes=(SIZE,), workers=1)
-    register_tiny_model(home.root, "tiny", neck="baseline", input_size=SIZE)
-    save_checkpoint({"model": {}, "meta": {}}, home.checkpoints / "tiny" / "last.pt")
-    mine(home)
+    mine(home, train(home, one_step_config()))
     export = home.exports / "coco-test"
     export.mkdir()
     (export / "labels.json").write_text('{"images": []}\n')
@@ -83,8 +91,8 @@ def state(home) -> dict:
     """What must equal a clean run's: warehouse rows, every cached image's bytes, every mined row."""
     con = db.connect(home, read_only=True)
     try:
-        tables = {t: con.execute(f"SELECT * EXCLUDE (ingested_at) FROM {t} ORDER BY ALL" if t == "images" else
-                                 f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("images", "labels", "gt_boxes")}
+        tables = {t: con.execute(f"SELECT * {'EXCLUDE (ingested_at)' if t == 'images' else ''} FROM {t} ORDER BY ALL")
+                  .fetchall() for t in ("images", "labels", "gt_boxes")}
         mined = con.execute("SELECT * FROM mined_boxes ORDER BY ALL").fetchall()
     finally:
         con.close()
@@ -122,12 +130,12 @@ def test_each_fault_is_named_and_repair_gives_back_the_clean_home(clean, tmp_pat
     flip(shard, (ds.rows[3] * SIZE * SIZE + 7) / shard.stat().st_size)   # one pixel of one cached image
     part = sorted(run_dir(home, RUN).glob("*.parquet"))[1]
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
-    last = home.checkpoints / "tiny" / "last.pt"
+    last = next(home.checkpoints.glob("base-*/last.pt"))
     flip(last, 0.5)
     (home.exports / "coco-test" / "labels.json").write_text('{"images": [1]}\n')
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     con = db.connect(home)
-    con.execute("INSERT INTO runs VALUES ('mine-x', 'mine', '{}', 'tiny', 'v', now(), NULL, 'running')")
+    con.execute("INSERT INTO runs VALUES ('mine-x', 'mine', '{}', NULL, 'v', now(), NULL, 'running')")
     con.execute("INSERT INTO run_owners VALUES ('mine-x', ?, ?, NULL)", [os.uname().nodename, int(dead.stdout)])
     con.close()
 
@@ -145,9 +153,62 @@ def test_each_fault_is_named_and_repair_gives_back_the_clean_home(clean, tmp_pat
     assert pq.read_table(part).equals(pq.read_table(clean.root / part.relative_to(home.root)))
     quarantined = sorted(p.relative_to(home.root / "quarantine").parts[1:] for p in
                          (home.root / "quarantine").rglob("*") if p.is_file())
-    assert quarantined == [("checkpoints", "tiny", "last.pt"), ("checkpoints", "tiny", "last.pt.sha256"),
+    stage = last.parent.name
+    assert quarantined == [("checkpoints", stage, "last.pt"), ("checkpoints", stage, "last.pt.sha256"),
                            ("exports", "coco-test", "labels.json"), ("exports", "coco-test", "manifest.json")]
     con = db.connect(home, read_only=True)
     assert con.execute("SELECT status FROM runs WHERE run_id = 'mine-x'").fetchone()[0] == "killed"
     con.close()
     assert len(said) == 5 and all("\n" not in s for s in said), said
+
+
+# ---- the seeded corruption test (issue #21, item 8) ------------------------------------------------------
+
+SEED, ROUNDS = 21, 6
+KINDS = ("bit flip", "truncation", "zeroed range")
+TARGETS = {"cache shard": "cache/**/*.u8", "part": "data/**/*.parquet", "part record": "data/**/*.parquet.sha256",
+           "final.pt": "checkpoints/*/final.pt", "last.pt": "checkpoints/*/last.pt",
+           "checkpoint record": "checkpoints/*/*.pt.sha256"}
+
+
+def inject(path, kind: str, rng) -> str:
+    data = bytearray(path.read_bytes())
+    at = int(rng.integers(len(data)))
+    if kind == "bit flip":
+        data[at] ^= 1 << int(rng.integers(8))
+    elif kind == "truncation":
+        del data[at:]
+    else:
+        end = at + int(rng.integers(1, 4097))
+        data[at:end] = bytes(len(data[at:end]))
+    before = path.read_bytes()
+    path.write_bytes(bytes(data))
+    return f"{kind} at byte {at} of {len(before)}" + (" (no byte changed)" if bytes(data) == before else "")
+
+
+def test_seeded_faults_are_each_found_or_harmless_and_repair_gives_back_the_clean_home(clean, tmp_path):
+    rng, clean_state, faults = np.random.default_rng(SEED), state(clean), []
+    parts = {p.relative_to(clean.root): pq.read_table(p) for p in clean.data.rglob("*.parquet")}
+    for round_ in range(ROUNDS):
+        home = Home(shutil.copytree(clean.root, tmp_path / f"round-{round_}"))
+        hit = [(files[int(rng.integers(len(files)))], KINDS[int(rng.integers(len(KINDS)))])   # one of each target
+               for files in (sorted(home.root.glob(pattern)) for pattern in TARGETS.values())]
+        injected = [(path, kind, inject(path, kind, rng)) for path, kind in hit]
+        lines = [p.line() for p in check_home(home)]
+        for path, kind, what in injected:
+            named = Path(str(path).removesuffix(".sha256"))   # a damaged record names the file it is the record of
+            found = any(str(named) in line for line in lines)
+            # harmless: no byte changed, or a record whose digest is intact (the file name after it was hit)
+            harmless = "no byte changed" in what or (path != named and matches_record(named))
+            assert found or harmless, f"round {round_}: {what} in {path} not found by check: {lines}"
+            faults.append((round_, path.relative_to(home.root).as_posix(), what, found))
+        said = []
+        Repair(home, say=said.append).run(check_home(home))
+        assert check_home(home) == [], said
+        assert state(home) == clean_state, said
+        assert all(pq.read_table(home.root / rel).equals(table) for rel, table in parts.items()), said
+    assert len(faults) >= 30
+    found = sum(f[3] for f in faults)
+    print(f"\n{len(faults)} faults in {ROUNDS} rounds: {found} found by check, {len(faults) - found} harmless; "
+          "every round repaired to the clean home")
+    print("\n".join(f"  round {r}: {what} in {rel}: {'found' if hit else 'harmless'}" for r, rel, what, hit in faults))
