@@ -202,6 +202,9 @@ class TrainConfig:
                 "end_to_end": self.stages.end_to_end, "am": self.am.stage}
 
 
+RECORD_KEY = "trained_on"   # models.config's record of the data a stage trained on
+
+
 def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None = None) -> TrainConfig:
     """A YAML path, a dict or a TrainConfig -> validated TrainConfig; `overrides` is merged deeply on top.
 
@@ -219,8 +222,9 @@ def load_config(source: str | Path | dict | TrainConfig, overrides: dict | None 
 def _load(data: dict, overrides: dict | None) -> TrainConfig:
     if overrides:
         data = merge(data, overrides)
-    # the sections of other flows: training ignores them, so they never change a stage's fingerprint
-    data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS}
+    # the sections of other flows: training ignores them, so they never change a stage's fingerprint; and
+    # `trained_on`, the data record a trained model's config carries (pipeline.training.stages.data_digest)
+    data = {k: v for k, v in data.items() if k not in HARVEST_SECTIONS and k != RECORD_KEY}
     return from_dict(TrainConfig, data).validate()
 
 

@@ -152,7 +152,7 @@ class Repair:
 
     def checkpoint(self, p: Problem) -> None:
         from pipeline.training.checkpoint import model_row
-        from pipeline.training.stages import plan_stages, resolved_config, train
+        from pipeline.training.stages import home_plans, resolved_config, train
 
         if p.data.get("record_only"):
             record_sha256(p.path, p.path)
@@ -164,9 +164,10 @@ class Repair:
             raise Unrepairable("resume state: `harvest train` starts the stage over without it")
         row = model_row(self.home, p.data["model_id"])
         config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+        config = {k: v for k, v in (config or {}).items() if k != "trained_on"}   # a record, not a setting
         if row["stage"] == "detector" or not config:
             raise Unrepairable(f"model {row['model_id']}: train it again with `harvest detector train`")
-        if row["model_id"] not in [s.model_id for s in plan_stages(resolved_config(config))]:
+        if row["model_id"] not in [s.model_id for s in home_plans(self.home, resolved_config(config))]:
             raise Unrepairable(f"the config recorded for {row['model_id']} no longer plans it; train it again")
         with self.rebuilt(p.path, f"stage {row['model_id']} trained again"):
             train(self.home, config)

@@ -195,8 +195,9 @@ def test_model_init_starts_the_first_stage_from_exported_weights(trained, tmp_pa
     path.rename(moved)
     same = config.load_config(cfg, {"model": {"init": str(moved)}})
     assert stages.home_plans(home, stages.resolved_config(same))[0].model_id == started
-    torch.save({"format": "cxr-harvest-weights/1", "model": {}, "meta": {"arch": "resnet50"}}, path)
-    other = config.load_config(cfg, {"model": {"init": str(path)}})
+    wrong = tmp_path / "w" / "resnet50.pt"      # a weights file of ours for another arch (no sha256 record)
+    torch.save({"format": "cxr-harvest-weights/1", "model": {}, "meta": {"arch": "resnet50"}}, wrong)
+    other = config.load_config(cfg, {"model": {"init": str(wrong)}})
     assert stages.home_plans(home, stages.resolved_config(other))[0].model_id != started
     with pytest.raises(ValueError, match="resnet50"):
         stages.train(home, other)

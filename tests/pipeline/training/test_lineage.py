@@ -59,4 +59,4 @@ def test_train_trains_anew_on_new_data_and_records_what_it_used(homes, tmp_path)
     used = config["trained_on"]
     assert len(used["digest"]) == 16 and sum(used["images"].values()) <= n and used["images"]["val"] > 0
     assert stages.final_model_id(a, stages.resolved_config(CONFIG)) == first
-    assert load_config(CONFIG).name == "tiny"
+    assert load_config(config).name == "tiny"        # a trained model's config loads again (tune, repair)
