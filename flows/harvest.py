@@ -58,13 +58,10 @@ def evaluated(home: Home, run_id: str) -> bool:
 def current_export(folder: Path, min_score, ranks) -> bool:
     """An export of the run already sits in `folder` with these filters (its `manifest.json` says so)."""
     import json
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        return False
-    filters = json.loads(manifest.read_text()).get("filters") or {}
-    return (filters.get("min_score") == (None if min_score is None else float(min_score))
-            and filters.get("ranks") == (None if ranks is None else sorted({int(r) for r in ranks}))
-            and filters.get("findings") is None)
+
+    from pipeline.export.write import MANIFEST, export_filters
+    manifest = folder / MANIFEST
+    return manifest.is_file() and json.loads(manifest.read_text()).get("filters") == export_filters(min_score, ranks)
 
 
 @task(name="has-ground-truth")

@@ -71,6 +71,14 @@ ORDER BY ids.image_id
 """
 
 
+def export_filters(min_score: float | None = None, ranks=(1,), findings=None) -> dict:
+    """The filters of an export as its `manifest.json` records them (normalized: a float, sorted lists)."""
+    return {"min_score": None if min_score is None else float(min_score),
+            "ranks": None if ranks is None else sorted({int(r) for r in ranks}),
+            "findings": None if findings is None else sorted({normalize_finding(f) for f in findings},
+                                                              key=INDEX.__getitem__)}
+
+
 def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
            ranks: tuple[int, ...] | None = (1,), findings=None, images: str = "link",
            image_roots=(), url_prefix: str = URL_PREFIX) -> Path:
@@ -86,10 +94,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     home = home if isinstance(home, Home) else Home.resolve(home)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_replaceable(out_dir)
-    filters = {"min_score": None if min_score is None else float(min_score),
-               "ranks": None if ranks is None else sorted({int(r) for r in ranks}),
-               "findings": None if findings is None else sorted({normalize_finding(f) for f in findings},
-                                                                 key=INDEX.__getitem__)}
+    filters = export_filters(min_score, ranks, findings)
     rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters)
     boxes = [c for b in raw_boxes if (c := _clip(b, rows[b["image_id"]]))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)

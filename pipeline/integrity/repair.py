@@ -164,7 +164,6 @@ class Repair:
             raise Unrepairable("resume state: `harvest train` starts the stage over without it")
         row = model_row(self.home, p.data["model_id"])
         config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
-        config = {k: v for k, v in (config or {}).items() if k != "trained_on"}   # a record, not a setting
         if row["stage"] == "detector" or not config:
             raise Unrepairable(f"model {row['model_id']}: train it again with `harvest detector train`")
         if row["model_id"] not in [s.model_id for s in home_plans(self.home, resolved_config(config))]:

@@ -38,7 +38,7 @@ from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import held_out
 from pipeline.config.check import fingerprint
-from pipeline.config.train import StageConfig, TrainConfig, load_config
+from pipeline.config.train import RECORD_KEY, StageConfig, TrainConfig, load_config
 from pipeline.images.dataset import CacheDataset
 from pipeline.training.checkpoint import FINAL, Resumable, load_checkpoint, model_meta, save_checkpoint
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
@@ -246,7 +246,7 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
                       reference_id=plan.reference.parent.model_id if plan.reference and plan.reference.parent
                       else None, stage=plan.name,
                       t=plan.t, arch=cfg.model.arch, neck=plan.neck, num_classes=model.num_classes,
-                      input_size=cfg.data.input_size, config={**cfg.to_dict(), "trained_on": plan.data},
+                      input_size=cfg.data.input_size, config={**cfg.to_dict(), RECORD_KEY: plan.data},
                       fingerprint=plan.fingerprint)
     epoch, start_step = 0, 0
     trainer = {"history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
