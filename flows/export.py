@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flows._verbs import create_markdown_artifact, flow, require_run, task
 from pipeline.base.home import Home
-from pipeline.config.harvest import EXPORT_FORMATS
+from pipeline.config.harvest import EXPORT_FORMATS, TRUST_FLOOR
 from pipeline.export.common import IMAGE_MODES
 from pipeline.export.labelstudio import URL_PREFIX
 from pipeline.export.write import MANIFEST, export
@@ -20,25 +20,28 @@ from pipeline.runs.record import recorded_run
 @task(name="export")
 def export_task(home: str, run_id: str, fmt: str, out_dir: str, min_score: float | None,
                 ranks: list[int] | None, findings: list[str] | None, images: str = "link",
-                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX) -> str:
+                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX,
+                trust_floor: float | None | str = "default") -> str:
     return str(export(home, run_id, fmt, out_dir, min_score=min_score, ranks=ranks, findings=findings,
-                      images=images, image_roots=image_roots or (), url_prefix=url_prefix))
+                      images=images, image_roots=image_roots or (), url_prefix=url_prefix, trust_floor=trust_floor))
 
 
 @flow(name="export", log_prints=True)
 def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, min_score: float | None = None,
                 ranks: list[int] | None = (1,), findings: list[str] | None = None, images: str = "link",
-                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX) -> dict:
+                image_roots: list[str] | None = None, url_prefix: str = URL_PREFIX,
+                trust_floor: float | None | str = "default") -> dict:
     """Export run `run_id` as `fmt` (coco | yolo | nih-csv | labelstudio | cvat) to `out_dir` (default
-    `<home>/exports/<run>/<fmt>`), images linked, copied or not written (`images`: link | copy | none)."""
+    `<home>/exports/<run>/<fmt>`), images linked, copied or not written (`images`: link | copy | none), the
+    findings and boxes the run's measured trust passes (`trust_floor`, pipeline.export.write.export)."""
     out_dir = str(out_dir or Home.resolve(home).exports / run_id / fmt)
     ranks = None if ranks is None else list(ranks)
     params = {"run_id": run_id, "format": fmt, "out_dir": out_dir, "min_score": min_score, "ranks": ranks,
-              "findings": findings, "images": images, "image_roots": image_roots,
+              "findings": findings, "images": images, "image_roots": image_roots, "trust_floor": trust_floor,
               **({"url_prefix": url_prefix} if fmt == "labelstudio" else {})}
     with recorded_run(home, "export", params) as export_run:
         path = Path(export_task(home, run_id, fmt, out_dir, min_score, ranks, findings, images, image_roots,
-                                url_prefix))
+                                url_prefix, trust_floor))
     manifest = json.loads((path / MANIFEST).read_text())
     counts = manifest["counts"]
     per_finding = "".join(f"| {name} | {n} |\n" for name, n in counts["per_finding"].items())
@@ -67,7 +70,7 @@ def _run(args) -> int:
     from flows._runtime import prefect_api
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,
-                    args.images, args.image_roots, args.url_prefix)
+                    args.images, args.image_roots, args.url_prefix, None if args.all else args.floor or "default")
     return 0
 
 
@@ -85,6 +88,12 @@ def register(sub) -> None:
                    help="box ranks to keep (default 1: the top box per image and finding); 'all' keeps every rank")
     p.add_argument("--findings", nargs="+", default=None, metavar="FINDING",
                    help="findings to keep, e.g. Mass Nodule (default: all 14)")
+    p.add_argument("--all", action="store_true",
+                   help="keep every finding and box, trusted or not (the default for labelstudio and cvat, which "
+                        "people review; coco, yolo and nih-csv keep only the findings whose estimated Acc@0.3 "
+                        "on the run's tuning set reaches --floor, and their boxes above the tuned minimum score)")
+    p.add_argument("--floor", type=float, default=None, metavar="ACC",
+                   help=f"the estimated Acc@0.3 a finding needs to be exported (default {TRUST_FLOOR}); see `harvest tune --run`")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="export folder (default <home>/exports/<run>/<format>)")
     p.add_argument("--images", default="link", choices=IMAGE_MODES,

@@ -20,7 +20,7 @@ from flows.mine import mine_flow
 from flows.train import train_flow
 from pipeline.base import amp
 from pipeline.base.home import Home
-from pipeline.config.harvest import cache_sizes, check, load_sections
+from pipeline.config.harvest import cache_sizes, check, load_sections, trusted_by_default
 from pipeline.config.train import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,13 +55,14 @@ def evaluated(home: Home, run_id: str) -> bool:
         con.close()
 
 
-def current_export(folder: Path, min_score, ranks) -> bool:
+def current_export(folder: Path, min_score, ranks, trust_floor) -> bool:
     """An export of the run already sits in `folder` with these filters (its `manifest.json` says so)."""
     import json
 
     from pipeline.export.write import MANIFEST, export_filters
     manifest = folder / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("filters") == export_filters(min_score, ranks)
+    return manifest.is_file() and \
+        json.loads(manifest.read_text()).get("filters") == export_filters(min_score, ranks, trust_floor=trust_floor)
 
 
 @task(name="has-ground-truth")
@@ -100,6 +101,17 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
     timings["mine"] = time.perf_counter() - t0 - sum(timings.values())
     run_id = mined["run_id"]
     nothing_new = mined.get("images_mined") == 0 and evaluated(home_, run_id)
+    exp = sections["export"]
+    ranks = tuple(exp.get("ranks") or []) or None
+
+    def floor(fmt: str):
+        return exp.get("trust_floor") if trusted_by_default(fmt) else None
+    # exports first, so that the report names them; a run with nothing new keeps its current ones
+    exports = {fmt: str(home_.exports / run_id / fmt) if nothing_new and current_export(
+                   home_.exports / run_id / fmt, exp.get("min_score"), ranks, floor(fmt))
+               else export_flow(home, run_id, fmt, None, exp.get("min_score"), ranks, trust_floor=floor(fmt))
+               for fmt in exp["formats"]}
+    timings["export"] = time.perf_counter() - t0 - sum(timings.values())
     if nothing_new:
         print(f"nothing new: run {run_id} mined no image this time and was evaluated before; its report and "
               "exports stay as they are")
@@ -107,12 +119,6 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
     else:
         evaluation = evaluate_flow(home, run_id) if has_ground_truth(home) else None
     timings["evaluate"] = time.perf_counter() - t0 - sum(timings.values())
-    exp = sections["export"]
-    ranks = tuple(exp.get("ranks") or []) or None
-    exports = {fmt: str(home_.exports / run_id / fmt) if nothing_new and current_export(
-                   home_.exports / run_id / fmt, exp.get("min_score"), ranks)
-               else export_flow(home, run_id, fmt, None, exp.get("min_score"), ranks) for fmt in exp["formats"]}
-    timings["export"] = time.perf_counter() - t0 - sum(timings.values())
     summary = {"home": home, "model_id": model_id, "run_id": run_id, "ingest": ingest, "mine": mined,
                "nothing_new": nothing_new, "report": evaluation and evaluation.get("report"),
                "exports": {k: v.get("path") if isinstance(v, dict) else str(v) for k, v in exports.items()},

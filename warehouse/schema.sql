@@ -115,3 +115,25 @@ CREATE TABLE IF NOT EXISTS rejects (
     detail VARCHAR,                      -- human sentence naming the cause and the fix
     "at"   TIMESTAMP NOT NULL
 );
+
+-- Trust in a mining run's boxes per finding, measured on its tuning set, never on evaluation boxes
+-- (pipeline.evaluation.trust; `harvest tune --run`): `harvest export` keeps the `kept` findings and boxes with
+-- score >= min_score unless told `--all`.
+CREATE TABLE IF NOT EXISTS trust (
+    run_id     VARCHAR NOT NULL,
+    finding    VARCHAR NOT NULL,
+    source     VARCHAR NOT NULL,         -- the tuning set: 'truth@val' (phantom truth, validation images) | 'review'
+    t          DOUBLE NOT NULL,          -- T(IoU)
+    n_gt       INTEGER NOT NULL,         -- truth boxes of the finding in the tuning set (0: no estimate)
+    n_images   INTEGER NOT NULL,
+    min_score  DOUBLE,                   -- rank-1 boxes below it are left out (NULL: none)
+    acc        DOUBLE,                   -- estimated Acc@t of the kept rank-1 boxes (cross-fitted cut)
+    lo         DOUBLE,                   -- its 95 % bootstrap interval over images
+    hi         DOUBLE,
+    precision  DOUBLE,                   -- share of kept rank-1 boxes that hit a truth box
+    floor      DOUBLE NOT NULL,          -- the Acc a finding needs to be kept
+    kept       BOOLEAN NOT NULL,
+    basis      VARCHAR NOT NULL,         -- the box counts it was measured on: measured again when they change
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, finding)
+);

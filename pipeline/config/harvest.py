@@ -2,7 +2,7 @@
 
     phantom:  {n, seed, size, difficulty}     # the embedded default data (`harvest demo`)
     mining:   {split, shard_size, ...}        # `split`/`shard_size` for the flow, the rest is MiningConfig
-    export:   {formats: [coco, yolo, nih-csv], ranks: [1], min_score: null}
+    export:   {formats: [coco, yolo, nih-csv], ranks: [1], min_score: null, trust_floor: 0.5}
 
 `pipeline.config.train.load_config` ignores these sections, so they never change a stage's fingerprint.
 `check(path)` validates the whole file (training config and these sections) before anything runs.
@@ -20,12 +20,15 @@ from pipeline.config.train import HARVEST_SECTIONS, load_config
 # `pipeline.export.write.FORMATS`
 # (a test holds the two equal), so a config is checked without loading pycocotools.
 EXPORT_FORMATS = ("coco", "yolo", "nih-csv", "labelstudio", "cvat")
+REVIEW_FORMATS = ("labelstudio", "cvat")   # for people to review: every finding, trusted or not
 DIFFICULTY = {"easy": 0.0, "default": 0.0, "medium": 0.5, "hard": 1.0}   # the phantom's named difficulties
 DEFAULTS = {
     "phantom": {"n": 600, "seed": 0, "size": 1024},
     "mining": {"split": "all", "shard_size": 256},
-    "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None},
+    "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None, "trust_floor": 0.5},
 }
+# The estimated Acc@0.3 a finding needs for the pseudo-label exports to keep it (pipeline.evaluation.trust)
+TRUST_FLOOR = DEFAULTS["export"]["trust_floor"]
 PHANTOM_KEYS = ("n", "seed", "size", "difficulty")
 MAX_PHANTOM, MAX_SHARD = 1_000_000, 1_000_000
 
@@ -86,6 +89,15 @@ def _validate(phantom: dict, mining: dict, export: dict) -> None:
             "export.ranks", ranks, f"must be a list of integers in [1, {MAX_RANKS}] (null or []: every rank)")
     require(min_score is None or is_number(min_score) and 0 <= min_score <= 1, "export.min_score", min_score,
             "must be null or a number in [0, 1]")
+    floor = export["trust_floor"]
+    require(floor is None or is_number(floor) and 0 <= floor <= 1, "export.trust_floor", floor,
+            "must be null (every finding) or an estimated Acc in [0, 1]")
+
+
+def trusted_by_default(fmt: str) -> bool:
+    """Pseudo-label formats keep only trusted findings unless told otherwise; the review formats keep every
+    finding, since people review them to make the truth that trust is measured on."""
+    return fmt not in REVIEW_FORMATS
 
 
 def input_size(path) -> int:

@@ -39,7 +39,9 @@ import numpy as np
 
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.base.vocab import INDEX, held_out, normalize_finding
+from pipeline.base.vocab import INDEX, normalize_finding
+from pipeline.config.harvest import trusted_by_default
+from pipeline.evaluation.trust import gate, keep, manifest_entry, validation_rule
 from pipeline.export import coco, cvat, labelstudio, nih_csv, yolo
 from pipeline.export.common import IMAGE_MODES, ImageFiles
 from pipeline.export.labelstudio import URL_PREFIX
@@ -71,30 +73,38 @@ ORDER BY ids.image_id
 """
 
 
-def export_filters(min_score: float | None = None, ranks=(1,), findings=None) -> dict:
-    """The filters of an export as its `manifest.json` records them (normalized: a float, sorted lists)."""
+def export_filters(min_score: float | None = None, ranks=(1,), findings=None, trust_floor: float | None = None) -> dict:
+    """The filters of an export as its `manifest.json` records them (normalized: a float, sorted lists).
+    `trust_floor`: the estimated Acc a finding needs (pipeline.evaluation.trust), None: every finding."""
     return {"min_score": None if min_score is None else float(min_score),
             "ranks": None if ranks is None else sorted({int(r) for r in ranks}),
             "findings": None if findings is None else sorted({normalize_finding(f) for f in findings},
-                                                              key=INDEX.__getitem__)}
+                                                              key=INDEX.__getitem__),
+            "trust_floor": None if trust_floor is None else float(trust_floor)}
 
 
 def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
            ranks: tuple[int, ...] | None = (1,), findings=None, images: str = "link",
-           image_roots=(), url_prefix: str = URL_PREFIX) -> Path:
+           image_roots=(), url_prefix: str = URL_PREFIX, trust_floor: float | None | str = "default") -> Path:
     """Export the boxes of run `run_id` as `fmt` into the folder `out_dir`; return that folder.
 
     Filters: `min_score` keeps boxes with score >= it; `ranks` keeps those box ranks (None: all ranks;
     the default keeps the top box per image and finding); `findings` keeps those findings (any spelling
     that :func:`pipeline.base.vocab.normalize_finding` accepts). `images`: link | copy | none (module docstring);
     `image_roots`: folders searched for the source files before the recorded ingest roots; `url_prefix`
-    (labelstudio): what `data.image` starts with, before the image's path. An existing export at `out_dir` is
-    replaced.
+    (labelstudio): what `data.image` starts with, before the image's path. `trust_floor`: keep only the findings
+    whose estimated Acc (pipeline.evaluation.trust, measured on the run's tuning set, never on evaluation boxes)
+    reaches it, and their boxes with score >= their tuned minimum; None keeps every finding; "default" is
+    `trust.FLOOR` for the pseudo-label formats and None for the review formats. An existing export at `out_dir`
+    is replaced.
     """
     home = home if isinstance(home, Home) else Home.resolve(home)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_replaceable(out_dir)
-    filters = export_filters(min_score, ranks, findings)
+    if trust_floor == "default":
+        from pipeline.evaluation.trust import FLOOR
+        trust_floor = FLOOR if trusted_by_default(fmt) else None
+    filters = export_filters(min_score, ranks, findings, trust_floor)
     rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters)
     boxes = [c for b in raw_boxes if (c := _clip(b, rows[b["image_id"]]))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +162,13 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         if run is None:
             raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
                              "list runs with `SELECT * FROM runs` and pass one that mined boxes")
-        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **filters}))
+        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **{k: filters.get(k) for k in
+                                                                     ("min_score", "ranks", "findings")}}))
+        trust = {"applied": False, "reason": "every finding asked for (--all)"}
+        if filters.get("trust_floor") is not None:
+            rows = gate(con, run_id, filters["trust_floor"])
+            boxes = keep(boxes, rows) if rows is not None else boxes
+            trust = manifest_entry(rows)
         boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
                                            [run_id]).fetchall()]
         ids = sorted(set(boxed) | set(mined_image_ids(home, run_id)))
@@ -187,7 +203,7 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         patient = im.pop("patient_id")
         im["patient"] = pseudonym("patient", patient, salt) if pseudonyms else None
     trace = {"run_id": run_id, "model_id": model_id, "run": run, "model": model, "box_model_ids": model_ids,
-             "splits": splits}
+             "splits": splits, "trust": trust}
     return {im["image_id"]: im for im in images}, boxes, trace, roots
 
 
@@ -196,19 +212,11 @@ def _assign_splits(images: list[dict], model: dict | None, has_val: bool) -> dic
     with a `val` split in the warehouse, the stored split; else the `train` patients that the model's training
     config (its `seed` and `data.val_fraction`, or TrainConfig's defaults where the model records none) held out
     become `val`. `test`, the evaluation split, is never moved. Returns the manifest's account of it."""
-    test = "the evaluation split, as stored: never train or val"
-    if has_val:
-        return {"val": "the warehouse's val split", "test": test}
-    from pipeline.config.train import TrainConfig
-    config, default = (model or {}).get("config") or {}, TrainConfig()
-    seed = config.get("seed", default.seed)
-    fraction = (config.get("data") or {}).get("val_fraction", default.data.val_fraction)
+    is_val, how = validation_rule(model, has_val)
     for im in images:
-        if im["split"] == "train" and held_out(im["patient_id"], seed, fraction):
+        if not has_val and is_val(im["patient_id"], im["split"]):
             im["split"] = "val"
-    source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
-    return {"val": f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})",
-            "test": test}
+    return {"val": how, "test": "the evaluation split, as stored: never train or val"}
 
 
 def _dicts(cursor) -> list[dict]:

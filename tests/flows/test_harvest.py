@@ -84,9 +84,19 @@ def test_harvest_then_scheduled_run_mines_only_new_images(tiny, prefect_api, tmp
     assert first["mine"]["images_mined"] == n_images and mined[1] > 0
     assert evals > 0 and first["report"] and (home / "reports").exists()
     cocos = [json.loads(p.read_text()) for p in (Path(first["exports"]["coco"]) / "annotations").glob("instances_*.json")]
-    dropped = json.loads((Path(first["exports"]["coco"]) / "manifest.json").read_text())["counts"]["dropped_outside_frame"]
+    manifest = json.loads((Path(first["exports"]["coco"]) / "manifest.json").read_text())
+    trust = manifest["trust"]   # measured on the phantom truth of the validation images, gating the export
+    assert trust["applied"] and trust["source"] == "truth@val" and manifest["filters"]["trust_floor"] == 0.5
+    cuts = {f: e["min_score"] or -1.0 for f, e in trust["findings"].items() if e["kept"]}
+    con = db.connect(home, read_only=True)
+    trusted = con.execute("SELECT count(*) FROM mined_boxes WHERE run_id = ? AND rank <= 3 AND list_contains(?, "
+                          "finding) AND score >= map_extract(MAP(?, ?), finding)[1]",
+                          [first["run_id"], list(cuts), list(cuts), list(cuts.values())]).fetchone()[0] if cuts else 0
+    stored = con.execute("SELECT count(*) FROM trust WHERE run_id = ?", [first["run_id"]]).fetchone()[0]
+    con.close()
+    assert stored == len(trust["findings"]) > 0
     assert sum(len(c["images"]) for c in cocos) == n_images >= mined[0]  # every mined image, negatives too
-    assert sum(len(c["annotations"]) for c in cocos) + dropped == mined[1]
+    assert sum(len(c["annotations"]) for c in cocos) + manifest["counts"]["dropped_outside_frame"] == trusted
     assert {"ingest", "mine", "evaluate", "export"} <= set(runs)
 
     # the nightly run: two images land in the source folder; the scheduled deployment's parameters

@@ -332,7 +332,8 @@ def test_manifest_traces_run_model_and_files(home, tmp_path):
     assert (m["run_id"], m["model_id"], m["format"]) == (RUN, MODEL, "yolo")
     assert m["run"]["params"] == {"T": 3, "shard_size": 2000} and m["run"]["code_version"] == "v0.1-3-gdeadbee"
     assert m["model"]["config"] == {"lr": 0.01, "input_size": 256} and m["model"]["arch"] == "resnet18"
-    assert m["filters"] == {"min_score": 0.3, "ranks": [1], "findings": ["Mass"]}
+    assert m["filters"] == {"min_score": 0.3, "ranks": [1], "findings": ["Mass"], "trust_floor": 0.5}
+    assert m["trust"]["applied"] is False and "no tuning set" in m["trust"]["reason"]   # no truth, no review
     assert m["code_version"] and m["created_at"].endswith("+00:00")
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     images = {f for f in files if f.startswith("images/")}
@@ -468,7 +469,8 @@ def test_cli_runs_the_flow_and_leaves_an_artifact(tmp_path, monkeypatch, capsys)
     manifest = json.loads((out / "manifest.json").read_text())
     want = exported(ranks=None, min_score=0.5, findings=["Cardiomegaly", "Mass"])
     assert manifest["counts"]["boxes"] == len(want) == 3
-    assert manifest["filters"] == {"min_score": 0.5, "ranks": None, "findings": ["Cardiomegaly", "Mass"]}
+    assert manifest["filters"] == {"min_score": 0.5, "ranks": None, "findings": ["Cardiomegaly", "Mass"],
+                                   "trust_floor": 0.5}
     assert len(arts) == 1 and str(out) in arts[0].data and "| Cardiomegaly | 2 |" in arts[0].data
     con = connect(home, read_only=True)
     runs = con.execute("SELECT status, params FROM runs WHERE flow = 'export' ORDER BY started_at").fetchall()
