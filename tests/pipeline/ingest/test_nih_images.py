@@ -31,7 +31,7 @@ def test_good_images_cached_and_served(make_nih, tmp_path):
     root = make_nih(GOOD, boxes=[("00000002_000.png", "Mass", 10, 20, 30, 40)], size=128, test=["00000002_000.png"])
     home = tmp_path / "home"
     summary = ingest_nih(home, root, sizes=(64, 32))
-    assert summary == {"images": 4, "decoded": 4, "skipped_cached": 0, "rejects": 0, "boxes": 1}
+    assert summary == {"images": 4, "decoded": 4, "skipped_cached": 0, "rejects": 0, "broken_sources": 0, "boxes": 1}
     ds = CacheDataset(home, size=64, with_boxes=True)
     assert ds.image_ids == sorted(g[0] for g in GOOD)
     k = ds.image_ids.index("00000002_000.png")
