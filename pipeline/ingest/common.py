@@ -18,6 +18,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import re
 import threading
 import warnings
 from collections import deque
@@ -115,7 +116,8 @@ def decode_png(data: bytes, suffix: str = "") -> np.ndarray:
 
 
 def _unreadable(exc: Exception) -> Reject:
-    return Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {exc}); "
+    what = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", str(exc))   # PIL names its buffer object: not a fact of the file
+    return Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {what}); "
                                       "the file is truncated or not an image")
 
 
