@@ -100,11 +100,18 @@ def read_members(archive: Path, names: dict[str, str]) -> Iterator[tuple[str, by
         return
 
 
-def recorded(con, image_ids) -> dict[str, tuple[str, str]]:
-    """image id -> (archive relative to its ingest root, member) of those of `image_ids` read from an archive.
-    A home from before `image_archives` existed, opened read-only, has none."""
+def recorded(con, image_ids, roots: list[Path]) -> dict[str, tuple[Path, str, str]]:
+    """image id -> (archive, member, sha256 ingested) of those of `image_ids` read from an archive that is under
+    one of `roots` now (the first that holds it). A home from before `image_archives` existed, opened read-only,
+    has none."""
     if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'image_archives'").fetchone()[0]:
         return {}
-    rows = con.execute("SELECT image_id, archive, member FROM image_archives WHERE image_id IN (SELECT unnest(?))",
+    rows = con.execute("""SELECT a.image_id, a.archive, a.member, i.source_sha256 FROM image_archives a
+                          JOIN images i USING (image_id) WHERE a.image_id IN (SELECT unnest(?))""",
                        [sorted(image_ids)]).fetchall()
-    return {iid: (archive, member) for iid, archive, member in rows}
+    out = {}
+    for iid, archive, member, sha in rows:
+        where = next((root / archive for root in roots if (root / archive).is_file()), None)
+        if where is not None:
+            out[iid] = (where.resolve(), member, sha)
+    return out
