@@ -43,6 +43,10 @@ def require_cache_space(home: Home, root: Path, sizes: list[int]) -> None:
     per cache size, less what the cache already holds (a re-ingest reuses it)."""
     from pipeline.base.files import require_free
     n = sum(1 for p in root.rglob("*") if p.suffix.lower() in (".png", ".dcm", ".dicom", "") and p.is_file())
+    from pipeline.ingest.archives import archive_files
+    if archive_files(root):   # NIH's archives: as many images as Data_Entry lists, at most
+        from pipeline.ingest.nih import DATA_ENTRY_NAMES
+        n = max([n, *(sum(1 for _ in open(root / name)) - 1 for name in DATA_ENTRY_NAMES if (root / name).is_file())])
     held = {s: sum(f.stat().st_size for f in (home.cache / f"size={s}").glob("*.u8")) for s in sizes}
     need = sum(max(0, n * s * s - held[s]) for s in sizes)
     require_free(home.cache, need, f"the image cache of {n:,} images at {', '.join(map(str, sizes))} px")
@@ -74,7 +78,8 @@ def register(sub) -> None:
     nih = kinds.add_parser("nih", help="NIH layout: Data_Entry_2017*.csv, BBox_List_2017.csv, images/",
                            description="Ingest an NIH ChestX-ray14 layout folder (or a phantom made by "
                                        "`harvest phantom`).")
-    nih.add_argument("--root", required=True, help="dataset folder")
+    nih.add_argument("--root", required=True, help="dataset folder: the CSVs beside images/ folders or NIH's "
+                                                    "images_0xx.tar.gz archives (read as a stream, not extracted)")
     nih.add_argument("--metadata-only", action="store_true", help="ingest the CSVs without images")
     nih.add_argument("--sizes", default="256", help="cache sizes, comma-separated (default 256)")
     nih.set_defaults(func=_run)

@@ -137,3 +137,13 @@ CREATE TABLE IF NOT EXISTS trust (
     created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (run_id, finding)
 );
+
+-- Images read from an archive of NIH's download (`images_001.tar.gz` ...) rather than a file: one row per image,
+-- the archive's path relative to the ingest root and the member inside it. Exports and `harvest check --repair`
+-- read the member from there; an image ingested from a file has no row. Added after version 1 (no change to
+-- `images`): an older home gets the empty table on its next connection.
+CREATE TABLE IF NOT EXISTS image_archives (
+    image_id VARCHAR PRIMARY KEY,
+    archive  VARCHAR NOT NULL,           -- e.g. 'images_001.tar.gz'
+    member   VARCHAR NOT NULL            -- e.g. 'images/00000001_000.png'
+);

@@ -3,10 +3,12 @@ the per-split order and counts of an export, and what their readers give back (`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,9 @@ class ImageFiles:
     salt: bytes | None = None
     written: Counter = field(default_factory=Counter)
     folders: dict[str, str] = field(default_factory=dict)  # image folders written (none: the root)
+    members: dict[str, tuple] = field(default_factory=dict)   # ids read from an archive: (it, member, sha256)
+    staged: dict[str, Path] = field(default_factory=dict)   # members read out, not yet placed
+    staging: Path | None = None
 
     @classmethod
     def locate(cls, home: Home, images: list[dict], mode: str, roots: list[Path]) -> "ImageFiles":
@@ -83,6 +88,14 @@ class ImageFiles:
                 if name in wanted:
                     sources[name] = Path(path).resolve()
                     wanted.discard(name)
+        members = _find_members(home, wanted, roots) if wanted else {}
+        wanted -= set(members)
+        if members and mode == "none":
+            iid, (archive, member, _) = next(iter(sorted(members.items())))
+            raise ValueError(f"{len(members)} image(s) were ingested from NIH's archives, e.g. {member} of {archive}: "
+                             "--images none would name files that do not exist; use --images link or copy (they "
+                             f"are read from the archives), or extract the archives (tar xzf) in {archive.parent} "
+                             "and ingest that folder again")
         salt = None
         if dicom:
             from pipeline.ingest.dicom import home_salt
@@ -103,7 +116,7 @@ class ImageFiles:
             under = {r.resolve() for r in roots for p in sources.values() if p.is_relative_to(r.resolve())}
             root = under.pop() if len(under) == 1 else Path(os.path.commonpath([p.parent for p in sources.values()]))
             sources = {k: Path(os.path.relpath(p, root)) for k, p in sources.items()}
-        return cls(mode, sources, {im["image_id"] for im in dicom}, root, salt)
+        return cls(mode, sources, {im["image_id"] for im in dicom}, root, salt, members=members)
 
     def name(self, im: dict) -> str:
         """The exported file's name: the source's, or `<image_id>.png` for a decoded DICOM."""
@@ -119,17 +132,22 @@ class ImageFiles:
         folder = out / sub
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / self.name(im)
-        src = self.sources[im["image_id"]]
+        src = self.sources.get(im["image_id"])
+        from PIL import Image
         if im["image_id"] in self.decode:
-            from PIL import Image
-
             from pipeline.images.dicom import read_dicom
             pixels = read_dicom(src, salt=self.salt).pixels
             _check_frame(im, pixels.shape[1], pixels.shape[0], "decoded DICOM")
             Image.fromarray(pixels).save(dest, compress_level=1)
             self.written["decoded"] += 1
             return dest.name
-        from PIL import Image
+        if im["image_id"] in self.members:
+            staged = self._read_out(im["image_id"], out.parent)
+            with Image.open(staged) as img:
+                _check_frame(im, *img.size, f"{self.members[im['image_id']][1]} of {self.members[im['image_id']][0]}")
+            os.replace(staged, dest)   # a member has no file to link: it is written out once, here
+            self.written["extracted"] += 1
+            return dest.name
         with Image.open(src) as img:
             _check_frame(im, *img.size, str(src))
         if self.mode == "link":
@@ -143,15 +161,53 @@ class ImageFiles:
         self.written["copied"] += 1
         return dest.name
 
+    def _read_out(self, image_id: str, beside: Path) -> Path:
+        """The member of `image_id` as a file in a staging folder `beside` the export: its archive is read once,
+        every member this export wants from it written out as it passes (one member in memory at a time), each
+        checked against the sha256 it was ingested with."""
+        if image_id not in self.staged:
+            from pipeline.ingest.archives import read_members
+            if self.staging is None:
+                self.staging = Path(tempfile.mkdtemp(prefix=".members-", suffix=".tmp", dir=beside))
+            archive = self.members[image_id][0]
+            names = {iid: m for iid, (a, m, _) in self.members.items() if a == archive and iid not in self.staged}
+            for iid, data in read_members(archive, names):
+                if self.members[iid][2] != hashlib.sha256(data).hexdigest():
+                    raise ValueError(f"{names[iid]} of {archive} is not the image {iid} ingested (its sha256 "
+                                     "differs): the archive changed since ingestion; ingest it again")
+                (self.staging / iid).write_bytes(data)
+                self.staged[iid] = self.staging / iid
+            if image_id not in self.staged:
+                raise FileNotFoundError(f"{self.members[image_id][1]} cannot be read from {archive} (missing, or "
+                                        "past a break in the archive): download it again, or pass --images none")
+        return self.staged.pop(image_id)
+
+    def close(self) -> None:
+        """Drop the staging folder of archive members."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging, self.staged = None, {}
+
     def summary(self) -> dict:
-        return {"mode": self.mode, "root": None if self.root is None else str(self.root),
-                "folders": self.folders, **{k: self.written[k] for k in ("linked", "copied", "decoded")}}
+        return {"mode": self.mode, "root": None if self.root is None else str(self.root), "folders": self.folders,
+                **{k: self.written[k] for k in ("linked", "copied", "decoded")},
+                **({"extracted": self.written["extracted"]} if self.members else {})}
 
 
 def _check_frame(im: dict, width: int, height: int, what: str) -> None:
     if (width, height) != (im["width"], im["height"]):
         raise ValueError(f"{what} is {width}x{height} but {im['image_id']} was ingested as {im['width']}x"
                          f"{im['height']} (the frame of its boxes): the file changed since ingestion; re-ingest it")
+
+
+def _find_members(home: Home, wanted: set[str], roots: list[Path]) -> dict[str, tuple[Path, str, str]]:
+    """NIH image id -> (archive, member, sha256) of the images ingested from an archive under a root now."""
+    from pipeline.ingest.archives import recorded
+    con = connect(home, read_only=True)
+    try:
+        return recorded(con, wanted, roots)
+    finally:
+        con.close()
 
 
 def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path]) -> dict[str, Path]:

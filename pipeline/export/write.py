@@ -128,6 +128,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_into_place(tmp, out_dir)
     finally:
+        files.close()
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap `tmp` holds the old export
     return out_dir
 

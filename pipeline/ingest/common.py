@@ -5,6 +5,11 @@ and re-running it loses nothing and duplicates nothing: finished files are recog
 The warehouse is open only around those commits (one short connection each), never while decoding, so readers
 and other writers get in between. One ingest per home at a time (`ingest_lock`); it starts by sweeping what a
 killed or changed run left behind (`sweep_orphans`). Decode workers die with the ingesting process.
+
+Items come as a list (files) or a stream (members of an archive, read in this process): at most a few per worker
+are in flight, so memory stays bounded however many images a source holds. A source that turns bad after its
+image was ingested (truncated, emptied, deleted) keeps its image as ingested and is reported, not rejected
+(`broken_sources`): the warehouse and the cache hold the version its sha256 names.
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import re
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +36,7 @@ from tqdm import tqdm
 from pipeline.base.lifeline import die_with_parent
 from pipeline.images import cache
 from pipeline.images.dicom import by_rows, to_uint8
-from pipeline.images.rejects import MAX_PIXELS, Reject, check_pixels
+from pipeline.images.rejects import MAX_PIXELS, Reject, check_file_size, check_pixels
 from pipeline.runs.record import writer
 from warehouse import db
 
@@ -43,11 +50,14 @@ IMAGE_COLUMNS = ["image_id", "patient_id", "follow_up", "age", "sex", "view", "w
 
 @dataclass
 class Item:
-    """One file to ingest. `row` holds the `images` columns known before decoding."""
-    path: str                       # absolute path of the source file
+    """One file to ingest. `row` holds the `images` columns known before decoding (and, for an archive member,
+    `archive` and `member`: its `image_archives` row)."""
+    path: str                       # absolute path of the source file (an archive member: archive/member)
     rel: str                        # path relative to the dataset root, used in rejects
     row: dict = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
+    data: bytes | None = None       # the bytes, already read (an archive member); None: read `path`
+    fault: Reject | None = None     # known bad before decoding (missing, cut short in its archive)
 
 
 @dataclass
@@ -106,16 +116,26 @@ def decode_png(data: bytes, suffix: str = "") -> np.ndarray:
 
 
 def _unreadable(exc: Exception) -> Reject:
-    return Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {exc}); "
+    what = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", str(exc))   # PIL names its buffer object: not a fact of the file
+    return Reject("unreadable_image", f"not a readable image ({type(exc).__name__}: {what}); "
                                       "the file is truncated or not an image")
 
 
-def _decode_item(args) -> Decoded:
-    item, sizes, cached, decoder = args
+def read_image_file(path) -> bytes:
+    """The file's bytes, its size checked first (`file_too_large`): an absurd file is never read whole."""
+    with open(path, "rb") as f:
+        check_file_size(os.fstat(f.fileno()).st_size)
+        return f.read()
+
+
+def _decode_item(item: Item, sizes, cached: dict, decoder: Callable) -> Decoded:
     out = Decoded(item)
+    data, item.data = item.data, None   # the bytes do not travel back from a worker
     try:
-        with open(item.path, "rb") as f:
-            data = f.read()
+        if item.fault is not None:
+            raise item.fault
+        if data is None:
+            data = read_image_file(item.path)
         out.sha256 = sha256_bytes(data) if data else None
         if out.sha256 in cached:          # decoded before: reuse the stored frame, skip the decode
             out.meta = dict(zip(("width", "height"), cached[out.sha256]))
@@ -138,16 +158,36 @@ def _decode_item(args) -> Decoded:
     return out
 
 
-def decode_all(items: list[Item], sizes, cached: dict, decoder: Callable, workers: int | None) -> Iterator[Decoded]:
-    """Decode in worker processes (spawned: safe beside Prefect's and torch's threads), in input order."""
-    jobs = ((it, tuple(sizes), cached, decoder) for it in items)
+_JOB: dict = {}   # a worker's sizes, cached shas and decoder, sent once (`_start_worker`), not with every item
+
+
+def _start_worker(parent: int, job: dict) -> None:
+    die_with_parent(parent)
+    _JOB.update(job)
+
+
+def _decode_job(item: Item) -> Decoded:
+    return _decode_item(item, **_JOB)
+
+
+def decode_all(items: Iterable[Item], sizes, cached: dict, decoder: Callable, workers: int | None,
+               total: int) -> Iterator[Decoded]:
+    """Decode in worker processes (spawned: safe beside Prefect's and torch's threads), in input order, with at
+    most 4 items per worker in flight: `items` may be a stream of bytes read from an archive."""
+    job = {"sizes": tuple(sizes), "cached": cached, "decoder": decoder}
     workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(items) < 64:
-        yield from map(_decode_item, jobs)
+    if workers <= 1 or total < 64:
+        yield from (_decode_item(it, **job) for it in items)
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        yield from pool.map(_decode_item, jobs, chunksize=16)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                             initargs=(os.getpid(), job)) as pool:
+        pending: deque = deque()
+        for it in items:
+            pending.append(pool.submit(_decode_job, it))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def cached_shas(con, sizes) -> dict:
@@ -275,7 +315,8 @@ def clear_rejects(con, stage: str, source: str, paths: list[str]) -> None:
 
 
 def upsert_images(con, rows: list[dict], labels: dict[str, list[str]]) -> None:
-    """Insert or replace `images` rows and replace their `labels`."""
+    """Insert or replace `images` rows, replace their `labels` and their `image_archives` rows (a row with
+    `archive` and `member` came from an archive; one without, from a file or the metadata alone)."""
     if not rows:
         return
     df = pd.DataFrame(rows).reindex(columns=IMAGE_COLUMNS)
@@ -283,7 +324,12 @@ def upsert_images(con, rows: list[dict], labels: dict[str, list[str]]) -> None:
     con.register("_img", df)
     con.execute(f"INSERT OR REPLACE INTO images SELECT {', '.join(IMAGE_COLUMNS)} FROM _img")
     con.unregister("_img")
-    con.execute("DELETE FROM labels WHERE image_id IN (SELECT unnest(?))", [[r["image_id"] for r in rows]])
+    ids = [r["image_id"] for r in rows]
+    con.execute("DELETE FROM labels WHERE image_id IN (SELECT unnest(?))", [ids])
+    con.execute("DELETE FROM image_archives WHERE image_id IN (SELECT unnest(?))", [ids])
+    members = [(r["image_id"], r["archive"], r["member"]) for r in rows if r.get("archive")]
+    if members:
+        con.executemany("INSERT INTO image_archives VALUES (?, ?, ?)", members)
     lab = pd.DataFrame([(iid, f) for iid, fs in labels.items() for f in fs], columns=["image_id", "finding"])
     if not lab.empty:
         con.register("_lab", lab)
@@ -291,13 +337,21 @@ def upsert_images(con, rows: list[dict], labels: dict[str, list[str]]) -> None:
         con.unregister("_lab")
 
 
-def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
-                  decoder: Callable, workers: int | None = None, desc: str = "ingest") -> dict:
-    """Decode `items`, cache them at `sizes` and commit `images`/`labels`/`cache_entries`, chunk by chunk.
+def broken_line(d: Decoded) -> str:
+    """One line for a source that turned bad after its image was ingested: the image keeps that version."""
+    return (f"{d.item.rel}: ingested before, now {d.reject.reason} ({d.reject.detail}); the warehouse and the "
+            "cache keep the version ingested: restore the file, or re-ingest it once it is good")
+
+
+def ingest_images(home, items: Iterable[Item], sizes, stage: str, source: str, decoder: Callable,
+                  workers: int | None = None, desc: str = "ingest", total: int | None = None) -> dict:
+    """Decode `items` (a list, or a stream of `total` items), cache them at `sizes` and commit
+    `images`/`labels`/`cache_entries`, chunk by chunk.
 
     The warehouse is opened for the sweep and the cached shas, then once per chunk commit; decoding runs with
-    no connection open."""
-    counts = {"images": 0, "decoded": 0, "skipped_cached": 0, "rejects": 0}
+    no connection open. A bad file whose image id was ingested before is `broken_sources`, not a reject."""
+    total = len(items) if total is None else total
+    counts = {"images": 0, "decoded": 0, "skipped_cached": 0, "rejects": 0, "broken_sources": 0}
     with ingest_lock(home):
         swept = sweep_orphans(home)
         if any(swept.values()):
@@ -306,10 +360,12 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
         try:
             cached = cached_shas(con, sizes)
             shard = next_shard(con, home)
+            ingested = {r[0] for r in con.execute("SELECT image_id FROM images WHERE source_sha256 IS NOT NULL")
+                        .fetchall()}
         finally:
             con.close()
         chunk: list[Decoded] = []
-        bar = tqdm(total=len(items), desc=desc, unit="img", disable=len(items) < 64)
+        bar = tqdm(total=total, desc=desc, unit="img", disable=total < 64)
 
         def commit(chunk: list[Decoded]) -> None:
             nonlocal shard
@@ -326,6 +382,10 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
                     continue
                 rows.append(row)
                 labels[row["image_id"]] = d.item.labels
+            broken = [d for d in chunk if d.reject and d.item.row.get("image_id") in ingested]
+            rejected = [d for d in chunk if d.reject and d.item.row.get("image_id") not in ingested]
+            for d in broken:
+                log.warning("%s", broken_line(d))
             con = writer(home)
             try:
                 with db.transaction(con):
@@ -333,18 +393,19 @@ def ingest_images(home, items: list[Item], sizes, stage: str, source: str,
                     if fresh:
                         add_cache_rows(con, [(d.sha256, s, shard, k, cache.checksum(d.pixels[s]))
                                              for s in sizes for k, d in enumerate(fresh)])
-                    clear_rejects(con, stage, source, [d.item.rel for d in ok])
+                    clear_rejects(con, stage, source, [d.item.rel for d in ok + broken])
                     counts["rejects"] += reject_rows(con, stage, source,
-                                                     [(d.item.rel, d.reject) for d in chunk if d.reject])
+                                                     [(d.item.rel, d.reject) for d in rejected])
             finally:
                 con.close()
             if fresh:
                 shard += 1
             counts["images"] += len(rows)
+            counts["broken_sources"] += len(broken)
             counts["decoded"] += len(fresh)
             counts["skipped_cached"] += len(ok) - len(fresh)
 
-        for d in decode_all(items, sizes, cached, decoder, workers):
+        for d in decode_all(items, sizes, cached, decoder, workers, total):
             chunk.append(d)
             bar.update(1)
             if len(chunk) >= CHUNK:

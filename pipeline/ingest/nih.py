@@ -5,14 +5,18 @@ Conventions (README "Ingestion rules"):
   with `--metadata-only` the NIH frame 1024x1024 is assumed. Pixel spacing is rescaled from the original
   detector image (`OriginalImage[Width,Height]`) to that frame.
 - `split` is `test` for `test_list.txt`, else `train` (validation is carved from train by patient later).
+- Images are files under `images/` or `images_*/images/`, or members of NIH's own `images_*.tar.gz` archives
+  beside the CSVs, read as a stream (`pipeline.ingest.archives`); a file of the same name wins over a member.
 - A dataset holding `truth.csv` is a phantom: its every-instance boxes land in `gt_boxes` with source `truth`;
   `BBox_List_2017.csv` boxes always land with source `bbox_list`.
 """
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import pandas as pd
 
@@ -20,7 +24,9 @@ from pipeline.base.coords import box_inside
 from pipeline.base.home import Home
 from pipeline.base.vocab import UnknownFinding, normalize_finding, parse_labels
 from pipeline.images.rejects import Reject
-from pipeline.ingest.common import Item, decode_png, ingest_images, ingest_lock, reject_rows, upsert_images
+from pipeline.ingest.archives import ArchiveBroken, Member, archive_files, members
+from pipeline.ingest.common import (Item, clear_rejects, decode_png, ingest_images, ingest_lock, reject_rows,
+                                    upsert_images)
 from pipeline.runs.record import writer
 from warehouse import db
 
@@ -131,14 +137,11 @@ def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: i
         item = Item(path=str(files.get(name, root / "images" / name)), rel=f"images/{name}", row=row, labels=labels)
         if metadata_only:
             item.row.update(width=NIH_FRAME[0], height=NIH_FRAME[1], source_sha256=None)
-        elif name not in files:
-            rejects.append((item.rel, Reject("missing_image", f"{entry_path.name} lists {name} but no such file "
-                                                              "is under images/ or images_*/images/")))
-            continue
         items.append((item, rec))
     spacing = {it.row["image_id"]: (rec.orig_w, rec.orig_h, rec.orig_spacing_x, rec.orig_spacing_y)
                for it, rec in items}
     items = [it for it, _ in items]
+    stream = _Sources(root, entry_path.name, {it.row["image_id"]: it for it in items if it.row["image_id"] not in files})
     with ingest_lock(home):   # short connections only: readers get in between the chunk commits
         con = writer(home)
         try:
@@ -152,19 +155,61 @@ def ingest_nih(home, root, sizes=(256,), metadata_only: bool = False, workers: i
         finally:
             con.close()
         if metadata_only:
-            counts = {"images": len(items), "decoded": 0, "skipped_cached": 0, "rejects": 0}
+            counts = {"images": len(items), "decoded": 0, "skipped_cached": 0, "rejects": 0, "broken_sources": 0}
         else:
-            counts = ingest_images(home, items, sizes, STAGE, source, _png_decoder, workers, desc="ingest nih")
+            found = [it for it in items if it.row["image_id"] in files]
+            counts = ingest_images(home, itertools.chain(found, stream), sizes, STAGE, source, _png_decoder,
+                                   workers, desc="ingest nih", total=len(items))
         con = writer(home)
         try:
             if not metadata_only:
                 _fix_spacing(con, spacing)
+                with db.transaction(con):
+                    clear_rejects(con, STAGE, source, stream.whole)
+                    counts["rejects"] += reject_rows(con, STAGE, source, stream.damaged)
             counts["rejects"] += len(rejects)
             counts["boxes"], n_box_rejects = _ingest_boxes(con, root, source, phantom)
             counts["rejects"] += n_box_rejects
         finally:
             con.close()
     return counts
+
+
+class _Sources:
+    """The images not found as files, in the order they come: members of the archives under `root` (each read
+    once, stopping when nothing is left to find), then the ones no archive held, as `missing_image` faults.
+    Afterwards `whole` names the archives read to their end and `damaged` holds a reject per broken one."""
+
+    def __init__(self, root: Path, entry_name: str, pending: dict[str, Item]):
+        self.root, self.entry_name, self.pending = root, entry_name, pending
+        self.whole: list[str] = []
+        self.damaged: list[tuple[str, Reject]] = []
+
+    def __iter__(self) -> Iterator[Item]:
+        for archive in archive_files(self.root):
+            if not self.pending:
+                break
+            rel = archive.relative_to(self.root).as_posix()
+            try:
+                for m in members(archive, self.pending):
+                    yield self._take(m, archive, rel)
+            except ArchiveBroken as exc:
+                self.damaged.append((rel, exc.reject))
+                if exc.member is not None:
+                    yield self._take(exc.member, archive, rel)
+            else:
+                self.whole.append(rel)
+        note = "".join(f"; {rel} broke before its end and may hold it" for rel, _ in self.damaged)
+        for name, item in self.pending.items():
+            item.fault = Reject("missing_image", f"{self.entry_name} lists {name} but no such file is under images/ "
+                                                 f"or images_*/images/, nor a member of images_*.tar.gz{note}")
+            yield item
+
+    def _take(self, m: Member, archive: Path, rel: str) -> Item:
+        item = self.pending.pop(m.name)
+        item.path, item.data, item.fault = f"{archive}/{m.member}", m.data, m.fault
+        item.row.update(archive=rel, member=m.member)
+        return item
 
 
 def _set_spacing(row: dict, orig, frame) -> None:

@@ -2,7 +2,8 @@
 
 A file is moved to quarantine before it is rebuilt and dropped from there once the rebuild is in place, so a
 rebuild that fails leaves it quarantined (nothing reads it, nothing is lost). Cache rows are decoded again from
-their sources (found under the recorded ingest roots, by name and then by content) into a new shard, and their
+their sources (found under the recorded ingest roots, by name and then by content, or read from the NIH archive
+`image_archives` names) into a new shard, and their
 `cache_entries` rows point there; parts of a `harvest mine` run are mined again from the run's recorded config;
 registered checkpoints are trained again from the config in `models`. Rows of the warehouse stay, but for the
 index rows of cache images whose source is gone.
@@ -24,7 +25,7 @@ import numpy as np
 from pipeline.base.files import checksum_path, matches_record, record_sha256, sha256_file
 from pipeline.base.home import Home
 from pipeline.images import cache
-from pipeline.ingest.common import add_cache_rows, decode_png, ingest_lock, next_shard
+from pipeline.ingest.common import add_cache_rows, decode_png, ingest_lock, next_shard, sha256_bytes
 from pipeline.integrity.check import Problem
 from pipeline.runs.record import ingest_roots, writer
 from warehouse import db
@@ -98,6 +99,8 @@ class Repair:
             finally:
                 con.close()
             pixels = {sha: self.decode(sha, *images[sha], roots) for sha in images}
+            pixels.update(self.from_archives({images[sha][0]: sha for sha in images if pixels[sha] is None
+                                              and images[sha][1] != "dicom"}, roots))
             rows, lost, stacks = [], [], {}
             for sha, size in sorted(wanted):
                 if pixels.get(sha) is None:
@@ -137,6 +140,26 @@ class Repair:
                 return read_dicom(io.BytesIO(data), salt=home_salt(self.home)).pixels
             return decode_png(data, path.suffix)
         return None
+
+    def from_archives(self, wanted: dict[str, str], roots: list[Path]) -> dict[str, np.ndarray]:
+        """sha256 -> pixels of the images `wanted` (image id -> sha256) that were read from NIH's archives, each
+        archive under the roots read once; a member whose bytes are not the ones ingested is left out."""
+        from pipeline.ingest.archives import read_members, recorded
+
+        con = db.connect(self.home, read_only=True)
+        try:
+            found = recorded(con, wanted, roots)
+        finally:
+            con.close()
+        by_archive: dict[Path, dict[str, str]] = {}
+        for iid, (archive, member, _) in found.items():
+            by_archive.setdefault(archive, {})[iid] = member
+        out = {}
+        for archive, names in by_archive.items():
+            for iid, data in read_members(archive, names):
+                if sha256_bytes(data) == wanted[iid]:
+                    out[wanted[iid]] = decode_png(data, Path(names[iid]).suffix)
+        return out
 
     @functools.cache
     def sources(self, root: Path, dicom: bool) -> dict[str, Path]:

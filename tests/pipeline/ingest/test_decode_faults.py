@@ -129,3 +129,40 @@ def test_dicom_reject_paths_are_keyed_by_the_home_secret(tmp_path):
     con.close()
     ingest_dicom(homes[0], root, sizes=(32,))
     assert [(p, r) for p, r, _ in rejects(homes[0])] == sorted(got[0].items())  # same names, no duplicates
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak from Linux /proc")
+def test_a_file_too_large_for_an_image_is_rejected_from_its_size_unread(make_nih, tmp_path):
+    """A sparse 1 GB `.png` (no disk used) beside good files: rejected from its size, never read whole (its read
+    would take a 1 GB peak); an archive member from its tar header; the limit follows HARVEST_MAX_FILE_BYTES."""
+    import tarfile
+
+    from tests.pipeline.ingest.test_nih_archives import make_archives
+    root = make_nih([("00000001_000.png", "Mass", 1), ("00000002_000.png", "Mass", 2), ("huge_000.png", "Mass", 3)])
+    with open(root / "images" / "huge_000.png", "r+b") as f:
+        f.truncate(1 << 30)
+    code = ("import sys; from pipeline.ingest.nih import ingest_nih; s = ingest_nih(sys.argv[1], sys.argv[2], "
+            "sizes=(32,), workers=1); print(s['images'], s['rejects'], "
+            "open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+
+    def ingest(home, source, **env):
+        out = subprocess.run([sys.executable, "-c", code, str(home), str(source)], capture_output=True, text=True,
+                             check=True, cwd=os.getcwd(), env={**os.environ, **env})
+        return [int(v) for v in out.stdout.split()]
+
+    images, n_rejects, peak_kib = ingest(tmp_path / "a", root)
+    assert (images, n_rejects) == (2, 1) and peak_kib < 700 * 1024, f"peak RSS {peak_kib >> 10} MiB"
+    ((path, reason, detail),) = rejects(tmp_path / "a")
+    assert (path, reason) == ("images/huge_000.png", "file_too_large")
+    assert "1,073,741,824 bytes" in detail and "HARVEST_MAX_FILE_BYTES" in detail
+
+    (root / "images" / "huge_000.png").unlink()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8)).save(root / "images" / "huge_000.png")
+    small = (root / "images" / "00000001_000.png").stat().st_size
+    assert (root / "images" / "huge_000.png").stat().st_size > small + 1000
+    download = make_archives(root, tmp_path / "download", per_archive=3)[0].parent
+    with tarfile.open(download / "images_001.tar.gz") as tar:
+        assert [m.name for m in tar.getmembers()][-1] == "images/huge_000.png"
+    assert ingest(tmp_path / "b", download, HARVEST_MAX_FILE_BYTES=str(small + 1000))[:2] == [2, 1]
+    ((path, reason, detail),) = rejects(tmp_path / "b")
+    assert (path, reason) == ("images/huge_000.png", "file_too_large") and f"{small + 1000:,}" in detail

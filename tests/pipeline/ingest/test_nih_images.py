@@ -13,6 +13,7 @@ from pipeline.images.cache import resize
 from pipeline.images.dataset import CacheDataset
 from pipeline.ingest.nih import ingest_nih
 from tests.conftest import gray_image
+from tests.pipeline.ingest.test_nih_archives import make_archives
 from warehouse import db
 
 GOOD = [("00000001_000.png", "Cardiomegaly", 1), ("00000001_001.png", "No Finding", 1),
@@ -31,7 +32,7 @@ def test_good_images_cached_and_served(make_nih, tmp_path):
     root = make_nih(GOOD, boxes=[("00000002_000.png", "Mass", 10, 20, 30, 40)], size=128, test=["00000002_000.png"])
     home = tmp_path / "home"
     summary = ingest_nih(home, root, sizes=(64, 32))
-    assert summary == {"images": 4, "decoded": 4, "skipped_cached": 0, "rejects": 0, "boxes": 1}
+    assert summary == {"images": 4, "decoded": 4, "skipped_cached": 0, "rejects": 0, "broken_sources": 0, "boxes": 1}
     ds = CacheDataset(home, size=64, with_boxes=True)
     assert ds.image_ids == sorted(g[0] for g in GOOD)
     k = ds.image_ids.index("00000002_000.png")
@@ -120,9 +121,12 @@ def _snapshot(home):
 
 
 @pytest.mark.timeout(300)
-def test_kill_and_rerun_loses_and_duplicates_nothing(make_nih, tmp_path):
+@pytest.mark.parametrize("layout", ["folder", "archives"])
+def test_kill_and_rerun_loses_and_duplicates_nothing(make_nih, tmp_path, layout):
     rows = [(f"{k:08d}_000.png", "Mass" if k % 3 else "No Finding", k) for k in range(1, 701)]
     root = make_nih(rows, size=256)
+    if layout == "archives":   # NIH's download: the chunks come from a stream of members
+        root = make_archives(root, tmp_path / "download", per_archive=300)[0].parent
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     ingest_nih(clean, root, sizes=(32,), workers=1)
     code = f"from pipeline.ingest.nih import ingest_nih; ingest_nih({str(killed)!r}, {str(root)!r}, sizes=(32,), workers=1)"
@@ -139,6 +143,29 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(make_nih, tmp_path):
     summary = ingest_nih(killed, root, sizes=(32,), workers=1)
     assert summary["skipped_cached"] >= len(partial["cache"]) - 256  # committed chunks are not decoded again
     assert _snapshot(killed) == _snapshot(clean)
+
+
+def test_a_source_that_turns_bad_after_ingest_keeps_its_image_and_is_reported(make_nih, tmp_path, caplog):
+    root = make_nih(GOOD)
+    home = tmp_path / "home"
+    ingest_nih(home, root, sizes=(32,))
+    before = _snapshot(home)
+    img = root / "images"
+    (img / "00000001_000.png").write_bytes((img / "00000001_000.png").read_bytes()[:300])   # truncated
+    (img / "00000002_000.png").unlink()                                                       # gone
+    con = db.connect(home)   # what the former rule left: a reject beside the image
+    con.execute("INSERT INTO rejects VALUES ('ingest.nih', ?, 'images/00000001_000.png', 'unreadable_image', '', "
+                "now())", [str(root)])
+    con.close()
+    summary = ingest_nih(home, root, sizes=(32,))
+    assert (summary["broken_sources"], summary["rejects"], summary["skipped_cached"]) == (2, 0, 2)
+    assert _snapshot(home) == before and rejects(home) == set()
+    said = [r.getMessage() for r in caplog.records if "ingested before" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in said) == ["images/00000001_000.png", "images/00000002_000.png"]
+    assert "now unreadable_image" in said[0] and "keep the version ingested" in said[0]
+    Image.fromarray(gray_image(77, 128)).save(img / "00000002_000.png")  # a new file where the old one was
+    assert ingest_nih(home, root, sizes=(32,))["decoded"] == 1
+    assert rejects(home) == set()
 
 
 def test_each_cached_row_has_its_crc32_and_mining_reads_verify_it(make_nih, tmp_path):
