@@ -19,8 +19,49 @@ def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
             "compare": compare}
 
 
+@flow(name="tune-trust", log_prints=True)
+def trust_flow(home: str, run_id: str, floor: float | None = None) -> dict:
+    """Measure the trust in run `run_id`'s boxes on its tuning set and store it (pipeline.evaluation.trust)."""
+    from pipeline.evaluation import trust
+    from pipeline.runs.record import writer
+    floor = trust.FLOOR if floor is None else floor
+    with recorded_run(home, "tune-trust", {"run_id": run_id, "floor": floor}):
+        con = writer(Home.resolve(home))
+        try:
+            rows = trust.trust_run(con, run_id, floor)
+            trust.store(con, rows)
+        finally:
+            con.close()
+    create_table_artifact(key="trust", table=rows.drop(columns=["basis"]).to_dict("records"),
+                          description=f"estimated trust in the boxes of run {run_id}")
+    return {"rows": rows}
+
+
+def trust_table(rows) -> str:
+    """The trust rows as a compact table: Acc@T with its interval and n, precision, the score cut, kept."""
+    import pandas as pd
+    fmt = lambda v: "–" if pd.isna(v) else f"{v:.2f}"   # noqa: E731
+    out = pd.DataFrame({"finding": rows["finding"], "n_gt": rows["n_gt"],
+                        f"est. Acc@{rows['t'].iloc[0]:g}": [f"{fmt(a)} [{fmt(lo)}, {fmt(hi)}]" for a, lo, hi
+                                                           in zip(rows["acc"], rows["lo"], rows["hi"])],
+                        "precision": rows["precision"].map(fmt), "min score": rows["min_score"].map(fmt),
+                        "exported": rows["kept"].map({True: "yes", False: "no"})})
+    return out.to_string(index=False)
+
+
 def _run(args) -> int:
     home = str(Home.resolve(args.home).root)
+    if args.run_id:
+        from flows._verbs import require_run
+        from pipeline.evaluation.trust import MIN_GT
+        require_run(home, args.run_id, "tune")
+        with prefect_api(home):
+            rows = trust_flow(home, args.run_id, args.floor)["rows"]
+        print(trust_table(rows))
+        print(f"\ntuning set: {rows['source'].iloc[0]}; exports keep the findings whose estimated Acc reaches "
+              f"{rows['floor'].iloc[0]:g} on at least {MIN_GT}"
+              " truth boxes, and their boxes from the min score up (`harvest export --all` keeps every one)")
+        return 0
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         out = tune_flow(home, args.model, args.t_iou)
     print(out["table"].head(10).to_string(index=False))
@@ -41,5 +82,11 @@ def register(sub) -> None:
                                    "the best triple for all findings, and a triple of its own for each finding "
                                    "that scores higher with one. Evaluation boxes are never used.")
     p.add_argument("--model", default="latest", help="model id or 'latest'")
+    p.add_argument("--run", dest="run_id", default=None, metavar="RUN_ID",
+                   help="instead: measure the trust in a mining run's boxes on its tuning set (phantom truth of "
+                        "the validation images, else reviewed boxes; never evaluation boxes): per finding a score "
+                        "cut and the estimated Acc@0.3 with its 95 %% interval, stored for `harvest export`")
+    p.add_argument("--floor", type=float, default=None, metavar="ACC",
+                   help="with --run: the estimated Acc a finding needs to be exported (default: export.trust_floor)")
     p.add_argument("--t-iou", type=float, default=0.3, help="T(IoU) of the objective (default 0.3)")
     p.set_defaults(func=_run)

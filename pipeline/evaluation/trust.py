@@ -8,7 +8,8 @@ out) with a phantom's exact `truth` boxes, or else, on real data, the boxes peop
 Per finding, on the tuning set, for the rank-1 boxes (what an export keeps by default):
 - `min_score`: the score cut that maximizes F1 of box precision (a kept box overlaps a truth box by more than
   T(IoU)) and Acc (the share of truth boxes hit), the lowest such cut on ties;
-- `acc, lo, hi`: the Acc at T(IoU) of the boxes kept at that cut, with its 95 % bootstrap interval over images.
+- `acc, lo, hi`: the Acc at T(IoU) of the boxes kept at that cut, with its 95 % interval: the bootstrap one over
+  images, widened to the Wilson interval of the hit count where that is wider (:func:`wilson`).
   The cut is cross-fitted: each half of the tuning images (a hash of the image id) is scored at the cut
   chosen on the other half, so the estimate never sees the data its cut was fitted on;
 - `kept`: whether the finding is exported by default, `acc >= floor` (the point estimate, `FLOOR` unless
@@ -141,7 +142,19 @@ def estimate(boxes: pd.DataFrame, gt: pd.DataFrame, images: list[str], t_iou: fl
     kept = pd.concat(kept_parts, ignore_index=True)
     ci = acc_intervals(kept, gt, images, list(out["finding"]), n_boot=n_boot, seed=seed, thresholds=(t_iou,))
     out = out.merge(ci[["finding", "acc", "lo", "hi"]], on="finding", how="left")
+    w_lo, w_hi = wilson(np.rint(out["acc"] * out["n_gt"]), out["n_gt"])
+    out["lo"], out["hi"] = np.fmin(out["lo"], w_lo), np.fmax(out["hi"], w_hi)
     return out[["finding", "n_gt", "n_images", "min_score", "acc", "lo", "hi", "precision"]]
+
+
+def wilson(hits, n, z: float = 1.96):
+    """The Wilson score interval of `hits` out of `n`. An estimate's interval is the union of it and the
+    bootstrap one: the bootstrap's is empty when every box hits or none does (0/31 is not 'exactly 0')."""
+    hits, n = np.asarray(hits, np.float64), np.asarray(n, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = hits / n
+        mid, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return np.clip((mid - half) / (1 + z * z / n), 0, 1), np.clip((mid + half) / (1 + z * z / n), 0, 1)
 
 
 def trust_run(con, run_id: str, floor: float = FLOOR, t_iou: float = T_IOU) -> pd.DataFrame:
@@ -234,7 +247,7 @@ def manifest_entry(rows: pd.DataFrame | None, reason: str = "") -> dict:
         return None if pd.isna(v) else round(float(v), 4)
     return {"applied": True, "floor": float(rows["floor"].iloc[0]), "min_gt": MIN_GT, "t_iou": float(rows["t"].iloc[0]),
             "source": rows["source"].iloc[0], "estimate": "Acc at t_iou of the kept rank-1 boxes on the tuning "
-            "set, cut cross-fitted, 95 % bootstrap interval over images",
+            "set, cut cross-fitted; 95 % interval: bootstrap over images, widened to Wilson's",
             "findings": {r.finding: {"kept": bool(r.kept), "acc": num(r.acc), "lo": num(r.lo), "hi": num(r.hi),
                                      "n_gt": int(r.n_gt), "min_score": num(r.min_score),
                                      "precision": num(r.precision)} for r in rows.itertuples()}}
