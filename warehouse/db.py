@@ -23,6 +23,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from warehouse.wal import DamagedWAL, replay_damage  # noqa: F401 (DamagedWAL: db.DamagedWAL for callers)
+
 SCHEMA_VERSION = 1
 
 # Parquet-backed tables: name -> arrow schema. Parts live under <home>/data/<name>/**/*.parquet.
@@ -239,14 +241,18 @@ def wait_unlocked(attempt, timeout: float, busy):
 
 def _connect_retry(db: Path, read_only: bool = False, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
     """DuckDB allows one writing process, and no reader beside it: writers hold it only around short
-    transactions, so wait for the lock (`wait_unlocked`), at most `timeout` seconds (default `lock_timeout`)."""
+    transactions, so wait for the lock (`wait_unlocked`), at most `timeout` seconds (default `lock_timeout`).
+    A WAL DuckDB cannot replay raises `DamagedWAL` (a ValueError: the CLI prints its one line)."""
     last = [""]
 
     def attempt():
         try:
             return duckdb.connect(str(db), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
+        except duckdb.Error as exc:
+            damaged = replay_damage(exc, db)   # a WAL DuckDB cannot replay: one line naming it, and the cure
+            if damaged is not None:
+                raise damaged from None
+            if not isinstance(exc, duckdb.IOException) or "lock" not in str(exc).lower():
                 raise
             last[0] = str(exc)
             return None

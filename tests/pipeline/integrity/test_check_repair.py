@@ -69,22 +69,27 @@ def clean(tmp_path_factory, make_nih_module):
 
 @pytest.fixture(scope="module")
 def make_nih_module():
+    return write_nih
+
+
+def write_nih(base, rows, boxes=()):
+    """A small NIH-layout folder under `base` (rows: (name, labels, patient); boxes as BBox_List_2017.csv lists
+    them) -> its root."""
     from PIL import Image
 
     from tests.conftest import HEADER, gray_image
 
-    def make(base, rows):
-        root = base / "nih"
-        (root / "images").mkdir(parents=True)
-        for k, (name, _, _) in enumerate(rows):
-            Image.fromarray(gray_image(k, 128)).save(root / "images" / name)
-        (root / "Data_Entry_2017_v2020.csv").write_text(HEADER + "".join(
-            f"{n},{labels},0,{p},40,M,PA,1024,1024,0.143,0.143\n" for n, labels, p in rows))
-        (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
-        (root / "test_list.txt").write_text("")
-        (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows))
-        return root
-    return make
+    root = base / "nih"
+    (root / "images").mkdir(parents=True)
+    for k, (name, _, _) in enumerate(rows):
+        Image.fromarray(gray_image(k, 128)).save(root / "images" / name)
+    (root / "Data_Entry_2017_v2020.csv").write_text(HEADER + "".join(
+        f"{n},{labels},0,{p},40,M,PA,1024,1024,0.143,0.143\n" for n, labels, p in rows))
+    (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(
+        ",".join(map(str, b)) + "\n" for b in boxes))
+    (root / "test_list.txt").write_text("")
+    (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows))
+    return root
 
 
 def state(home) -> dict:
@@ -212,3 +217,21 @@ def test_seeded_faults_are_each_found_or_harmless_and_repair_gives_back_the_clea
     print(f"\n{len(faults)} faults in {ROUNDS} rounds: {found} found by check, {len(faults) - found} harmless; "
           "every round repaired to the clean home")
     print("\n".join(f"  round {r}: {what} in {rel}: {'found' if hit else 'harmless'}" for r, rel, what, hit in faults))
+
+
+def test_a_damaged_export_is_named_with_the_command_that_writes_it_again(clean, tmp_path):
+    from pipeline.export.write import export
+
+    home = Home(shutil.copytree(clean.root, tmp_path / "home"))
+    folder = export(home, RUN, "coco", home.exports / RUN / "coco", min_score=0.1, ranks=None)
+    labels = next(p for p in folder.rglob("*.json") if p.name != "manifest.json")
+    labels.write_text(labels.read_text().replace('"', "'", 1))
+    command = f"harvest export --run {RUN} --format coco --min-score 0.1 --ranks all"
+    found = [p for p in check_home(home) if p.kind == "export" and p.path == folder]
+    assert len(found) == 1 and f"`{command}` writes it again" in found[0].line()
+    said = []
+    Repair(home, say=said.append).run(found)
+    assert not folder.exists() and len(said) == 1, said
+    assert said[0].startswith(f"quarantined: {folder} -> ") and said[0].endswith(f": `{command}` writes it again")
+    export(home, RUN, "coco", folder, min_score=0.1, ranks=None)   # the command, as the CLI runs it
+    assert [p for p in check_home(home) if p.kind == "export" and p.path == folder] == []
