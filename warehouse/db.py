@@ -189,6 +189,7 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
         con = _connect_retry(db)
     con.execute("SET file_search_path = ?", [str(root)])
     if read_only:
+        shadow_missing_tables(con)
         refresh_views(con, root / "data", temp=True)
     else:
         con.execute(schema_sql())
@@ -202,6 +203,16 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def shadow_missing_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """An empty TEMP table of this connection for each table of the schema the file lacks: a read-only
+    connection to a home written before that table existed reads it as empty (a writer's open adds it)."""
+    have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()}
+    for statement in con.extract_statements(schema_sql()):
+        table = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", statement.query)
+        if table and table.group(1) not in have:
+            con.execute(statement.query.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
 
 LOCK_TIMEOUT_ENV = "HARVEST_LOCK_TIMEOUT"
