@@ -14,13 +14,15 @@ from pipeline.runs.record import recorded_run
 
 @flow(name="check-repair")
 def repair_flow(home: str) -> dict:
-    from pipeline.integrity.check import check_home
+    from pipeline.integrity.check import check_home, wal_problems
     from pipeline.integrity.repair import Repair
 
+    done: list[str] = []
+    wal = wal_problems(home)   # repaired before the run is recorded: recording it opens the warehouse
+    Repair(home, say=done.append).run(wal)
     with recorded_run(home, "check", {"repair": True}):
-        found = check_home(home)
-        done: list[str] = []
-        Repair(home, say=done.append).run(found)
+        found = wal + check_home(home)
+        Repair(home, say=done.append).run(found[len(wal):])
         left = check_home(home)
     create_table_artifact(key="check-repair", table=[{"found": len(found), "actions": len(done), "left": len(left)}],
                           description="harvest check --repair")

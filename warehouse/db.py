@@ -23,6 +23,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from warehouse.wal import DamagedWAL, replay_damage  # noqa: F401 (DamagedWAL: db.DamagedWAL for callers)
+
 SCHEMA_VERSION = 1
 
 # Parquet-backed tables: name -> arrow schema. Parts live under <home>/data/<name>/**/*.parquet.
@@ -187,6 +189,7 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
         con = _connect_retry(db)
     con.execute("SET file_search_path = ?", [str(root)])
     if read_only:
+        shadow_missing_tables(con)
         refresh_views(con, root / "data", temp=True)
     else:
         con.execute(schema_sql())
@@ -200,6 +203,16 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def shadow_missing_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """An empty TEMP table of this connection for each table of the schema the file lacks: a read-only
+    connection to a home written before that table existed reads it as empty (a writer's open adds it)."""
+    have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()}
+    for statement in con.extract_statements(schema_sql()):
+        table = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", statement.query)
+        if table and table.group(1) not in have:
+            con.execute(statement.query.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
 
 LOCK_TIMEOUT_ENV = "HARVEST_LOCK_TIMEOUT"
@@ -239,14 +252,18 @@ def wait_unlocked(attempt, timeout: float, busy):
 
 def _connect_retry(db: Path, read_only: bool = False, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
     """DuckDB allows one writing process, and no reader beside it: writers hold it only around short
-    transactions, so wait for the lock (`wait_unlocked`), at most `timeout` seconds (default `lock_timeout`)."""
+    transactions, so wait for the lock (`wait_unlocked`), at most `timeout` seconds (default `lock_timeout`).
+    A WAL DuckDB cannot replay raises `DamagedWAL` (a ValueError: the CLI prints its one line)."""
     last = [""]
 
     def attempt():
         try:
             return duckdb.connect(str(db), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
+        except duckdb.Error as exc:
+            damaged = replay_damage(exc, db)   # a WAL DuckDB cannot replay: one line naming it, and the cure
+            if damaged is not None:
+                raise damaged from None
+            if not isinstance(exc, duckdb.IOException) or "lock" not in str(exc).lower():
                 raise
             last[0] = str(exc)
             return None

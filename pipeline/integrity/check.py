@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -13,14 +18,14 @@ from pipeline.base.files import matches_record, sha256_file
 from pipeline.base.home import Home
 from pipeline.images import cache
 from pipeline.runs.record import dead_runs
-from warehouse import db
+from warehouse import db, wal
 
 MANIFEST = "manifest.json"   # pipeline.export.write.MANIFEST: an export's files and their sha256
 
 
 @dataclass
 class Problem:
-    kind: str                  # part | cache | checkpoint | run | export
+    kind: str                  # wal | part | cache | checkpoint | run | export
     path: Path | None          # the file (or folder) at fault
     what: str                  # why, in a few words
     data: dict = field(default_factory=dict)   # what repair needs (run id, shard, cache keys, model id ...)
@@ -30,19 +35,50 @@ class Problem:
 
 
 def check_home(home) -> list[Problem]:
-    """Every problem of the home, in the order repair takes them (cache, checkpoints, parts, runs, exports)."""
+    """Every problem of the home, in the order repair takes them (WAL, cache, checkpoints, parts, runs, exports)."""
     home = Home.resolve(home)
-    con = db.connect(home, read_only=True)
-    try:
+    with checked_warehouse(home) as (con, wal):
         entries = con.execute("""SELECT c.source_sha256, c.size, c.shard, c.row, k.crc32 FROM cache_entries c
             LEFT JOIN cache_checksums k USING (source_sha256, size) ORDER BY c.size, c.shard, c.row""").fetchall()
         models = con.execute("SELECT model_id, stage, checkpoint, checkpoint_sha256 FROM models ORDER BY 1").fetchall()
         dead = dead_runs(con)
-    finally:
-        con.close()
-    return [*cache_problems(home, entries), *checkpoint_problems(home, models), *part_problems(home),
+    return [*wal, *cache_problems(home, entries), *checkpoint_problems(home, models), *part_problems(home),
             *(Problem("run", None, f"run {r} is marked running but its process is gone", {"run_id": r}) for r in dead),
             *export_problems(home)]
+
+
+def wal_problems(home) -> list[Problem]:
+    """The WAL's problem, if it has one (`checked_warehouse`)."""
+    with checked_warehouse(Home.resolve(home)) as (_, wal):
+        return wal
+
+
+@contextmanager
+def checked_warehouse(home: Home):
+    """(a read-only connection, [the WAL's problem]). DuckDB refuses a WAL whose entry does not match its checksum
+    (`db.DamagedWAL`) and silently skips one whose frames are broken (`warehouse.wal.damage`, read while the
+    connection's lock keeps writers out). With a WAL DuckDB refuses, the connection reads a copy of the warehouse
+    with the WAL cut where repair cuts it, so the rest of the home is checked against what repair leaves."""
+    try:
+        con = db.connect(home, read_only=True)
+    except db.DamagedWAL as exc:
+        with tempfile.TemporaryDirectory(prefix="harvest-check-") as tmp:
+            copy = Path(tmp) / home.warehouse.name
+            shutil.copyfile(home.warehouse, copy)
+            found = wal.damage(exc.path)
+            at = min(exc.at, found.at) if found else exc.at
+            wal.wal_path(copy).write_bytes(exc.path.read_bytes()[:at])
+            con = duckdb.connect(str(copy), read_only=True)
+            try:
+                yield con, [Problem("wal", exc.path, exc.reason, {"at": at})]
+            finally:
+                con.close()
+        return
+    try:
+        found = wal.damage(wal.wal_path(home.warehouse))
+        yield con, [Problem("wal", found.path, found.reason, {"at": found.at})] if found else []
+    finally:
+        con.close()
 
 
 def cache_problems(home: Home, entries: list[tuple]) -> list[Problem]:
@@ -109,18 +145,44 @@ def part_problems(home: Home) -> list[Problem]:
 
 
 def export_problems(home: Home) -> list[Problem]:
-    """Each export's files against the sha256 its manifest lists (the images it links are the sources')."""
+    """Each export's files against the sha256 its manifest lists (the images it links are the sources'), with the
+    command that writes it again."""
     out = []
     for manifest in sorted(home.exports.rglob(MANIFEST)):
         folder = manifest.parent
         try:
-            files = json.loads(manifest.read_text())["files"]
+            recorded = json.loads(manifest.read_text())
+            files = recorded["files"]
         except (ValueError, KeyError, TypeError) as exc:
-            out.append(Problem("export", folder, f"{MANIFEST} cannot be read ({exc})"))
+            out.append(Problem("export", folder, f"{MANIFEST} cannot be read ({exc}); write it again with "
+                                                 f"`harvest export --run RUN --format FORMAT --out {folder}`"))
             continue
         bad = [rel for rel, sha in files.items()
                if not (folder / rel).is_file() or sha256_file(folder / rel) != sha]
         if bad:
+            command = export_command(home, folder, recorded)
             out.append(Problem("export", folder, f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
-                                                 f"missing or not matching {MANIFEST}"))
+                                                 f"missing or not matching {MANIFEST}; `{command}` writes it again",
+                               {"command": command}))
     return out
+
+
+def export_command(home: Home, folder: Path, manifest: dict) -> str:
+    """The `harvest export` that wrote `folder`, from what its manifest records (run, format, filters, images)."""
+    if not manifest.get("run_id") or not manifest.get("format"):
+        return f"harvest export --run RUN --format FORMAT --out {shlex.quote(str(folder))}"
+    filters = manifest.get("filters") or {}
+    args = ["harvest", "export", "--run", manifest["run_id"], "--format", manifest["format"]]
+    if filters.get("min_score") is not None:
+        args += ["--min-score", str(filters["min_score"])]
+    ranks = filters.get("ranks", [1])
+    if ranks != [1]:
+        args += ["--ranks", *(["all"] if ranks is None else map(str, ranks))]
+    if filters.get("findings"):
+        args += ["--findings", *filters["findings"]]
+    mode = (manifest.get("images") or {}).get("mode", "link")
+    if mode != "link":
+        args += ["--images", mode]
+    if folder != home.exports / manifest["run_id"] / manifest["format"]:
+        args += ["--out", str(folder)]
+    return " ".join(shlex.quote(a) for a in args)

@@ -41,6 +41,9 @@ class Repair:
         self.folder = self.home.root / "quarantine" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
     def run(self, problems: list[Problem]) -> None:
+        for p in problems:
+            if p.kind == "wal":   # first: every other repair opens the warehouse
+                self.wal(p)
         if any(p.kind == "run" for p in problems):
             writer(self.home).close()   # marks the runs of dead processes killed
             self.say("repaired: runs of dead processes marked killed")
@@ -82,6 +85,19 @@ class Repair:
             shutil.rmtree(moved) if moved.is_dir() else moved.unlink()
             checksum_path(moved).unlink(missing_ok=True)
         self.say(f"repaired: {path}: {how}")
+
+    def wal(self, p: Problem) -> None:
+        """Keep the whole transactions before the damage: a copy of the WAL goes to quarantine, the WAL is cut
+        there and a writer's open replays it into the warehouse (DuckDB checkpoints it on close). What came after
+        is lost as if its writer had been killed before it: the command that was killed does it again."""
+        dest = self.dest(p.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p.path, dest)
+        with open(p.path, "r+b") as f:
+            f.truncate(p.data["at"])
+        db.connect(self.home).close()
+        self.say(f"repaired: {p.path}: the whole transactions before byte {p.data['at']} replayed into the "
+                 f"warehouse, the WAL copied to {dest}; run again the command that was killed")
 
     # ---- cache -------------------------------------------------------------------------------------
 
@@ -234,4 +250,7 @@ class Repair:
             self.say(f"repaired: {path}: shard {shard} of {run_id} mined again")
 
     def export(self, p: Problem) -> None:
-        raise Unrepairable("run `harvest export` again to rebuild it")
+        """An export is the output of a command the user chose (format, filters, images): quarantined, and the
+        command that writes it again named."""
+        raise Unrepairable(f"`{p.data['command']}` writes it again" if p.data.get("command") else
+                           "run `harvest export` again to write it")

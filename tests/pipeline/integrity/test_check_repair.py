@@ -69,22 +69,27 @@ def clean(tmp_path_factory, make_nih_module):
 
 @pytest.fixture(scope="module")
 def make_nih_module():
+    return write_nih
+
+
+def write_nih(base, rows, boxes=()):
+    """A small NIH-layout folder under `base` (rows: (name, labels, patient); boxes as BBox_List_2017.csv lists
+    them) -> its root."""
     from PIL import Image
 
     from tests.conftest import HEADER, gray_image
 
-    def make(base, rows):
-        root = base / "nih"
-        (root / "images").mkdir(parents=True)
-        for k, (name, _, _) in enumerate(rows):
-            Image.fromarray(gray_image(k, 128)).save(root / "images" / name)
-        (root / "Data_Entry_2017_v2020.csv").write_text(HEADER + "".join(
-            f"{n},{labels},0,{p},40,M,PA,1024,1024,0.143,0.143\n" for n, labels, p in rows))
-        (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
-        (root / "test_list.txt").write_text("")
-        (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows))
-        return root
-    return make
+    root = base / "nih"
+    (root / "images").mkdir(parents=True)
+    for k, (name, _, _) in enumerate(rows):
+        Image.fromarray(gray_image(k, 128)).save(root / "images" / name)
+    (root / "Data_Entry_2017_v2020.csv").write_text(HEADER + "".join(
+        f"{n},{labels},0,{p},40,M,PA,1024,1024,0.143,0.143\n" for n, labels, p in rows))
+    (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(
+        ",".join(map(str, b)) + "\n" for b in boxes))
+    (root / "test_list.txt").write_text("")
+    (root / "train_val_list.txt").write_text("".join(f"{r[0]}\n" for r in rows))
+    return root
 
 
 def state(home) -> dict:
@@ -101,6 +106,14 @@ def state(home) -> dict:
     return {**tables, "mined": mined, "pixels": pixels}
 
 
+def recorded_model(home) -> str:
+    con = db.connect(home, read_only=True)
+    try:
+        return con.execute("SELECT model_id FROM runs WHERE run_id = ?", [RUN]).fetchone()[0]
+    finally:
+        con.close()
+
+
 def flip(path, at: float, bit: int = 0x08) -> None:
     data = bytearray(path.read_bytes())
     data[int(len(data) * at)] ^= bit
@@ -111,13 +124,15 @@ def test_a_clean_home_has_no_problem_and_an_old_one_no_unknown_counted(clean, tm
     assert check_home(clean) == []
     assert main(["--home", str(clean.root), "check"]) == 0
     assert capsys.readouterr().out == f"{clean.root}: no problem found\n"
-    old = Home(shutil.copytree(clean.root, tmp_path / "old"))      # as written before checksums were recorded
+    old = Home(shutil.copytree(clean.root, tmp_path / "old"))      # as 63125f3 wrote it: before checksums existed
     for record in old.root.rglob("*.sha256"):
         record.unlink()
     con = db.connect(old)
-    con.execute("DELETE FROM cache_checksums")
+    con.execute("DROP TABLE cache_checksums")
     con.close()
-    assert check_home(old) == []
+    assert check_home(old) == []                                    # read-only: no table added to the file
+    assert main(["--home", str(old.root), "status"]) == 0 and "cache_checksums  0" in capsys.readouterr().out
+    assert len(mine_shard(old, recorded_model(old), CacheDataset(old, size=SIZE).image_ids[:2], MiningConfig(), "m"))
     part = sorted(run_dir(old, RUN).glob("*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:-100])                      # still found: it cannot be read
     assert [(p.kind, p.path) for p in check_home(old)] == [("part", part)]
@@ -212,3 +227,35 @@ def test_seeded_faults_are_each_found_or_harmless_and_repair_gives_back_the_clea
     print(f"\n{len(faults)} faults in {ROUNDS} rounds: {found} found by check, {len(faults) - found} harmless; "
           "every round repaired to the clean home")
     print("\n".join(f"  round {r}: {what} in {rel}: {'found' if hit else 'harmless'}" for r, rel, what, hit in faults))
+
+
+def test_a_damaged_export_is_named_with_the_command_that_writes_it_again(clean, tmp_path):
+    from pipeline.export.write import export
+
+    home = Home(shutil.copytree(clean.root, tmp_path / "home"))
+    folder = export(home, RUN, "coco", home.exports / RUN / "coco", min_score=0.1, ranks=None)
+    labels = next(p for p in folder.rglob("*.json") if p.name != "manifest.json")
+    labels.write_text(labels.read_text().replace('"', "'", 1))
+    command = f"harvest export --run {RUN} --format coco --min-score 0.1 --ranks all"
+    found = [p for p in check_home(home) if p.kind == "export" and p.path == folder]
+    assert len(found) == 1 and f"`{command}` writes it again" in found[0].line()
+    said = []
+    Repair(home, say=said.append).run(found)
+    assert not folder.exists() and len(said) == 1, said
+    assert said[0].startswith(f"quarantined: {folder} -> ") and said[0].endswith(f": `{command}` writes it again")
+    export(home, RUN, "coco", folder, min_score=0.1, ranks=None)   # the command, as the CLI runs it
+    assert [p for p in check_home(home) if p.kind == "export" and p.path == folder] == []
+
+
+def test_a_flipped_cached_byte_stops_mining_and_check_but_not_a_training_read(clean, tmp_path):
+    """The rule of #21 item 2 at the measured ratio (bench/cache_verify.py: 0.42 < 0.9): verify at `check` and when
+    mining reads an image, not on every read."""
+    home = Home(shutil.copytree(clean.root, tmp_path / "home"))
+    ds = CacheDataset(home, size=SIZE)
+    shard = cache.shard_path(home.cache, SIZE, int(ds.shards[3]))
+    flip(shard, (ds.rows[3] * SIZE * SIZE + 7) / shard.stat().st_size)
+    model_id, ds = recorded_model(home), CacheDataset(home, size=SIZE)
+    assert ds.get_batch([3])["image"].shape == (1, 1, SIZE, SIZE)            # training and evaluation reads
+    with pytest.raises(cache.DamagedCache, match=f"{ds.image_ids[3]} \\({shard}, row {ds.rows[3]}\\)"):
+        mine_shard(home, model_id, ds.image_ids, MiningConfig(), "mine-damaged")
+    assert [(p.kind, p.path) for p in check_home(home)] == [("cache", shard)]
