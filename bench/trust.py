@@ -1,6 +1,6 @@
 """Does the trust estimate hold? (#22 item 3) The estimate of each finding, measured on the run's tuning set
-(the phantom truth of the validation images: `pipeline.evaluation.trust`), against the Acc of the same boxes
-(rank 1, score >= the finding's cut) on held-out truth that the estimate never saw: the `test` split. The
+(the phantom truth of the validation images: `pipeline.evaluation.trust`), against the Acc of the boxes its rule
+keeps (one rank, score >= the finding's cut) on held-out truth that the estimate never saw: the `test` split. The
 `train` column is the harvest itself (the images the model trained on), for comparison.
 
     python bench/trust.py --home H --run RUN [--csv docs/results/trust-demo.csv]
@@ -48,14 +48,15 @@ def quick_home(root: Path) -> tuple[Path, str]:
 
 
 def held_out_acc(con, run_id: str, rows: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Acc@T of the kept boxes (rank 1, score >= cut) on the `split` images' truth, with intervals."""
+    """Acc@T of the boxes each finding's rule keeps (its rank, score >= its cut) on the `split` images' truth."""
     gt = con.execute("SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g JOIN images i USING (image_id) "
                      "WHERE g.source = 'truth' AND i.split = ? AND g.image_id IN (SELECT image_id FROM mined_boxes "
                      "WHERE run_id = ?)", [split, run_id]).df()
-    boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ? "
-                        "AND rank = 1", [run_id]).df()
-    cuts = rows.set_index("finding")["min_score"].fillna(-np.inf)
-    boxes = boxes[boxes["score"] >= boxes["finding"].map(cuts).fillna(np.inf)]
+    boxes = con.execute("SELECT image_id, finding, rank, x, y, w, h, score FROM mined_boxes WHERE run_id = ?",
+                        [run_id]).df()
+    rule = rows.set_index("finding")
+    boxes = boxes[(boxes["rank"] == boxes["finding"].map(rule["rank"]).fillna(0))
+                  & (boxes["score"] >= boxes["finding"].map(rule["min_score"].fillna(-np.inf)).fillna(np.inf))]
     if split == "train":   # the harvest: training images, not those held out for validation
         gt = gt[~gt["image_id"].isin(set(trust.tuning_set(con, run_id)[1]))]
     return acc_intervals(boxes, gt, sorted(set(gt["image_id"])), list(rows["finding"]), thresholds=(rows["t"].iloc[0],))
@@ -80,7 +81,7 @@ def main() -> int:
         test, train = (held_out_acc(con, run_id, rows, s).set_index("finding") for s in ("test", "train"))
     finally:
         con.close()
-    table = rows.set_index("finding")[["n_gt", "acc", "lo", "hi", "min_score", "kept"]].rename(
+    table = rows.set_index("finding")[["n_gt", "acc", "lo", "hi", "rank", "min_score", "kept"]].rename(
         columns={"n_gt": "n_val", "acc": "est_acc", "lo": "est_lo", "hi": "est_hi"})
     table = table.join(test[["acc", "lo", "hi", "n_gt"]].add_prefix("test_")).join(
         train[["acc", "n_gt"]].add_prefix("train_"))

@@ -24,11 +24,12 @@ def artifact_key(run_id: str) -> str:
 @task(name="evaluate-run")
 def evaluate_task(home: str, run_id: str, report: bool) -> dict:
     from pipeline.evaluation.run import evaluate_run   # torch
-    from pipeline.evaluation.summary import formatted
+    from pipeline.evaluation.summary import formatted, harvest_lines
     out = evaluate_run(home, run_id, report=report)
     summary, harvest = out["summary"], out["harvest"]
     text = (f"harvest: {harvest.attrs['images']} images mined, {int(harvest['boxes'].sum())} boxes\n"
-            f"Acc per finding, {summary.attrs['protocol']} (n truth boxes; 95 % bootstrap interval over images):\n"
+            + "".join(f"{line}\n" for line in harvest_lines(harvest))
+            + f"Acc per finding, {summary.attrs['protocol']} (n truth boxes; 95 % bootstrap interval over images):\n"
             + formatted(summary).to_string(index=False))
     return {"model_id": out["model_id"], "rows": len(out["results"]),
             "report": str(out["report"]) if out["report"] else None, "markdown": out["markdown"], "summary": text}

@@ -52,8 +52,13 @@ def export_flow(home: str, run_id: str, fmt: str, out_dir: str | None = None, mi
                  f"- boxes: {counts['boxes']}\n- negatives: {counts['negatives']}\n"
                  f"- image files: {manifest['images']['mode']}\n- filters: `{json.dumps(manifest['filters'])}`\n"
                  f"- manifest: `{path / MANIFEST}`\n\n| finding | boxes |\n|---|---|\n{per_finding}")
+    trust = manifest.get("trust", {})
+    kept = [f for f, e in trust.get("findings", {}).items() if e["kept"]]
     print(f"export {fmt}: {counts['boxes']} boxes on {counts['images']} images ({counts['negatives']} without a box) "
-          f"in {', '.join(counts['splits'])} -> {path}")
+          f"in {', '.join(counts['splits'])} -> {path}\n"
+          + (f"  trusted findings kept ({len(kept)} of {len(trust['findings'])}, estimated Acc@{trust['t_iou']:g} >= "
+             f"{trust['floor']:g} on {trust['source']}): {', '.join(kept) or 'none'}; `--all` keeps every one"
+             if trust.get("applied") else f"  every finding kept: {trust.get('reason', 'no trust measured')}"))
     return {"path": str(path), "export_run_id": export_run, **counts}
 
 

@@ -44,7 +44,8 @@ def trust_table(rows) -> str:
     out = pd.DataFrame({"finding": rows["finding"], "n_gt": rows["n_gt"],
                         f"est. Acc@{rows['t'].iloc[0]:g}": [f"{fmt(a)} [{fmt(lo)}, {fmt(hi)}]" for a, lo, hi
                                                            in zip(rows["acc"], rows["lo"], rows["hi"])],
-                        "precision": rows["precision"].map(fmt), "min score": rows["min_score"].map(fmt),
+                        "precision": rows["precision"].map(fmt), "rank": rows["rank"].map(
+                            lambda r: "–" if pd.isna(r) else int(r)), "min score": rows["min_score"].map(fmt),
                         "exported": rows["kept"].map({True: "yes", False: "no"})})
     return out.to_string(index=False)
 
@@ -59,8 +60,8 @@ def _run(args) -> int:
             rows = trust_flow(home, args.run_id, args.floor)["rows"]
         print(trust_table(rows))
         print(f"\ntuning set: {rows['source'].iloc[0]}; exports keep the findings whose estimated Acc reaches "
-              f"{rows['floor'].iloc[0]:g} on at least {MIN_GT}"
-              " truth boxes, and their boxes from the min score up (`harvest export --all` keeps every one)")
+              f"{rows['floor'].iloc[0]:g} on at least {MIN_GT} truth boxes, and of each its boxes of that rank "
+              "from the min score up (`harvest export --all` keeps every finding)")
         return 0
     with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
         out = tune_flow(home, args.model, args.t_iou)

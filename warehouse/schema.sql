@@ -117,8 +117,8 @@ CREATE TABLE IF NOT EXISTS rejects (
 );
 
 -- Trust in a mining run's boxes per finding, measured on its tuning set, never on evaluation boxes
--- (pipeline.evaluation.trust; `harvest tune --run`): `harvest export` keeps the `kept` findings and boxes with
--- score >= min_score unless told `--all`.
+-- (pipeline.evaluation.trust; `harvest tune --run`): `harvest export` keeps the `kept` findings, their boxes of
+-- `rank` with score >= min_score, unless told `--all`.
 CREATE TABLE IF NOT EXISTS trust (
     run_id     VARCHAR NOT NULL,
     finding    VARCHAR NOT NULL,
@@ -126,11 +126,12 @@ CREATE TABLE IF NOT EXISTS trust (
     t          DOUBLE NOT NULL,          -- T(IoU)
     n_gt       INTEGER NOT NULL,         -- truth boxes of the finding in the tuning set (0: no estimate)
     n_images   INTEGER NOT NULL,
-    min_score  DOUBLE,                   -- rank-1 boxes below it are left out (NULL: none)
-    acc        DOUBLE,                   -- estimated Acc@t of the kept rank-1 boxes (cross-fitted cut)
+    rank       INTEGER,                  -- the box rank exported: which of the sec. 3.2 threshold levels
+    min_score  DOUBLE,                   -- boxes of that rank below it are left out (NULL: none)
+    acc        DOUBLE,                   -- estimated Acc@t of the kept boxes (rule cross-fitted)
     lo         DOUBLE,                   -- its 95 % bootstrap interval over images
     hi         DOUBLE,
-    precision  DOUBLE,                   -- share of kept rank-1 boxes that hit a truth box
+    precision  DOUBLE,                   -- share of kept boxes that hit a truth box
     floor      DOUBLE NOT NULL,          -- the Acc a finding needs to be kept
     kept       BOOLEAN NOT NULL,
     basis      VARCHAR NOT NULL,         -- the box counts it was measured on: measured again when they change

@@ -36,7 +36,7 @@ from pipeline.base.vocab import BOXED_FINDINGS, FINDINGS
 from pipeline.evaluation.compare import to_markdown
 from pipeline.evaluation.iou import number_gt, overlap_pairs
 from pipeline.evaluation.references import cai_table3, wang_table
-from pipeline.evaluation.summary import formatted
+from pipeline.evaluation.summary import formatted, harvest_lines
 
 # Okabe & Ito (2008), "Color Universal Design": distinct under every common colour-vision deficiency
 OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",
@@ -244,7 +244,7 @@ def report_header(run_id: str, model_id: str | None = None, mining_params: dict 
 
 
 def report_markdown(header: dict[str, str], results: pd.DataFrame, html_path=None,
-                    summary: pd.DataFrame | None = None) -> str:
+                    summary: pd.DataFrame | None = None, harvest: pd.DataFrame | None = None) -> str:
     """The header, the summary (:mod:`pipeline.evaluation.summary`) and the headline Acc per finding (the
     :func:`curve_protocols`) as markdown, e.g. for a Prefect artifact; the full tables are in the HTML report at
     `html_path`."""
@@ -252,6 +252,9 @@ def report_markdown(header: dict[str, str], results: pd.DataFrame, html_path=Non
     lines += [f"- {name}: `{value}`" for name, value in header.items()]
     if html_path:
         lines.append(f"- HTML report: `{html_path}`")
+    if harvest is not None:
+        lines += ["", f"## Harvest: {harvest.attrs.get('images', '?')} images mined", "",
+                  to_markdown(harvest).rstrip(), ""] + [f"- {line}" for line in harvest_lines(harvest)]
     if summary is not None:
         lines += ["", f"## Acc per finding, `{summary.attrs.get('protocol', '')}`, n and 95 % interval", "",
                   to_markdown(formatted(summary)).rstrip()]
@@ -286,6 +289,7 @@ def write_report(out_dir, run_id: str, results: pd.DataFrame, cases: Sequence[Ca
     if harvest is not None:
         parts += [f"<h2>Harvest: {harvest.attrs.get('images', '?')} images mined</h2>",
                   harvest.to_html(index=False, border=0)]
+        parts += [f"<p>{html.escape(line)}</p>" for line in harvest_lines(harvest)]
     if summary is not None:
         parts += [f"<h2>Acc per finding, {html.escape(summary.attrs.get('protocol', ''))}: n truth boxes and "
                   "95 % bootstrap interval over images</h2>", formatted(summary).to_html(index=False, border=0)]

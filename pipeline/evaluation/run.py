@@ -23,6 +23,7 @@ from pipeline.evaluation.maxboxacc import Heatmap, max_box_acc
 from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
 from pipeline.evaluation.summary import acc_summary, harvest_summary
+from pipeline.evaluation.trust import gate
 from pipeline.images.dataset import CacheDataset, normalize
 from pipeline.runs.record import writer
 from pipeline.phantom.seeds import check_scorable, ingested_phantom_seeds
@@ -84,6 +85,10 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
         # a detector run (`harvest detector predict`) has boxes but no heatmaps: no MaxBoxAccV2, no heatmap cases
         heatmaps = not con.execute("SELECT count(*) FROM mined_boxes WHERE run_id = ? AND method = 'detector'",
                                    [run_id]).fetchone()[0]
+        trust_rows = gate(con, run_id)
+        exports = con.execute("""SELECT params->>'format', arg_max(params->>'out_dir', finished_at) FROM runs
+                                 WHERE flow = 'export' AND status = 'completed' AND params->>'run_id' = ?
+                                 GROUP BY 1 ORDER BY 1""", [run_id]).fetchall()
     finally:
         con.close()   # the heatmap pass below opens the warehouse read-only (model, cache index)
     eval_gt = next(gts[s] for s in GT_SETS if s in gts)   # MaxBoxAccV2's evaluation boxes
@@ -98,14 +103,14 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     header = report_header(run_id, info["model_id"], info["params"])
     gt_set = next(s for s in ("truth", "review", "bbox_list") if s in gts)   # the summary's truth: the widest
     summary = acc_summary(boxes, gts[gt_set], sorted(mined) if gt_set != "bbox_list" else None, gt_set)
-    harvest = harvest_summary(boxes, len(mined))
+    harvest = harvest_summary(boxes, len(mined), trust_rows, exports)
     out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None,
            "summary": summary, "harvest": harvest}
     if report:
         cases = _cases(home, info, boxes, eval_gt, n_cases, device) if heatmaps else []
         out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header, summary=summary,
                                      harvest=harvest)
-    out["markdown"] = report_markdown(header, table, out["report"], summary=summary)
+    out["markdown"] = report_markdown(header, table, out["report"], summary=summary, harvest=harvest)
     return out
 
 

@@ -36,9 +36,12 @@ def acc_summary(boxes: pd.DataFrame, gt: pd.DataFrame, images: list[str] | None,
     return out
 
 
-def harvest_summary(boxes: pd.DataFrame, n_mined: int) -> pd.DataFrame:
-    """Per finding: images with a box, boxes of every rank, and the mean rank-1 score; `attrs["images"]` is
-    the number of images the run mined."""
+def harvest_summary(boxes: pd.DataFrame, n_mined: int, trust: pd.DataFrame | None = None,
+                    exports: list[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Per finding: images with a box, boxes of every rank, and the mean rank-1 score; with `trust` (rows of
+    pipeline.evaluation.trust), the estimated Acc of the boxes its rule keeps on the tuning set, the rule (rank,
+    score cut) and whether the pseudo-label exports keep the finding. `attrs`: `images` mined, `trust` (its source and floor, or None)
+    and `exports` (format, folder) of the run's completed exports."""
     rank1 = boxes[boxes["rank"] == 1]
     out = pd.DataFrame({
         "images": boxes.groupby("finding")["image_id"].nunique(),
@@ -46,8 +49,32 @@ def harvest_summary(boxes: pd.DataFrame, n_mined: int) -> pd.DataFrame:
         "rank-1 score": rank1.groupby("finding")["score"].mean().round(3),
     }).reindex([f for f in FINDINGS if f in set(boxes["finding"])]).fillna(0)
     out = out.astype({"images": int, "boxes": int}).reset_index(names="finding")
+    if trust is not None:
+        t = trust.set_index("finding").reindex(out["finding"])
+        acc = f"est. Acc@{t['t'].dropna().iloc[0]:g} [95 %] (n)" if t["t"].notna().any() else "est. Acc"
+        out[acc] = ["–" if pd.isna(a) else f"{a:.2f} [{lo:.2f}, {hi:.2f}] ({int(n)})"
+                    for a, lo, hi, n in zip(t["acc"], t["lo"], t["hi"], t["n_gt"])]
+        out["exported boxes"] = ["–" if pd.isna(r) else f"rank {int(r)}" + ("" if pd.isna(m) else f", score >= {m:.3f}")
+                                 for r, m in zip(t["rank"], t["min_score"])]
+        out["exported"] = ["yes" if k is True else "no" for k in t["kept"]]
     out.attrs["images"] = int(n_mined)
+    out.attrs["trust"] = None if trust is None else {"source": trust["source"].iloc[0],
+                                                     "floor": float(trust["floor"].iloc[0])}
+    out.attrs["exports"] = list(exports)
     return out
+
+
+def harvest_lines(harvest: pd.DataFrame) -> list[str]:
+    """What the harvest table's attrs say, as sentences: how trust was measured, and where the exports are."""
+    trust = harvest.attrs.get("trust")
+    lines = [f"Trust: estimated on the tuning set `{trust['source']}` (never on evaluation boxes); the pseudo-label "
+             f"exports keep a finding whose estimate reaches {trust['floor']:g}, with the boxes of its rule (one "
+             f"rank, from a score up): {', '.join(harvest.loc[harvest['exported'] == 'yes', 'finding']) or 'none'}."
+             if trust else "Trust: not measured (no tuning set: no validation truth, no reviewed "
+             "boxes); exports keep every finding."]
+    lines += [f"Exported {fmt}: {folder}" for fmt, folder in harvest.attrs.get("exports", [])] or \
+        ["Exported: nothing yet (`harvest export --run ...`)."]
+    return lines
 
 
 def formatted(summary: pd.DataFrame) -> pd.DataFrame:

@@ -5,13 +5,16 @@ out) with a phantom's exact `truth` boxes, or else, on real data, the boxes peop
 `review`, `harvest import-review`) on mined images outside the evaluation split. The NIH list's boxes
 (`bbox_list`) and every box of the `test` split are never looked at.
 
-Per finding, on the tuning set, for the rank-1 boxes (what an export keeps by default):
-- `min_score`: the score cut that maximizes F1 of box precision (a kept box overlaps a truth box by more than
-  T(IoU)) and Acc (the share of truth boxes hit), the lowest such cut on ties;
-- `acc, lo, hi`: the Acc at T(IoU) of the boxes kept at that cut, with its 95 % interval: the bootstrap one over
+Per finding, on the tuning set, the **box rule** an export applies (:func:`box_rule`):
+- `rank`: which of the run's ranked boxes to export, one per image (the ranks are the boxes of the three
+  threshold levels of sec. 3.2, so this picks the threshold per finding: a large finding is often boxed best at
+  the lowest level), and `min_score`: the score cut below which those boxes are left out. Both maximize F1 of
+  box precision (a kept box overlaps a truth box by more than T(IoU)) and Acc (the share of truth boxes hit);
+  ties go to the lower rank and the lower cut;
+- `acc, lo, hi`: the Acc at T(IoU) of the boxes the rule keeps, with its 95 % interval: the bootstrap one over
   images, widened to the Wilson interval of the hit count where that is wider (:func:`wilson`).
-  The cut is cross-fitted: each half of the tuning images (a hash of the image id) is scored at the cut
-  chosen on the other half, so the estimate never sees the data its cut was fitted on;
+  The rule is cross-fitted: each half of the tuning images (a hash of the image id) is scored with the rule
+  fitted on the other half, so the estimate never sees the data its rule was fitted on;
 - `kept`: whether the finding is exported by default, `acc >= floor` (the point estimate, `FLOOR` unless
   stated) on at least `MIN_GT` truth boxes.
 The rows are stored in the warehouse's `trust` table, keyed by the run (:func:`store`).
@@ -31,7 +34,7 @@ from pipeline.evaluation.iou import number_gt, overlap_pairs
 
 T_IOU = 0.3
 MIN_GT = 10      # and the truth boxes it is estimated on
-COLUMNS = ["run_id", "finding", "source", "t", "n_gt", "n_images", "min_score", "acc", "lo", "hi", "precision",
+COLUMNS = ["run_id", "finding", "source", "t", "n_gt", "n_images", "rank", "min_score", "acc", "lo", "hi", "precision",
            "floor", "kept", "basis"]
 
 
@@ -108,35 +111,57 @@ def _fold(image_id: str) -> int:
     return hashlib.sha256(image_id.encode()).digest()[0] & 1
 
 
+def f1_at(scores: np.ndarray, hit_gt: np.ndarray, n_gt: int, cut: float) -> float:
+    """F1 of precision and Acc for the boxes with score >= `cut` (:func:`best_cut`'s objective)."""
+    keep = scores >= cut
+    if not keep.any() or n_gt == 0:
+        return 0.0
+    p, a = (hit_gt[keep] > 0).mean(), hit_gt[keep].sum() / n_gt
+    return float(2 * p * a / (p + a)) if p + a else 0.0
+
+
+def box_rule(boxes: pd.DataFrame, n_gt: int) -> tuple[int, float]:
+    """(rank, cut) of one finding: the box rank (which of the sec. 3.2 threshold levels) and score cut whose
+    boxes score the best F1 on `boxes` (columns rank, score, hit_gt); the lowest rank on ties."""
+    best = (1, -np.inf, -1.0)
+    for rank, b in boxes.groupby("rank", sort=True):
+        scores, hits = b["score"].to_numpy(np.float64), b["hit_gt"].to_numpy()
+        cut = best_cut(scores, hits, n_gt)
+        f1 = f1_at(scores, hits, n_gt, cut)
+        if f1 > best[2]:
+            best = (int(rank), cut, f1)
+    return best[0], best[1]
+
+
 def estimate(boxes: pd.DataFrame, gt: pd.DataFrame, images: list[str], t_iou: float = T_IOU,
              n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per finding with truth: `finding, n_gt, n_images, min_score, acc, lo, hi, precision` (module docstring).
-    `boxes`: the run's boxes (image_id, finding, rank, x, y, w, h, score); `gt`: the tuning truth on `images`."""
+    """Per finding with truth: `finding, n_gt, n_images, rank, min_score, acc, lo, hi, precision` (module
+    docstring). `boxes`: the run's boxes (image_id, finding, rank, x, y, w, h, score); `gt`: the tuning truth on
+    `images`. The rule (:func:`box_rule`) is fitted on all the tuning images; the estimate scores each half of
+    them with the rule fitted on the other half."""
     images = sorted(images)
     gt = number_gt(gt[gt["image_id"].isin(set(images))])
-    top = boxes[(boxes["rank"] == 1) & boxes["image_id"].isin(set(images))].reset_index(drop=True)
-    pairs = overlap_pairs(top, gt)
-    hits = pairs[pairs["overlap"] > t_iou].groupby(["image_id", "finding"]).size().rename("hit_gt")
-    top = top.merge(hits, on=["image_id", "finding"], how="left").fillna({"hit_gt": 0})
-    top["hit_gt"] = top["hit_gt"].astype(np.int64)
-    top["fold"] = top["image_id"].map(_fold)
+    mine = boxes[boxes["image_id"].isin(set(images))].reset_index(drop=True)
+    pairs = overlap_pairs(mine, gt)
+    hits = pairs[pairs["overlap"] > t_iou].groupby(["image_id", "finding", "rank"]).size().rename("hit_gt")
+    mine = mine.astype({"rank": np.int64}).merge(hits, on=["image_id", "finding", "rank"], how="left")
+    mine = mine.fillna({"hit_gt": 0}).astype({"hit_gt": np.int64})
+    mine["fold"] = mine["image_id"].map(_fold)
     gt_fold = gt["image_id"].map(_fold)
     rows, kept_parts = [], []
     for f in [f for f in FINDINGS if (gt["finding"] == f).any()]:
-        b, n_f = top[top["finding"] == f], gt_fold[gt["finding"] == f]
-
-        def cut(rows_: pd.DataFrame, n: int) -> float:
-            return best_cut(rows_["score"].to_numpy(np.float64), rows_["hit_gt"].to_numpy(), n)
-        crossed = [b[(b["fold"] == k) & (b["score"] >= cut(b[b["fold"] != k], int((n_f != k).sum())))]
-                   for k in (0, 1)]
+        b, n_f = mine[mine["finding"] == f], gt_fold[gt["finding"] == f]
+        crossed = []
+        for k in (0, 1):
+            rank, cut = box_rule(b[b["fold"] != k], int((n_f != k).sum()))
+            crossed.append(b[(b["fold"] == k) & (b["rank"] == rank) & (b["score"] >= cut)])
         kept = pd.concat(crossed)
         kept_parts.append(kept)
-        n_kept = len(kept)
+        rank, cut = box_rule(b, len(n_f))
         rows.append({"finding": f, "n_gt": int(len(n_f)),
-                     "n_images": int(gt.loc[gt["finding"] == f, "image_id"].nunique()),
-                     "min_score": cut(b, len(n_f)),
-                     "precision": float((kept["hit_gt"] > 0).mean()) if n_kept else np.nan})
-    out = pd.DataFrame(rows, columns=["finding", "n_gt", "n_images", "min_score", "precision"])
+                     "n_images": int(gt.loc[gt["finding"] == f, "image_id"].nunique()), "rank": rank,
+                     "min_score": cut, "precision": float((kept["hit_gt"] > 0).mean()) if len(kept) else np.nan})
+    out = pd.DataFrame(rows, columns=["finding", "n_gt", "n_images", "rank", "min_score", "precision"])
     if out.empty:
         return out.assign(acc=[], lo=[], hi=[])
     kept = pd.concat(kept_parts, ignore_index=True)
@@ -144,7 +169,7 @@ def estimate(boxes: pd.DataFrame, gt: pd.DataFrame, images: list[str], t_iou: fl
     out = out.merge(ci[["finding", "acc", "lo", "hi"]], on="finding", how="left")
     w_lo, w_hi = wilson(np.rint(out["acc"] * out["n_gt"]), out["n_gt"])
     out["lo"], out["hi"] = np.fmin(out["lo"], w_lo), np.fmax(out["hi"], w_hi)
-    return out[["finding", "n_gt", "n_images", "min_score", "acc", "lo", "hi", "precision"]]
+    return out[["finding", "n_gt", "n_images", "rank", "min_score", "acc", "lo", "hi", "precision"]]
 
 
 def wilson(hits, n, z: float = 1.96):
@@ -174,6 +199,7 @@ def trust_run(con, run_id: str, floor: float = FLOOR, t_iou: float = T_IOU) -> p
     out = est.reindex(mined).reset_index()
     out["n_gt"] = out["n_gt"].fillna(0).astype(int)
     out["n_images"] = out["n_images"].fillna(0).astype(int)
+    out["rank"] = out["rank"].astype("Int64")
     out["kept"] = (out["acc"] >= floor) & (out["n_gt"] >= MIN_GT)
     out = out.assign(run_id=run_id, source=source, t=t_iou, floor=floor, basis=basis(con, run_id))
     out["min_score"] = out["min_score"].replace(-np.inf, np.nan)   # stored NULL: no cut
@@ -197,14 +223,8 @@ def store(con, rows: pd.DataFrame) -> None:
 
 
 def read(con, run_id: str) -> pd.DataFrame | None:
-    """The stored trust rows of `run_id`, or None (none stored, or a home from before the table existed)."""
-    try:
-        rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM trust WHERE run_id = ? ORDER BY finding",
-                           [run_id]).df()
-    except Exception as exc:   # duckdb.CatalogException on a read-only old home
-        if "trust" in str(exc) and "does not exist" in str(exc):
-            return None
-        raise
+    """The stored trust rows of `run_id`, or None (an old home's read-only connection sees an empty table)."""
+    rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM trust WHERE run_id = ? ORDER BY finding", [run_id]).df()
     return rows if len(rows) else None
 
 
@@ -233,8 +253,10 @@ def gate(con, run_id: str, floor: float = FLOOR) -> pd.DataFrame | None:
 
 def keep(boxes: list[dict], rows: pd.DataFrame) -> list[dict]:
     """The boxes of the kept findings whose score reaches their finding's `min_score`."""
-    cuts = {r.finding: (-np.inf if pd.isna(r.min_score) else r.min_score) for r in rows.itertuples() if r.kept}
-    return [b for b in boxes if b["finding"] in cuts and b["score"] >= cuts[b["finding"]]]
+    rules = {r.finding: (int(r.rank), -np.inf if pd.isna(r.min_score) else r.min_score)
+             for r in rows.itertuples() if r.kept}
+    return [b for b in boxes if b["finding"] in rules and b["rank"] == rules[b["finding"]][0]
+            and b["score"] >= rules[b["finding"]][1]]
 
 
 def manifest_entry(rows: pd.DataFrame | None, reason: str = "") -> dict:
@@ -246,8 +268,10 @@ def manifest_entry(rows: pd.DataFrame | None, reason: str = "") -> dict:
     def num(v):
         return None if pd.isna(v) else round(float(v), 4)
     return {"applied": True, "floor": float(rows["floor"].iloc[0]), "min_gt": MIN_GT, "t_iou": float(rows["t"].iloc[0]),
-            "source": rows["source"].iloc[0], "estimate": "Acc at t_iou of the kept rank-1 boxes on the tuning "
-            "set, cut cross-fitted; 95 % interval: bootstrap over images, widened to Wilson's",
+            "source": rows["source"].iloc[0], "estimate": "Acc at t_iou of the boxes the finding's rule keeps (one "
+            "rank, score >= min_score) on the tuning set, rule cross-fitted; 95 % interval: bootstrap over images, widened to Wilson's",
+            "ranks": "each kept finding exports the boxes of its own rank; the filters' ranks apply without trust",
             "findings": {r.finding: {"kept": bool(r.kept), "acc": num(r.acc), "lo": num(r.lo), "hi": num(r.hi),
-                                     "n_gt": int(r.n_gt), "min_score": num(r.min_score),
+                                     "n_gt": int(r.n_gt), "rank": None if pd.isna(r.rank) else int(r.rank),
+                                     "min_score": num(r.min_score),
                                      "precision": num(r.precision)} for r in rows.itertuples()}}

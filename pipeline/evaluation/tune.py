@@ -1,8 +1,9 @@
 """Choose the box thresholds of sec. 3.2 on a validation split, never on the evaluation boxes.
 
-The validation images are those training held out (`pipeline.training.stages.split_ids`, by patient), scored
-against their `truth` boxes (a phantom has them for every image; the real NIH data has none, so there the
-defaults stay priors). The images go through the model once: their fused heatmaps H_f are kept, and each
+The tuning set is the validation images that training held out (`pipeline.training.stages.split_ids`, by
+patient), scored against their `truth` boxes (a phantom has them for every image); on real data, which has
+none, the images people reviewed outside the evaluation split, against their `review` boxes (`harvest
+import-review`). Without either the defaults stay priors. The images go through the model once: their fused heatmaps H_f are kept, and each
 candidate triple cuts its boxes from them (`boxes_from_heatmaps`), scored with the `all/iou` protocol. The
 objective is the mean Acc at T(IoU) = `t_iou` over the boxed findings present; per finding
 (`tune`), each finding's own Acc there, where it has enough truth instances.
@@ -69,11 +70,16 @@ def _scores(home, model_id: str, candidates, t_iou: float, base: MiningConfig | 
     try:
         gt = con.execute("SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE source = 'truth' "
                          "AND image_id IN (SELECT unnest(?))", [ids]).df()
+        if gt.empty:   # real data: the boxes people reviewed, outside the evaluation split
+            gt = con.execute("SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g JOIN images i "
+                             "USING (image_id) WHERE g.source = 'review' AND i.split <> 'test'").df()
+            ids = sorted(set(gt["image_id"]))
     finally:
         con.close()
     if gt.empty:
-        raise ValueError("no `truth` boxes on the validation images: thresholds cannot be chosen without "
-                         "looking at evaluation boxes; keep the defaults")
+        raise ValueError("no `truth` boxes on the validation images and no reviewed boxes outside the test split: "
+                         "thresholds cannot be chosen without looking at evaluation boxes; keep the defaults, or "
+                         "review some mined boxes (`harvest export --format labelstudio`, `harvest import-review`)")
     maps = validation_maps(home, model, meta, ids, base or MiningConfig())
     rows = []
     for cand in candidates:

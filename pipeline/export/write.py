@@ -163,12 +163,16 @@ def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
         if run is None:
             raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
                              "list runs with `SELECT * FROM runs` and pass one that mined boxes")
-        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **{k: filters.get(k) for k in
-                                                                     ("min_score", "ranks", "findings")}}))
+        trusted = filters.get("trust_floor") is not None   # then each finding's rule picks its rank
+        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, "min_score": filters.get("min_score"),
+                                                "ranks": None if trusted else filters.get("ranks"),
+                                                "findings": filters.get("findings")}))
         trust = {"applied": False, "reason": "every finding asked for (--all)"}
-        if filters.get("trust_floor") is not None:
+        if trusted:
             rows = gate(con, run_id, filters["trust_floor"])
-            boxes = keep(boxes, rows) if rows is not None else boxes
+            ranks = filters.get("ranks")
+            boxes = keep(boxes, rows) if rows is not None else \
+                [b for b in boxes if ranks is None or b["rank"] in ranks]
             trust = manifest_entry(rows)
         boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
                                            [run_id]).fetchall()]

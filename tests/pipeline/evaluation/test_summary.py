@@ -34,3 +34,22 @@ def test_the_harvest_summary_counts_boxes_and_images():
     assert h.attrs["images"] == 30
     assert h["boxes"].sum() == len(boxes)
     assert (h.set_index("finding")["images"] == boxes.groupby("finding")["image_id"].nunique()).all()
+
+
+def test_the_harvest_summary_says_what_trust_kept_and_where_the_exports_are():
+    import pandas as pd
+
+    from pipeline.evaluation.summary import harvest_lines
+    boxes, _, ids = random_run(4, n_images=30)
+    found = sorted(set(boxes["finding"]), key=FINDINGS.index)
+    trust = pd.DataFrame({"finding": found[:2], "source": "truth@val", "t": 0.3, "n_gt": [40, 12],
+                          "rank": [2, 1], "min_score": [0.857, np.nan], "acc": [0.6, 0.3], "lo": [0.44, 0.1],
+                          "hi": [0.74, 0.6], "floor": 0.5, "kept": [True, False]})
+    h = harvest_summary(boxes, len(ids), trust, [("coco", "/x/coco")]).set_index("finding")
+    assert h.loc[found[0], "exported"] == "yes" and h.loc[found[1], "exported"] == "no"
+    assert h.loc[found[0], "est. Acc@0.3 [95 %] (n)"] == "0.60 [0.44, 0.74] (40)"
+    assert h.loc[found[0], "exported boxes"] == "rank 2, score >= 0.857" and h.loc[found[1], "exported boxes"] == "rank 1"
+    assert all(h.loc[f, "exported"] == "no" and h.loc[f, "exported boxes"] == "–" for f in found[2:])
+    lines = harvest_lines(harvest_summary(boxes, len(ids), trust, [("coco", "/x/coco")]))
+    assert lines[0].endswith(f": {found[0]}.") and lines[1] == "Exported coco: /x/coco"
+    assert "not measured" in harvest_lines(harvest_summary(boxes, len(ids)))[0]

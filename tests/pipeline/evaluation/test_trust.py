@@ -52,7 +52,7 @@ def make_home(root, truth: bool = True) -> Home:
     """60 validation, 60 training and 30 test images with Effusion, Mass and Nodule labels and truth boxes, and
     a run whose boxes hit: Effusion everywhere; Mass on half the images, its misses scored lower; Nodule only on
     the test split (on validation it misses), and its `bbox_list` boxes on validation images are the boxes
-    themselves (they must not count)."""
+    themselves (they must not count); Cardiomegaly with its rank-2 box, never its rank-1 one."""
     home = Home(root).make()
     src = root.parent / f"{root.name}-src"
     (src / "images").mkdir(parents=True)
@@ -71,7 +71,7 @@ def make_home(root, truth: bool = True) -> Home:
         Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(src / "images" / image_id)
         con.execute("INSERT INTO images VALUES (?, ?, 0, 50, 'F', 'PA', ?, ?, 0.1, 0.1, ?, 'nih', ?, now())",
                     [image_id, patient, SIZE, SIZE, split, f"sha-{image_id}"])
-        for finding in ("Effusion", "Mass", "Nodule"):
+        for finding in ("Effusion", "Mass", "Nodule", "Cardiomegaly"):
             con.execute("INSERT INTO labels VALUES (?, ?)", [image_id, finding])
             if truth:
                 con.execute("INSERT INTO gt_boxes VALUES (?, ?, ?, ?, ?, ?, 'truth')", [image_id, finding, *HIT])
@@ -79,7 +79,8 @@ def make_home(root, truth: bool = True) -> Home:
         nodule_hits = split == "test"
         boxes += [(image_id, "Effusion", 1, *HIT, 0.5),
                   (image_id, "Mass", 1, *(HIT if mass_hits else MISS), 0.9 if mass_hits else 0.2),
-                  (image_id, "Nodule", 1, *(HIT if nodule_hits else MISS), 0.7)]
+                  (image_id, "Nodule", 1, *(HIT if nodule_hits else MISS), 0.7),
+                  (image_id, "Cardiomegaly", 1, *MISS, 0.9), (image_id, "Cardiomegaly", 2, *HIT, 0.8)]
         if image_id.startswith("v"):
             con.execute("INSERT INTO gt_boxes VALUES (?, 'Nodule', ?, ?, ?, ?, 'bbox_list')", [image_id, *MISS])
     con.close()
@@ -114,6 +115,9 @@ def test_trust_is_measured_on_validation_truth_only(home):
     assert mass["lo"] < 0.5 < mass["hi"] and mass["kept"]
     # Nodule hits only on the test split, and its bbox_list boxes would say it hits: neither is looked at
     assert rows.loc["Nodule", "acc"] == 0.0 and not rows.loc["Nodule", "kept"]
+    # the rule picks the rank whose boxes hit: Cardiomegaly's second threshold level
+    assert rows.loc["Cardiomegaly", "rank"] == 2 and rows.loc["Cardiomegaly", "acc"] == 1.0
+    assert (rows.drop("Cardiomegaly")["rank"] == 1).all()
 
 
 def test_default_export_keeps_trusted_findings_and_says_so(home, tmp_path):
@@ -121,20 +125,22 @@ def test_default_export_keeps_trusted_findings_and_says_so(home, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     findings = manifest["trust"]["findings"]
     assert manifest["trust"]["applied"] and manifest["trust"]["source"] == "truth@val"
-    assert {f for f, e in findings.items() if e["kept"]} == {"Effusion", "Mass"}
+    assert {f for f, e in findings.items() if e["kept"]} == {"Effusion", "Mass", "Cardiomegaly"}
+    assert findings["Cardiomegaly"]["rank"] == 2
     assert findings["Nodule"]["acc"] == 0.0 and findings["Mass"]["n_gt"] == 60
     annotations = [a for split in out.glob("annotations/instances_*.json")
                    for a in json.loads(split.read_text())["annotations"]]
     categories = {c["id"]: c["name"] for c in json.loads(next(out.glob("annotations/instances_*.json")).read_text())
                   ["categories"]}
     kept = pd.Series([categories[a["category_id"]] for a in annotations]).value_counts()
-    assert kept.to_dict() == {"Effusion": 150, "Mass": 75}   # Mass: its boxes above the cut; no Nodule
+    assert kept.to_dict() == {"Effusion": 150, "Cardiomegaly": 150, "Mass": 75}   # Mass: above the cut; no Nodule
     every = export(home, RUN, "coco", tmp_path / "all", images="none", trust_floor=None)
-    assert json.loads((every / "manifest.json").read_text())["counts"]["boxes"] == 450
+    assert json.loads((every / "manifest.json").read_text())["counts"]["boxes"] == 600   # rank 1 of each
     review = export(home, RUN, "labelstudio", tmp_path / "ls", images="none")   # for people: every finding
     assert json.loads((review / "manifest.json").read_text())["trust"]["applied"] is False
     strict = export(home, RUN, "coco", tmp_path / "strict", images="none", trust_floor=0.9)
-    assert json.loads((strict / "manifest.json").read_text())["counts"]["per_finding"].keys() == {"Effusion"}
+    assert json.loads((strict / "manifest.json").read_text())["counts"]["per_finding"].keys() == {"Effusion",
+                                                                                                 "Cardiomegaly"}
 
 
 def test_new_boxes_in_the_run_measure_trust_again(tmp_path):
