@@ -95,7 +95,11 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     out_dir = Path(out_dir).expanduser().resolve()
     _check_replaceable(out_dir)
     filters = export_filters(min_score, ranks, findings)
-    rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters)
+    con = writer(home)   # one connection for the whole read
+    try:
+        rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters, con=con)
+    finally:
+        con.close()
     boxes = [c for b in raw_boxes if (c := _clip(b, rows[b["image_id"]]))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -113,8 +117,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
                     "images": files.summary(),
                     "code_version": code_version(),
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
-                              if p.is_file() and p.relative_to(tmp).parts[0] != "images"}}
+                    "files": _label_files(tmp, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_into_place(tmp, out_dir)
     finally:
@@ -122,9 +125,11 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     return out_dir
 
 
-def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(), filters: dict | None = None):
+def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(), filters: dict | None = None,
+              con=None):
     """What `export` checks before it writes anything: the format, the image mode, and that every source image
-    is found (one-line errors naming the fix). Returns the run's images, boxes, trace and `ImageFiles`."""
+    is found (one-line errors naming the fix). Returns the run's images, boxes, trace and `ImageFiles`. Reads on
+    `con` when given, else on a writable connection of its own (`writer`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if images not in IMAGE_MODES:
@@ -134,49 +139,51 @@ def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(),
                          "so a YOLO export needs its images: use --images link or copy")
     home = home if isinstance(home, Home) else Home.resolve(home)
     filters = filters or {"min_score": None, "ranks": None, "findings": None}
-    rows, raw_boxes, trace, roots = _read_run(home, run_id, filters, pseudonyms=fmt == "nih-csv")
-    splits = sorted({im["split"] for im in rows.values()})
-    if fmt == "yolo" and "train" not in splits:
-        raise ValueError(f"run {run_id!r} mined no train image (only {', '.join(splits)}), and a YOLO dataset "
-                         "trains on train: mine the train split too, or export coco")
-    files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots])
+    own = con is None
+    con = writer(home) if own else con
+    try:
+        rows, raw_boxes, trace, roots = _read_run(con, home, run_id, filters, pseudonyms=fmt == "nih-csv")
+        splits = sorted({im["split"] for im in rows.values()})
+        if fmt == "yolo" and "train" not in splits:
+            raise ValueError(f"run {run_id!r} mined no train image (only {', '.join(splits)}), and a YOLO dataset "
+                             "trains on train: mine the train split too, or export coco")
+        files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots], con)
+    finally:
+        if own:
+            con.close()
     return rows, raw_boxes, trace, files
 
 
-def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
-    """Images (id -> row), filtered boxes, the run/model trace and the recorded ingest roots, from the warehouse."""
-    con = writer(home)
-    try:
-        run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
-                        "FROM runs WHERE run_id = ?", run_id)
-        if run is None:
-            raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
-                             "list runs with `SELECT * FROM runs` and pass one that mined boxes")
-        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **filters}))
-        boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
-                                           [run_id]).fetchall()]
-        ids = sorted(set(boxed) | set(mined_image_ids(home, run_id)))
-        if not ids:
-            raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
-                             "run `harvest mine` first or pass a mining run")
-        images = _dicts(con.execute(_IMAGES_SQL, {"ids": ids}))
-        missing = [im["image_id"] for im in images if im["width"] is None]
-        if missing:
-            raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
-                             "re-ingest them so their frame (width, height) is known")
-        model_ids = [r[0] for r in con.execute(
-            "SELECT DISTINCT model_id FROM mined_boxes WHERE run_id = ? ORDER BY 1", [run_id]).fetchall()]
-        model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
-        model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
-                          "created_at FROM models WHERE model_id = ?", model_id)
-        for record in (run, model):
-            for key in ("params", "config"):
-                if record is not None and isinstance(record.get(key), str):
-                    record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
-        has_val = con.execute("SELECT count(*) FROM images WHERE split = 'val'").fetchone()[0] > 0
-        roots = ingest_roots(con, home)
-    finally:
-        con.close()
+def _read_run(con, home: Home, run_id: str, filters: dict, pseudonyms: bool):
+    """Images (id -> row), filtered boxes, the run/model trace and the recorded ingest roots, read on `con`."""
+    run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
+                    "FROM runs WHERE run_id = ?", run_id)
+    if run is None:
+        raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
+                         "list runs with `SELECT * FROM runs` and pass one that mined boxes")
+    boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, **filters}))
+    boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
+                                       [run_id]).fetchall()]
+    ids = sorted(set(boxed) | set(mined_image_ids(home, run_id)))
+    if not ids:
+        raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
+                         "run `harvest mine` first or pass a mining run")
+    images = _dicts(con.execute(_IMAGES_SQL, {"ids": ids}))
+    missing = [im["image_id"] for im in images if im["width"] is None]
+    if missing:
+        raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
+                         "re-ingest them so their frame (width, height) is known")
+    model_ids = [r[0] for r in con.execute(
+        "SELECT DISTINCT model_id FROM mined_boxes WHERE run_id = ? ORDER BY 1", [run_id]).fetchall()]
+    model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
+    model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
+                      "created_at FROM models WHERE model_id = ?", model_id)
+    for record in (run, model):
+        for key in ("params", "config"):
+            if record is not None and isinstance(record.get(key), str):
+                record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
+    has_val = con.execute("SELECT count(*) FROM images WHERE split = 'val'").fetchone()[0] > 0
+    roots = ingest_roots(con, home)
     splits = _assign_splits(images, model, has_val)
     salt = None
     if pseudonyms:
@@ -209,6 +216,14 @@ def _assign_splits(images: list[dict], model: dict | None, has_val: bool) -> dic
     source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
     return {"val": f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})",
             "test": test}
+
+
+def _label_files(tmp: Path, files: ImageFiles) -> dict[str, str]:
+    """Relative path -> sha256 of every file of the export but its images (the warehouse's `source_sha256` names
+    those): not under `images/` nor under an image folder the format wrote (CVAT's `<split>/images/`)."""
+    image_dirs = ("images/", *(f"{sub}/" for sub in files.folders if files.mode != "none"))
+    return {rel: sha256_file(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and not (rel := p.relative_to(tmp).as_posix()).startswith(image_dirs)}
 
 
 def _dicts(cursor) -> list[dict]:
