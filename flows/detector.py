@@ -20,10 +20,9 @@ import re
 import time
 
 from flows._runtime import prefect_api
-from flows._verbs import create_markdown_artifact, create_table_artifact, flow, require_run, task
+from flows._verbs import create_markdown_artifact, create_table_artifact, flow, recorded_run, require_run, task
 from pipeline.base.home import Home
 from pipeline.base.vocab import SPLITS
-from pipeline.runs.record import recorded_run
 
 DEFAULT_SHARD_SIZE = 512
 

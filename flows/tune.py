@@ -1,10 +1,9 @@
 """`harvest tune`: choose the mining box thresholds on the validation split (never on evaluation boxes)."""
 from __future__ import annotations
 
-from flows._runtime import prefect_api
-from flows._verbs import create_table_artifact, flow
+from flows._runtime import flow_api
+from flows._verbs import create_table_artifact, flow, recorded_run
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 
 
 @flow(name="tune-mining", log_prints=True)
@@ -20,9 +19,9 @@ def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
 
 
 def _run(args) -> int:
-    home = str(Home.resolve(args.home).root)
-    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
-        out = tune_flow(home, args.model, args.t_iou)
+    home = Home.resolve(args.home)
+    with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
+        out = tune_flow(str(home.root), args.model, args.t_iou)
     print(out["table"].head(10).to_string(index=False))
     print(f"\nbest on the validation split: thresholds {out['thresholds']}")
     print("\nvalidation Acc per finding, one rule for all vs a rule per finding:")
