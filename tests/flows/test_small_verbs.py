@@ -19,7 +19,8 @@ from warehouse.db import connect
 
 REPO = Path(__file__).resolve().parents[2]
 # The CLI in a child, which then says whether Prefect was imported.
-CLI = "import sys; from flows.cli import main; rc = main(sys.argv[1:]); print('prefect imported:', 'prefect' in sys.modules); sys.exit(rc)"
+CLI = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+       "print('prefect imported:', 'prefect' in sys.modules); sys.exit(rc)")
 
 
 def harvest(*args, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
