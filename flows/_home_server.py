@@ -154,6 +154,24 @@ def home_prefect_server(home, port: int | None = None):
             lease.unlink(missing_ok=True)
 
 
+@contextmanager
+def running_home_server(home):
+    """Yield the API URL of the home's server when one runs on this host (a lease held meanwhile), else None:
+    nothing is started, and a home without a `prefect/` folder gets none."""
+    folder = prefect_dir(home)
+    if not (folder / LOCK).exists():
+        yield None
+        return
+    with _locked(folder):
+        state = _running(folder)
+        lease = _take_lease(folder) if state and state["host"] == socket.gethostname() else None
+    try:
+        yield state["api_url"] if lease else None
+    finally:
+        if lease:
+            lease.unlink(missing_ok=True)
+
+
 # ---- the supervisor ------------------------------------------------------------------------------------
 
 def supervise(folder: Path, port: int = 0, poll: float = 0.2) -> int:

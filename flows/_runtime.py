@@ -8,7 +8,7 @@ import re
 import tempfile
 from contextlib import ExitStack, contextmanager
 
-from flows._home_server import home_prefect_server
+from flows._home_server import home_prefect_server, running_home_server
 from flows._prefect_server import OFFLINE_ENV, use_prefect_api
 
 
@@ -29,6 +29,24 @@ def prefect_api(home=None):
             url = stack.enter_context(home_prefect_server(temporary))
         with use_prefect_api(url):
             yield url
+
+
+@contextmanager
+def flow_api(home):
+    """For the verbs that need no flow history (export, evaluate, tune): `$PREFECT_API_URL` when set, else the
+    home's server when one runs (joined, as `prefect_api` would): the flow run lands in the home's history. Else
+    no server starts and Prefect is not imported: the flows and tasks run as plain functions (`flows._verbs.plain`)
+    and yield None; the warehouse's `runs` table records the run either way."""
+    from flows._verbs import plain
+
+    url = os.environ.get("PREFECT_API_URL")
+    with ExitStack() as stack:
+        url = url or stack.enter_context(running_home_server(home))
+        if url is None:
+            stack.enter_context(plain())
+        elif not os.environ.get("PREFECT_API_URL"):
+            stack.enter_context(use_prefect_api(url))
+        yield url
 
 
 def local_cluster_kwargs(n_workers: int | None = None, api_url: str | None = None) -> dict:

@@ -7,9 +7,8 @@ under `<home>/quarantine/` and checks again. The exit status is 1 while any prob
 from __future__ import annotations
 
 from flows._runtime import prefect_api
-from flows._verbs import create_table_artifact, flow
+from flows._verbs import create_table_artifact, flow, recorded_run
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 
 
 @flow(name="check-repair")

@@ -20,10 +20,10 @@ import re
 import time
 
 from flows._runtime import prefect_api
-from flows._verbs import create_markdown_artifact, create_table_artifact, flow, require_run, task
+from flows._verbs import (create_markdown_artifact, create_table_artifact, flow, name_flow_run, recorded_run,
+                          require_run, task)
 from pipeline.base.home import Home
 from pipeline.base.vocab import SPLITS
-from pipeline.runs.record import recorded_run
 
 DEFAULT_SHARD_SIZE = 512
 
@@ -120,6 +120,7 @@ def predict_flow(home: str, model: str, split: str = "test", shard_size: int = D
               "amp": amp, "shard_size": shard_size, "method": "detector"}
     # flow 'detect': evaluation draws no heatmaps for a detector run
     with recorded_parts_run(home_, "detect", params, model_id, run_id):
+        name_flow_run(run_id)
         results = [predict_shard(str(home_.root), run_id, index, ids, model_id, predict, amp, str(dev))
                    for index, ids in jobs]
     summary = {"run_id": run_id, "detector": model_id, "split": split, "images": len(images),

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 
-from flows._runtime import prefect_api
-from flows._verbs import (create_link_artifact, create_markdown_artifact, create_table_artifact, flow,
+from flows._runtime import flow_api
+from flows._verbs import (create_link_artifact, create_markdown_artifact, create_table_artifact, flow, recorded_run,
                           require_run, task)
 from flows.query import print_table
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 from warehouse import db
 
 
@@ -80,10 +79,10 @@ def print_results(home, run_id: str, protocol: str, family: str) -> None:
 
 
 def _run(args) -> int:
-    home = str(Home.resolve(args.home).root)
+    home = Home.resolve(args.home)   # resolved once, handed down
     require_run(home, args.run, "evaluate")   # fails in one line, before Prefect is imported or a server starts
-    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
-        out = evaluate_flow(home, args.run, report=not args.no_report)
+    with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
+        out = evaluate_flow(str(home.root), args.run, report=not args.no_report)
     if args.long:
         print_results(home, args.run, args.protocol, args.family)
     else:

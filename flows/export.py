@@ -1,20 +1,22 @@
 """Flow 5: pseudo-label export of one mining run (`harvest export`), over :func:`pipeline.export.write.export`.
 
-Prefect is imported on first use (`flows._verbs`), so that `harvest export --run RUN` checks the run id in well
-under two seconds, before any server starts.
+Prefect is imported on first use (`flows._verbs`), so that `harvest export --run RUN` checks the run id, the
+findings and the images in well under two seconds, before any server starts; and none starts unless the home's
+own already runs (`flows._runtime.flow_api`): the export then takes about a second (bench/export_speed.py).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from flows._verbs import create_markdown_artifact, flow, require_run, task
+from flows._runtime import flow_api
+from flows._verbs import check_findings, create_markdown_artifact, flow, recorded_run, require_run, task
 from pipeline.base.home import Home
 from pipeline.config.harvest import EXPORT_FORMATS, TRUST_FLOOR
 from pipeline.export.common import IMAGE_MODES
 from pipeline.export.labelstudio import URL_PREFIX
-from pipeline.export.write import MANIFEST, export
-from pipeline.runs.record import recorded_run
+from pipeline.export.write import MANIFEST, export, preflight
+from pipeline.runs.record import writer
 
 
 @task(name="export")
@@ -68,14 +70,18 @@ def parse_ranks(tokens: list[str]) -> list[int] | None:
 
 
 def _run(args) -> int:
-    home = str(Home.resolve(args.home).make().root)
-    require_run(home, args.run_id, "export")   # one line, before Prefect is imported or a server starts
-    from pipeline.export.write import preflight
-    preflight(home, args.run_id, args.fmt, args.images, args.image_roots)   # missing images: one line, no flow
-    from flows._runtime import prefect_api
-    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
-        export_flow(home, args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks), args.findings,
-                    args.images, args.image_roots, args.url_prefix, None if args.all else args.floor or "default")
+    findings = check_findings(args.findings)   # one line, before the warehouse is opened
+    home = Home.resolve(args.home).make()   # resolved once, handed down
+    con = writer(home)   # one connection for the checks: one line each, before any run or flow
+    try:
+        require_run(home, args.run_id, "export", con)
+        preflight(home, args.run_id, args.fmt, args.images, args.image_roots, con=con)   # missing images
+    finally:
+        con.close()
+    with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
+        export_flow(str(home.root), args.run_id, args.fmt, args.out, args.min_score, parse_ranks(args.ranks),
+                    findings, args.images, args.image_roots, args.url_prefix,
+                    None if args.all else args.floor or "default")
     return 0
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows._runtime import prefect_api
-from flows._verbs import create_table_artifact, flow, task
+from flows._verbs import create_table_artifact, flow, recorded_run, task
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 
 
 @task(name="ingest-nih")

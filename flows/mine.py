@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from tqdm.auto import tqdm
 
 from flows._runtime import add_dask_address, dask_task_runner, prefect_api, worker_device
+from flows._verbs import name_flow_run
 from pipeline.base.home import Home
 from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
                                  process_model, recorded_parts_run, run_dir, write_part)
@@ -96,6 +97,7 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
     params = {"model": model, "split": split, "shard_size": shard_size, "dask_address": dask_address,
               "config": cfg.to_dict(), "config_hash": cfg.config_hash()}
     with recorded_parts_run(home, "mine", params, model_id, run_id):   # a writable connect refreshes the views
+        name_flow_run(run_id)
         if dask_address and not PREFECT_API_URL.value():
             get_run_logger().warning("no PREFECT_API_URL: each worker of %s starts a Prefect server of its own; "
                                      "use `harvest mine` or set PREFECT_API_URL", dask_address)

@@ -18,6 +18,7 @@ import threading
 import duckdb
 
 from pipeline.base.home import Home
+from pipeline.training.data import newest_model_outdated
 from warehouse import db
 
 
@@ -168,6 +169,9 @@ def _status(args) -> int:
             "SELECT DISTINCT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
         ).fetchall()]
         render(["table", "rows"], [(t, count_rows(con, t)) for t in tables], len(tables))
+        outdated = newest_model_outdated(home, con)
+        if outdated:
+            print(f"\nmodels: {outdated}")
         print("\nlast runs:")
         print_table(con, "SELECT run_id, flow, status, started_at, finished_at, model_id FROM runs "
                          "ORDER BY started_at DESC LIMIT 10")

@@ -7,10 +7,9 @@ import logging
 from contextlib import contextmanager
 
 from flows._runtime import prefect_api
-from flows._verbs import create_table_artifact, flow, task
+from flows._verbs import create_table_artifact, flow, recorded_run, task
 from pipeline.base.home import Home
 from pipeline.config.train import load_config
-from pipeline.runs.record import recorded_run
 
 
 @contextmanager

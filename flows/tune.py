@@ -1,10 +1,9 @@
 """`harvest tune`: choose the mining box thresholds on the validation split (never on evaluation boxes)."""
 from __future__ import annotations
 
-from flows._runtime import prefect_api
-from flows._verbs import create_table_artifact, flow
+from flows._runtime import flow_api
+from flows._verbs import create_table_artifact, flow, recorded_run
 from pipeline.base.home import Home
-from pipeline.runs.record import recorded_run
 
 
 @flow(name="tune-mining", log_prints=True)
@@ -51,20 +50,20 @@ def trust_table(rows) -> str:
 
 
 def _run(args) -> int:
-    home = str(Home.resolve(args.home).root)
+    home = Home.resolve(args.home)
     if args.run_id:
         from flows._verbs import require_run
         from pipeline.evaluation.trust import MIN_GT
         require_run(home, args.run_id, "tune")
-        with prefect_api(home):
-            rows = trust_flow(home, args.run_id, args.floor)["rows"]
+        with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
+            rows = trust_flow(str(home.root), args.run_id, args.floor)["rows"]
         print(trust_table(rows))
         print(f"\ntuning set: {rows['source'].iloc[0]}; exports keep the findings whose estimated Acc reaches "
               f"{rows['floor'].iloc[0]:g} on at least {MIN_GT} truth boxes, and of each its boxes of that rank "
               "from the min score up (`harvest export --all` keeps every finding)")
         return 0
-    with prefect_api(home):   # the home's Prefect server, unless $PREFECT_API_URL is set
-        out = tune_flow(home, args.model, args.t_iou)
+    with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
+        out = tune_flow(str(home.root), args.model, args.t_iou)
     print(out["table"].head(10).to_string(index=False))
     print(f"\nbest on the validation split: thresholds {out['thresholds']}")
     print("\nvalidation Acc per finding, one rule for all vs a rule per finding:")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.base.amp import autocast, device_of, resolve_amp
 from pipeline.base.home import Home
@@ -177,6 +178,10 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
     while epoch < tr.epochs:
         batches = epoch_order(n_pos, n_neg, tr.negatives, cfg.seed, epoch, tr.batch_size)
         t0, losses = time.perf_counter(), []
+        # progress: a bar on the terminal, and about ten lines an epoch for the log (the Prefect UI)
+        bar = tqdm(total=len(batches), initial=start, desc=f"detector epoch {epoch + 1}/{tr.epochs}", unit="step",
+                   leave=False, mininterval=2)
+        report = max(1, len(batches) // 10)
         for step in range(start, len(batches)):
             rows = index[batches[step]]
             batch = ds.get_batch(rows)
@@ -195,11 +200,16 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
             optimizer.step()
             scheduler.step()
             losses.append({k: float(v.detach()) for k, v in loss_parts.items()})
+            bar.update(1)
+            if (step + 1) % report == 0 or step + 1 == len(batches):
+                log.info("detector %s epoch %d/%d step %d/%d loss %.4f (%.1f s)", p.model_id, epoch + 1, tr.epochs,
+                         step + 1, len(batches), float(loss.detach()), time.perf_counter() - t0)
             every = cfg.runtime.save_every_steps
             if every and (step + 1) % every == 0 and step + 1 < len(batches):
                 save_last(epoch, step + 1)
             if on_step is not None:
                 on_step(p.model_id, epoch, step + 1)
+        bar.close()
         record = {"epoch": epoch + 1, "steps": len(losses), "seconds": round(time.perf_counter() - t0, 1),
                   **{k: float(np.mean([l[k] for l in losses])) for k in (losses[0] if losses else {})}}
         if losses:

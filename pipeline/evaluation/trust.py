@@ -27,10 +27,11 @@ import json
 import numpy as np
 import pandas as pd
 
-from pipeline.base.vocab import FINDINGS, held_out
+from pipeline.base.vocab import FINDINGS
 from pipeline.config.harvest import TRUST_FLOOR as FLOOR   # a finding needs this estimated Acc@T(IoU) to be exported
 from pipeline.evaluation.bootstrap import acc_intervals
 from pipeline.evaluation.iou import number_gt, overlap_pairs
+from pipeline.training.data import validation_rule
 
 T_IOU = 0.3
 MIN_GT = 10      # and the truth boxes it is estimated on
@@ -40,22 +41,6 @@ COLUMNS = ["run_id", "finding", "source", "t", "n_gt", "n_images", "rank", "min_
 
 class NoTuningSet(ValueError):
     """The run has no tuning truth: neither phantom truth on its validation images nor reviewed boxes."""
-
-
-def validation_rule(model: dict | None, has_val: bool):
-    """(is_val(patient, split), its description): the images the training of `model` (its `models` row, config
-    parsed) held out for validation, as `pipeline.training.stages.split_ids` draws them: the warehouse's `val`
-    split, else the `train` patients that the config's `seed` and `data.val_fraction` hold out (TrainConfig's
-    defaults where the model records none)."""
-    if has_val:
-        return (lambda patient, split: split == "val"), "the warehouse's val split"
-    from pipeline.config.train import TrainConfig
-    config, default = (model or {}).get("config") or {}, TrainConfig()
-    seed = config.get("seed", default.seed)
-    fraction = (config.get("data") or {}).get("val_fraction", default.data.val_fraction)
-    source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
-    return (lambda patient, split: split == "train" and held_out(patient, seed, fraction)), \
-        f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})"
 
 
 def tuning_set(con, run_id: str) -> tuple[pd.DataFrame, list[str], str] | None:

@@ -73,8 +73,10 @@ class ImageFiles:
     staging: Path | None = None
 
     @classmethod
-    def locate(cls, home: Home, images: list[dict], mode: str, roots: list[Path]) -> "ImageFiles":
-        from pipeline.ingest.nih import image_files
+    def locate(cls, home: Home, images: list[dict], mode: str, roots: list[Path], con=None) -> "ImageFiles":
+        """Find the source of every image under `roots` (DICOM files by content, their checksums read on `con`, else
+        on a read-only connection of its own); one line naming the fix when one is missing."""
+        from pipeline.ingest.layout import image_files
         dicom = [im for im in images if im["source"] == "dicom"]
         if dicom and mode == "none":
             raise ValueError(f"{len(dicom)} image(s) come from DICOM files, whose names may carry PHI: "
@@ -86,9 +88,9 @@ class ImageFiles:
                 break
             for name, path in image_files(root).items():
                 if name in wanted:
-                    sources[name] = Path(path).resolve()
+                    sources[name] = path
                     wanted.discard(name)
-        members = _find_members(home, wanted, roots) if wanted else {}
+        members = _find_members(home, wanted, roots, con) if wanted else {}
         wanted -= set(members)
         if members and mode == "none":
             iid, (archive, member, _) = next(iter(sorted(members.items())))
@@ -100,7 +102,7 @@ class ImageFiles:
         if dicom:
             from pipeline.ingest.dicom import home_salt
             salt = home_salt(home)
-            sources.update(_find_dicoms(home, dicom, roots))
+            sources.update(_find_dicoms(home, dicom, roots, con))
         missing = sorted(wanted | {im["image_id"] for im in dicom if im["image_id"] not in sources})
         if missing and mode != "none":
             where = ", ".join(map(str, roots)) or "no ingest root is recorded"
@@ -143,13 +145,11 @@ class ImageFiles:
             return dest.name
         if im["image_id"] in self.members:
             staged = self._read_out(im["image_id"], out.parent)
-            with Image.open(staged) as img:
-                _check_frame(im, *img.size, f"{self.members[im['image_id']][1]} of {self.members[im['image_id']][0]}")
+            _check_frame(im, *image_size(staged), f"{self.members[im['image_id']][1]} of {self.members[im['image_id']][0]}")
             os.replace(staged, dest)   # a member has no file to link: it is written out once, here
             self.written["extracted"] += 1
             return dest.name
-        with Image.open(src) as img:
-            _check_frame(im, *img.size, str(src))
+        _check_frame(im, *image_size(src), str(src))
         if self.mode == "link":
             try:
                 os.link(src, dest)
@@ -194,32 +194,51 @@ class ImageFiles:
                 **({"extracted": self.written["extracted"]} if self.members else {})}
 
 
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file: a PNG's from its IHDR chunk (24 bytes, what PIL reads, without PIL's
+    start-up per file: an export checks thousands), any other format through PIL."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == _PNG and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    from PIL import Image
+    with Image.open(path) as img:
+        return img.size
+
+
 def _check_frame(im: dict, width: int, height: int, what: str) -> None:
     if (width, height) != (im["width"], im["height"]):
         raise ValueError(f"{what} is {width}x{height} but {im['image_id']} was ingested as {im['width']}x"
                          f"{im['height']} (the frame of its boxes): the file changed since ingestion; re-ingest it")
 
 
-def _find_members(home: Home, wanted: set[str], roots: list[Path]) -> dict[str, tuple[Path, str, str]]:
+def _find_members(home: Home, wanted: set[str], roots: list[Path], con=None) -> dict[str, tuple[Path, str, str]]:
     """NIH image id -> (archive, member, sha256) of the images ingested from an archive under a root now."""
     from pipeline.ingest.archives import recorded
-    con = connect(home, read_only=True)
+    own = con is None
+    con = connect(home, read_only=True) if own else con
     try:
         return recorded(con, wanted, roots)
     finally:
-        con.close()
+        if own:
+            con.close()
 
 
-def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path]) -> dict[str, Path]:
+def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path], con=None) -> dict[str, Path]:
     """DICOM image id -> file, matched by content: the sha256 of each file under the roots (names may carry PHI)."""
     from pipeline.ingest.dicom import dicom_files
-    con = connect(home, read_only=True)
+    own = con is None
+    con = connect(home, read_only=True) if own else con
     try:
         wanted = {im["image_id"] for im in dicom}
         by_sha = {sha: iid for sha, iid in con.execute(
             "SELECT source_sha256, image_id FROM images WHERE source = 'dicom'").fetchall() if iid in wanted}
     finally:
-        con.close()
+        if own:
+            con.close()
     found = {}
     for root in roots:
         for path in dicom_files(root) if root.is_dir() and len(found) < len(by_sha) else []:

@@ -215,6 +215,7 @@ def write(out: Path, images: list[dict], boxes: list[dict], files: ImageFiles, _
             name = files.place(im, out, f"images/{split}")
             path = name if files.mode == "none" else f"images/{split}/{name}"
             tasks.append(task(im, image_url(path, url_prefix), per_image.get(im["image_id"], []), run_id))
-        (out / f"tasks_{split}.json").write_text(json.dumps(tasks, indent=1))
+        # one task a line: readable, and json's C encoder (indent= takes its pure-Python one, 3x slower)
+        (out / f"tasks_{split}.json").write_text("[\n" + ",\n".join(map(json.dumps, tasks)) + "\n]\n")
     (out / LABEL_CONFIG).write_text(label_config())
     return counts(images, boxes)

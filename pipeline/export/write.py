@@ -41,7 +41,7 @@ from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import INDEX, normalize_finding
 from pipeline.config.harvest import trusted_by_default
-from pipeline.evaluation.trust import gate, keep, manifest_entry, validation_rule
+from pipeline.training.data import validation_rule
 from pipeline.export import coco, cvat, labelstudio, nih_csv, yolo
 from pipeline.export.common import IMAGE_MODES, ImageFiles
 from pipeline.export.labelstudio import URL_PREFIX
@@ -105,7 +105,11 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
         from pipeline.evaluation.trust import FLOOR
         trust_floor = FLOOR if trusted_by_default(fmt) else None
     filters = export_filters(min_score, ranks, findings, trust_floor)
-    rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters)
+    con = writer(home)   # one connection for the whole read (trust may be measured and stored on it)
+    try:
+        rows, raw_boxes, trace, files = preflight(home, run_id, fmt, images, image_roots, filters, con=con)
+    finally:
+        con.close()
     boxes = [c for b in raw_boxes if (c := _clip(b, rows[b["image_id"]]))]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -123,8 +127,7 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
                     "images": files.summary(),
                     "code_version": code_version(),
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
-                              if p.is_file() and p.relative_to(tmp).parts[0] != "images"}}
+                    "files": _label_files(tmp, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_into_place(tmp, out_dir)
     finally:
@@ -133,9 +136,11 @@ def export(home, run_id: str, fmt: str, out_dir, min_score: float | None = None,
     return out_dir
 
 
-def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(), filters: dict | None = None):
+def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(), filters: dict | None = None,
+              con=None):
     """What `export` checks before it writes anything: the format, the image mode, and that every source image
-    is found (one-line errors naming the fix). Returns the run's images, boxes, trace and `ImageFiles`."""
+    is found (one-line errors naming the fix). Returns the run's images, boxes, trace and `ImageFiles`. Reads on
+    `con` when given, else on a writable connection of its own (`writer`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if images not in IMAGE_MODES:
@@ -145,59 +150,62 @@ def preflight(home, run_id: str, fmt: str, images: str = "link", image_roots=(),
                          "so a YOLO export needs its images: use --images link or copy")
     home = home if isinstance(home, Home) else Home.resolve(home)
     filters = filters or {"min_score": None, "ranks": None, "findings": None}
-    rows, raw_boxes, trace, roots = _read_run(home, run_id, filters, pseudonyms=fmt == "nih-csv")
-    splits = sorted({im["split"] for im in rows.values()})
-    if fmt == "yolo" and "train" not in splits:
-        raise ValueError(f"run {run_id!r} mined no train image (only {', '.join(splits)}), and a YOLO dataset "
-                         "trains on train: mine the train split too, or export coco")
-    files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots])
+    own = con is None
+    con = writer(home) if own else con
+    try:
+        rows, raw_boxes, trace, roots = _read_run(con, home, run_id, filters, pseudonyms=fmt == "nih-csv")
+        splits = sorted({im["split"] for im in rows.values()})
+        if fmt == "yolo" and "train" not in splits:
+            raise ValueError(f"run {run_id!r} mined no train image (only {', '.join(splits)}), and a YOLO dataset "
+                             "trains on train: mine the train split too, or export coco")
+        files = ImageFiles.locate(home, list(rows.values()), images, [*map(Path, image_roots or ()), *roots], con)
+    finally:
+        if own:
+            con.close()
     return rows, raw_boxes, trace, files
 
 
-def _read_run(home: Home, run_id: str, filters: dict, pseudonyms: bool):
-    """Images (id -> row), filtered boxes, the run/model trace and the recorded ingest roots, from the warehouse."""
-    con = writer(home)
-    try:
-        run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
-                        "FROM runs WHERE run_id = ?", run_id)
-        if run is None:
-            raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
-                             "list runs with `SELECT * FROM runs` and pass one that mined boxes")
-        trusted = filters.get("trust_floor") is not None   # then each finding's rule picks its rank
-        boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, "min_score": filters.get("min_score"),
-                                                "ranks": None if trusted else filters.get("ranks"),
-                                                "findings": filters.get("findings")}))
-        trust = {"applied": False, "reason": "every finding asked for (--all)"}
-        if trusted:
-            rows = gate(con, run_id, filters["trust_floor"])
-            ranks = filters.get("ranks")
-            boxes = keep(boxes, rows) if rows is not None else \
-                [b for b in boxes if ranks is None or b["rank"] in ranks]
-            trust = manifest_entry(rows)
-        boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
-                                           [run_id]).fetchall()]
-        ids = sorted(set(boxed) | set(mined_image_ids(home, run_id)))
-        if not ids:
-            raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
-                             "run `harvest mine` first or pass a mining run")
-        images = _dicts(con.execute(_IMAGES_SQL, {"ids": ids}))
-        missing = [im["image_id"] for im in images if im["width"] is None]
-        if missing:
-            raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
-                             "re-ingest them so their frame (width, height) is known")
-        model_ids = [r[0] for r in con.execute(
-            "SELECT DISTINCT model_id FROM mined_boxes WHERE run_id = ? ORDER BY 1", [run_id]).fetchall()]
-        model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
-        model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
-                          "created_at FROM models WHERE model_id = ?", model_id)
-        for record in (run, model):
-            for key in ("params", "config"):
-                if record is not None and isinstance(record.get(key), str):
-                    record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
-        has_val = con.execute("SELECT count(*) FROM images WHERE split = 'val'").fetchone()[0] > 0
-        roots = ingest_roots(con, home)
-    finally:
-        con.close()
+def _read_run(con, home: Home, run_id: str, filters: dict, pseudonyms: bool):
+    """Images (id -> row), filtered boxes, the run/model trace and the recorded ingest roots, read on `con`."""
+    run = _row(con, "SELECT run_id, flow, params, model_id, code_version, status, started_at, finished_at "
+                    "FROM runs WHERE run_id = ?", run_id)
+    if run is None:
+        raise ValueError(f"run {run_id!r} is not in the runs table of {home.warehouse}; "
+                         "list runs with `SELECT * FROM runs` and pass one that mined boxes")
+    trusted = filters.get("trust_floor") is not None   # then each finding's rule picks its rank
+    boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, "min_score": filters.get("min_score"),
+                                            "ranks": None if trusted else filters.get("ranks"),
+                                            "findings": filters.get("findings")}))
+    trust = {"applied": False, "reason": "every finding asked for (--all)"}
+    if trusted:
+        from pipeline.evaluation.trust import gate, keep, manifest_entry   # pandas: only when trust applies
+        rules = gate(con, run_id, filters["trust_floor"])
+        ranks = filters.get("ranks")
+        boxes = keep(boxes, rules) if rules is not None else \
+            [b for b in boxes if ranks is None or b["rank"] in ranks]
+        trust = manifest_entry(rules)
+    boxed = [r[0] for r in con.execute("SELECT DISTINCT image_id FROM mined_boxes WHERE run_id = ?",
+                                       [run_id]).fetchall()]
+    ids = sorted(set(boxed) | set(mined_image_ids(home, run_id)))
+    if not ids:
+        raise ValueError(f"run {run_id!r} has no mined boxes under {home.data / 'mined_boxes'}; "
+                         "run `harvest mine` first or pass a mining run")
+    images = _dicts(con.execute(_IMAGES_SQL, {"ids": ids}))
+    missing = [im["image_id"] for im in images if im["width"] is None]
+    if missing:
+        raise ValueError(f"{len(missing)} mined image(s) are not in the images table, e.g. {missing[0]!r}; "
+                         "re-ingest them so their frame (width, height) is known")
+    model_ids = [r[0] for r in con.execute(
+        "SELECT DISTINCT model_id FROM mined_boxes WHERE run_id = ? ORDER BY 1", [run_id]).fetchall()]
+    model_id = run["model_id"] or (model_ids[0] if len(model_ids) == 1 else None)
+    model = _row(con, "SELECT model_id, parent_id, stage, arch, neck, config, checkpoint, checkpoint_sha256, "
+                      "created_at FROM models WHERE model_id = ?", model_id)
+    for record in (run, model):
+        for key in ("params", "config"):
+            if record is not None and isinstance(record.get(key), str):
+                record[key] = json.loads(record[key])  # DuckDB JSON columns come back as text
+    has_val = con.execute("SELECT count(*) FROM images WHERE split = 'val'").fetchone()[0] > 0
+    roots = ingest_roots(con, home)
     splits = _assign_splits(images, model, has_val)
     salt = None
     if pseudonyms:
@@ -222,6 +230,14 @@ def _assign_splits(images: list[dict], model: dict | None, has_val: bool) -> dic
         if not has_val and is_val(im["patient_id"], im["split"]):
             im["split"] = "val"
     return {"val": how, "test": "the evaluation split, as stored: never train or val"}
+
+
+def _label_files(tmp: Path, files: ImageFiles) -> dict[str, str]:
+    """Relative path -> sha256 of every file of the export but its images (the warehouse's `source_sha256` names
+    those): not under `images/` nor under an image folder the format wrote (CVAT's `<split>/images/`)."""
+    image_dirs = ("images/", *(f"{sub}/" for sub in files.folders if files.mode != "none"))
+    return {rel: sha256_file(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and not (rel := p.relative_to(tmp).as_posix()).startswith(image_dirs)}
 
 
 def _dicts(cursor) -> list[dict]:

@@ -27,6 +27,7 @@ from pipeline.images.rejects import Reject
 from pipeline.ingest.archives import ArchiveBroken, Member, archive_files, members
 from pipeline.ingest.common import (Item, clear_rejects, decode_png, ingest_images, ingest_lock, reject_rows,
                                     upsert_images)
+from pipeline.ingest.layout import image_files
 from pipeline.runs.record import writer
 from warehouse import db
 
@@ -83,19 +84,6 @@ def safe_name(root: Path, name: str) -> str:
     if not name or p.is_absolute() or ".." in p.parts or name.startswith("~") or len(p.parts) != 1:
         raise Reject("path_escape", f"image name {name!r} is not a plain file name inside the dataset root")
     return name
-
-
-def image_files(root: Path) -> dict[str, Path]:
-    """name -> path, from `images/` and the original `images_001..012/images/` folders."""
-    found: dict[str, Path] = {}
-    dirs = [root / "images"] + sorted(root.glob("images_*/images"))
-    for d in dirs:
-        if d.is_dir():
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.is_file() and not e.name.startswith("."):
-                        found.setdefault(e.name, Path(e.path))
-    return found
 
 
 def _png_decoder(data: bytes, suffix: str):

@@ -181,7 +181,7 @@ class Repair:
     def sources(self, root: Path, dicom: bool) -> dict[str, Path]:
         """The files of an ingest root, once: NIH layout by name; DICOM by content (names may carry PHI)."""
         from pipeline.ingest.dicom import dicom_files
-        from pipeline.ingest.nih import image_files
+        from pipeline.ingest.layout import image_files
 
         if not root.is_dir():
             return {}

@@ -19,7 +19,6 @@ New images in the warehouse do not invalidate finished stages.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -36,15 +35,14 @@ from models.head import prior_bias
 from pipeline.base.amp import device_of, resolve_amp
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
-from pipeline.base.vocab import held_out
 from pipeline.config.check import fingerprint
 from pipeline.config.train import RECORD_KEY, StageConfig, TrainConfig, load_config
 from pipeline.images.dataset import CacheDataset
 from pipeline.training.checkpoint import FINAL, Resumable, load_checkpoint, model_meta, save_checkpoint
+from pipeline.training.data import data_digest, split_ids
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       init_distributed, seed_of, train_one_epoch)
 from pipeline.training.weights import load_backbone, load_imagenet, load_init
-from warehouse import db
 
 log = logging.getLogger("pipeline.training")
 
@@ -101,64 +99,6 @@ def plan_stages(cfg: TrainConfig, data: dict | None = None) -> list[StagePlan]:
     if not plans:
         raise ValueError("every stage has 0 epochs: nothing to train")
     return plans
-
-
-# ------------------------------------------------------------------ data
-
-def split_ids(home: Home, cfg: TrainConfig) -> dict[str, list[str]]:
-    """Image ids of the train, validation and AM sets (only images cached at the input size).
-
-    Validation: the warehouse's `val` split when there is one, else patients carved from `train` by a
-    seeded hash of the patient id (NIH lists only train_val and test): deterministic, never splitting a
-    patient, and stable when new images arrive.
-    """
-    con = db.connect(home, read_only=True)
-    try:
-        rows = con.execute("""SELECT DISTINCT i.image_id, i.patient_id, i.split FROM images i
-            JOIN cache_entries c ON c.source_sha256 = i.source_sha256 WHERE c.size = ? ORDER BY 1""",
-                           [cfg.data.input_size]).fetchall()
-    finally:
-        con.close()
-    has_val = any(r[2] == "val" for r in rows)
-
-    def is_val(patient: str, split: str) -> bool:
-        if has_val:
-            return split == "val"
-        return split == "train" and held_out(patient, cfg.seed, cfg.data.val_fraction)
-
-    val = {r[0] for r in rows if is_val(r[1], r[2])}
-    out = {"val": sorted(val),
-           "train": [r[0] for r in rows if r[2] in cfg.data.train_splits and r[0] not in val],
-           "am": [r[0] for r in rows if r[2] in cfg.data.am_splits and r[0] not in val]}
-    if not out["train"]:
-        raise ValueError(f"no {cfg.data.input_size}px cached images in splits {cfg.data.train_splits}; "
-                         f"ingest with size {cfg.data.input_size} first (`harvest ingest ...`)")
-    return out
-
-
-def data_digest(home: Home, ids: dict[str, list[str]]) -> dict[str, dict]:
-    """What the stages train and validate on, per image set (`train` with `val`, `am` with `val`): a sha256
-    over every image's id, its source file's sha256 and its sorted labels, in `split_ids` order, and the counts.
-    """
-    con = db.connect(home, read_only=True)
-    try:
-        rows = con.execute("""SELECT i.image_id, i.source_sha256,
-                                     coalesce(string_agg(l.finding, '|' ORDER BY l.finding), '')
-                              FROM images i LEFT JOIN labels l USING (image_id)
-                              WHERE i.image_id IN (SELECT unnest(?)) GROUP BY ALL""",
-                           [sorted({i for part in ids.values() for i in part})]).fetchall()
-    finally:
-        con.close()
-    line = {r[0]: f"{r[0]}\t{r[1]}\t{r[2]}\n".encode() for r in rows}
-    out = {}
-    for name, parts in (("train", ("train", "val")), ("am", ("am", "val"))):
-        h = hashlib.sha256()
-        for part in parts:
-            h.update(f"[{part}]\n".encode())
-            for image_id in ids.get(part, []):
-                h.update(line[image_id])
-        out[name] = {"digest": h.hexdigest()[:16], "images": {part: len(ids.get(part, [])) for part in parts}}
-    return out
 
 
 # ------------------------------------------------------------------ one stage

@@ -4,6 +4,7 @@ reviewed boxes, predictions as mined_boxes rows)."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -211,7 +212,7 @@ def test_training_registers_the_detector_with_its_lineage(trained):
     assert plan(home, RUN, TINY).model_id == model_id   # deterministic id: a rerun reuses it
 
 
-def test_killed_training_resumes_to_the_same_weights(base_home, trained, tmp_path):
+def test_killed_training_resumes_to_the_same_weights(base_home, trained, tmp_path, caplog):
     from pipeline.detector.train import train_detector
     from pipeline.training.checkpoint import load_checkpoint
 
@@ -226,8 +227,13 @@ def test_killed_training_resumes_to_the_same_weights(base_home, trained, tmp_pat
     last = load_checkpoint(home / "checkpoints" / model_id / "last.pt")
     assert (last["epoch"], last["step"]) == (1, 2)
     redone = []
+    caplog.set_level(logging.INFO, "pipeline.detector")
     assert train_detector(home, RUN, TINY, on_step=lambda *a: redone.append(a)) == model_id
     assert redone[0] == (model_id, 1, 3)
+    steps = [r.getMessage() for r in caplog.records if "/2 step " in r.getMessage()]   # progress, not silence
+    n = redone[-1][2]
+    assert steps[0].startswith(f"detector {model_id} epoch 2/2 step 3/{n} loss ")   # the resumed epoch's steps
+    assert steps[-1].startswith(f"detector {model_id} epoch 2/2 step {n}/{n} loss ") and len(steps) >= n - 2
     a = load_checkpoint(clean / "checkpoints" / model_id / "final.pt")["model"]
     b = load_checkpoint(home / "checkpoints" / model_id / "final.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

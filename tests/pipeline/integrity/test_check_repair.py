@@ -259,3 +259,34 @@ def test_a_flipped_cached_byte_stops_mining_and_check_but_not_a_training_read(cl
     with pytest.raises(cache.DamagedCache, match=f"{ds.image_ids[3]} \\({shard}, row {ds.rows[3]}\\)"):
         mine_shard(home, model_id, ds.image_ids, MiningConfig(), "mine-damaged")
     assert [(p.kind, p.path) for p in check_home(home)] == [("cache", shard)]
+
+
+@pytest.mark.timeout(300)
+def test_the_cli_names_each_problem_in_one_line_and_repair_fixes_them(clean, tmp_path):
+    """`harvest check` and `harvest check --repair` as a user runs them (#21 item 4): exit 1 and one line per
+    problem on a damaged home, then a repair (a Prefect flow on the home's own server) that leaves exit 0."""
+    home = Home(shutil.copytree(clean.root, tmp_path / "home"))
+    ds = CacheDataset(home, size=SIZE)
+    shard = cache.shard_path(home.cache, SIZE, int(ds.shards[2]))
+    flip(shard, (ds.rows[2] * SIZE * SIZE + 11) / shard.stat().st_size)
+    part = sorted(run_dir(home, RUN).glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:-64])
+    (home.exports / "coco-test" / "labels.json").write_text('{"images": [2]}\n')
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+    def harvest(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home.root), "check", *args],
+                              capture_output=True, text=True, timeout=240, env=env,
+                              cwd=Path(__file__).resolve().parents[3])
+
+    damaged = harvest()
+    lines = damaged.stdout.splitlines()
+    assert damaged.returncode == 1 and damaged.stderr == "", damaged.stderr
+    assert len(lines) == 3 and [str(p) in line for p, line in zip((shard, part, home.exports / "coco-test"),
+                                                                      lines)] == [True] * 3, lines
+    repaired = harvest("--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert repaired.stdout.splitlines()[-1] == f"{home.root}: no problem left"
+    again = harvest()
+    assert (again.returncode, again.stdout) == (0, f"{home.root}: no problem found\n")
+    assert state(home) == state(clean)
