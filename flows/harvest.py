@@ -90,7 +90,9 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
         timings["ingest"] = time.perf_counter() - t0
     else:
         ingest = None
-    model_id = current_model(home_) if incremental else None
+    # an incremental run mines new images with the current model, unless the config's `incremental.retrain` asks
+    # to train on the new data first (train reuses every stage whose data and config are unchanged)
+    model_id = current_model(home_) if incremental and not sections["incremental"]["retrain"] else None
     if model_id is None:
         model_id = train_flow(home, config)
     timings["train"] = time.perf_counter() - t0 - sum(timings.values())

@@ -3,6 +3,9 @@
     phantom:  {n, seed, size, difficulty}     # the embedded default data (`harvest demo`)
     mining:   {split, shard_size, ...}        # `split`/`shard_size` for the flow, the rest is MiningConfig
     export:   {formats: [coco, yolo, nih-csv], ranks: [1], min_score: null, trust_floor: 0.5}
+    incremental: {retrain: false}             # a scheduled run with new images: mine them with the current model
+                                              # (false), or train on all the data first (true; stages whose data
+                                              # did not change are reused) and mine everything with the new model
 
 `pipeline.config.train.load_config` ignores these sections, so they never change a stage's fingerprint.
 `check(path)` validates the whole file (training config and these sections) before anything runs.
@@ -26,6 +29,7 @@ DEFAULTS = {
     "phantom": {"n": 600, "seed": 0, "size": 1024},
     "mining": {"split": "all", "shard_size": 256},
     "export": {"formats": ["coco", "yolo", "nih-csv"], "ranks": [1], "min_score": None, "trust_floor": 0.5},
+    "incremental": {"retrain": False},
 }
 # The estimated Acc@0.3 a finding needs for the pseudo-label exports to keep it (pipeline.evaluation.trust)
 TRUST_FLOOR = DEFAULTS["export"]["trust_floor"]
@@ -59,7 +63,10 @@ def check(path) -> None:
     load_sections(path)
 
 
-def _validate(phantom: dict, mining: dict, export: dict) -> None:
+def _validate(phantom: dict, mining: dict, export: dict, incremental: dict) -> None:
+    check_keys("incremental", incremental, DEFAULTS["incremental"])
+    require(isinstance(incremental["retrain"], bool), "incremental.retrain", incremental["retrain"],
+            "must be true (train on new data before mining) or false (mine new images with the current model)")
     check_keys("phantom", phantom, PHANTOM_KEYS)
     n, seed, size = phantom["n"], phantom["seed"], phantom["size"]
     require(is_int(n) and n > 0, "phantom.n", n, "must be a positive integer (images)")

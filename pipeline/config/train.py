@@ -23,7 +23,7 @@ from pipeline.config.check import MAX_AM_STEPS, MAX_BATCH, MAX_EPOCHS, MAX_SEED,
 
 # The sections of the other flows in a harvest config (`pipeline.config.harvest`): training ignores them, so
 # they never change a stage's fingerprint.
-HARVEST_SECTIONS = ("phantom", "mining", "export")
+HARVEST_SECTIONS = ("phantom", "mining", "export", "incremental")
 
 
 @dataclass

@@ -127,6 +127,14 @@ def test_harvest_then_scheduled_run_mines_only_new_images(tiny, prefect_api, tmp
     assert con.execute("SELECT count(*) FROM runs WHERE flow = 'evaluate'").fetchone()[0] == evaluations
     con.close()
 
+    # a config that asks to retrain on new data: the model was trained before the NEW images came, so it trains
+    # anew (its id names the data) and mines every image with the new model
+    retrain = tmp_path / "retrain.yaml"
+    retrain.write_text(yaml.safe_dump({**TINY, "incremental": {"retrain": True}}))
+    fourth = harvest_flow(**{**dep.parameters, "config": str(retrain)})
+    assert fourth["model_id"] != first["model_id"] and fourth["run_id"] != first["run_id"]
+    assert fourth["mine"]["images_mined"] == TINY["phantom"]["n"]
+
     async def artifact_keys():
         async with get_client() as client:
             return {a.key for a in await client.read_artifacts()}

@@ -122,6 +122,8 @@ def test_shipped_detector_configs_load(path):
     ({"export": {"formats": "coco"}}, "export.formats", "'coco'"),
     ({"export": {"ranks": [0]}}, "export.ranks", "[0]"),
     ({"export": {"min_score": 1.5}}, "export.min_score", "1.5"),
+    ({"export": {"trust_floor": -0.1}}, "export.trust_floor", "-0.1"),
+    ({"incremental": {"retrain": "nightly"}}, "incremental.retrain", "'nightly'"),
 ])
 def test_bad_harvest_sections_name_key_and_value(tmp_path, sections, key, value):
     path = tmp_path / "h.yaml"
