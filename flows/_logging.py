@@ -5,6 +5,8 @@
   handler formats its own copy), where `harvest ui` shows it; `HARVEST_TRACEBACKS=1` prints it here as well.
 - "View at http://127.0.0.1:<port>/..." names a loopback server that is gone when the command ends: it reads
   "see `harvest ui`" instead.
+- The console handler writes to :data:`STDERR`, whatever `sys.stderr` is at the time of each line, not the one
+  of the moment logging was set up (which, in a notebook or a test capturing output, may be closed since).
 """
 from __future__ import annotations
 
@@ -12,9 +14,18 @@ import copy
 import logging
 import os
 import re
+import sys
 
 from prefect.logging.formatters import PrefectFormatter
 
+class _CurrentStderr:
+    """`sys.stderr` as it is now, looked up on every call."""
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stderr, name)
+
+
+STDERR = _CurrentStderr()
 _LOOPBACK_LINK = re.compile(r"View at https?://127\.0\.0\.1:\d+/\S*")
 
 

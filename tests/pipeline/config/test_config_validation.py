@@ -96,7 +96,7 @@ DETECTOR_CONFIGS = sorted((REPO / "configs").glob("detector*.yaml"))
 def test_shipped_configs_load(path):
     load_config(path)
     check(path)
-    assert set(load_sections(path)) == {"phantom", "mining", "export"}
+    assert set(load_sections(path)) == {"phantom", "mining", "export", "incremental"}
 
 
 @pytest.mark.parametrize("path", DETECTOR_CONFIGS, ids=lambda p: p.name)
