@@ -209,7 +209,8 @@ def store(con, rows: pd.DataFrame) -> None:
 
 def read(con, run_id: str) -> pd.DataFrame | None:
     """The stored trust rows of `run_id`, or None (an old home's read-only connection sees an empty table)."""
-    rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM trust WHERE run_id = ? ORDER BY finding", [run_id]).df()
+    rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM trust WHERE run_id = ? ORDER BY array_position(?, finding)",
+                       [run_id, list(FINDINGS)]).df()
     return rows if len(rows) else None
 
 
@@ -244,6 +245,15 @@ def keep(boxes: list[dict], rows: pd.DataFrame) -> list[dict]:
             and b["score"] >= rules[b["finding"]][1]]
 
 
+def _why(r) -> str:
+    """Why a finding is left out of a trusted export."""
+    if r.n_gt == 0:
+        return "no truth box in the tuning set"
+    if r.n_gt < MIN_GT:
+        return f"{int(r.n_gt)} truth boxes in the tuning set, fewer than {MIN_GT}"
+    return f"estimated Acc {r.acc:.2f} below the floor {r.floor:g}"
+
+
 def manifest_entry(rows: pd.DataFrame | None, reason: str = "") -> dict:
     """What an export's manifest says of the trust it applied: per finding kept or left out, the estimate and
     its tuning source; or why none was applied."""
@@ -256,7 +266,7 @@ def manifest_entry(rows: pd.DataFrame | None, reason: str = "") -> dict:
             "source": rows["source"].iloc[0], "estimate": "Acc at t_iou of the boxes the finding's rule keeps (one "
             "rank, score >= min_score) on the tuning set, rule cross-fitted; 95 % interval: bootstrap over images, widened to Wilson's",
             "ranks": "each kept finding exports the boxes of its own rank; the filters' ranks apply without trust",
-            "findings": {r.finding: {"kept": bool(r.kept), "acc": num(r.acc), "lo": num(r.lo), "hi": num(r.hi),
+            "findings": {r.finding: {"kept": bool(r.kept), **({} if r.kept else {"why": _why(r)}), "acc": num(r.acc), "lo": num(r.lo), "hi": num(r.hi),
                                      "n_gt": int(r.n_gt), "rank": None if pd.isna(r.rank) else int(r.rank),
                                      "min_score": num(r.min_score),
                                      "precision": num(r.precision)} for r in rows.itertuples()}}

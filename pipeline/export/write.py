@@ -176,7 +176,7 @@ def _read_run(con, home: Home, run_id: str, filters: dict, pseudonyms: bool):
     boxes = _dicts(con.execute(_BOXES_SQL, {"run_id": run_id, "min_score": filters.get("min_score"),
                                             "ranks": None if trusted else filters.get("ranks"),
                                             "findings": filters.get("findings")}))
-    trust = {"applied": False, "reason": "every finding asked for (--all)"}
+    trust = {"applied": False, "reason": "no trust floor: `--all`, or a format for review (labelstudio, cvat)"}
     if trusted:
         from pipeline.evaluation.trust import gate, keep, manifest_entry   # pandas: only when trust applies
         rules = gate(con, run_id, filters["trust_floor"])

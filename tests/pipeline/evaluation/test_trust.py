@@ -128,6 +128,7 @@ def test_default_export_keeps_trusted_findings_and_says_so(home, tmp_path):
     assert {f for f, e in findings.items() if e["kept"]} == {"Effusion", "Mass", "Cardiomegaly"}
     assert findings["Cardiomegaly"]["rank"] == 2
     assert findings["Nodule"]["acc"] == 0.0 and findings["Mass"]["n_gt"] == 60
+    assert findings["Nodule"]["why"] == "estimated Acc 0.00 below the floor 0.5" and "why" not in findings["Mass"]
     annotations = [a for split in out.glob("annotations/instances_*.json")
                    for a in json.loads(split.read_text())["annotations"]]
     categories = {c["id"]: c["name"] for c in json.loads(next(out.glob("annotations/instances_*.json")).read_text())
