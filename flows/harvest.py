@@ -132,6 +132,22 @@ def harvest_flow(home: str | None = None, source: str | None = None, config: str
     return summary
 
 
+def trusted_line(folders) -> str | None:
+    """What the first trust-gated export kept, per its manifest: the findings and their estimated Acc."""
+    import json
+
+    from pipeline.export.write import MANIFEST
+    for folder in folders:
+        manifest = Path(folder) / MANIFEST
+        trust = json.loads(manifest.read_text()).get("trust", {}) if manifest.is_file() else {}
+        if trust.get("applied"):
+            kept = [f"{f} {e['acc']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}]" for f, e in trust["findings"].items()
+                    if e["kept"]]
+            return (f"{', '.join(kept) or 'no finding'} (estimated Acc@{trust['t_iou']:g} on {trust['source']}, "
+                    f"floor {trust['floor']:g}; the other findings are left out: `harvest export --all` keeps them)")
+    return None
+
+
 def phantom_matches(out: Path, spec: dict) -> bool:
     """True when `out` holds the complete phantom `spec` asks for: same n, seed, size and difficulty."""
     import json
@@ -175,6 +191,9 @@ def _demo(args) -> int:
     print(f"report:    {summary['report']}")
     for fmt, path in summary["exports"].items():
         print(f"export:    {fmt:8s} {path}")
+    trusted = trusted_line(summary["exports"].values())
+    if trusted:
+        print(f"trusted:   {trusted}")
     print(f"done in {time.perf_counter() - t0:.0f} s; stage seconds: {summary['seconds']}")
     return 0
 
