@@ -126,7 +126,7 @@ CREATE TABLE IF NOT EXISTS trust (
     t          DOUBLE NOT NULL,          -- T(IoU)
     n_gt       INTEGER NOT NULL,         -- truth boxes of the finding in the tuning set (0: no estimate)
     n_images   INTEGER NOT NULL,
-    rank       INTEGER,                  -- the box rank exported: which of the sec. 3.2 threshold levels
+    rank       INTEGER,                  -- the box rank exported (ranks order the sec. 3.2 threshold levels' boxes)
     min_score  DOUBLE,                   -- boxes of that rank below it are left out (NULL: none)
     acc        DOUBLE,                   -- estimated Acc@t of the kept boxes (rule cross-fitted)
     lo         DOUBLE,                   -- its 95 % bootstrap interval over images

@@ -6,9 +6,10 @@ out) with a phantom's exact `truth` boxes, or else, on real data, the boxes peop
 (`bbox_list`) and every box of the `test` split are never looked at.
 
 Per finding, on the tuning set, the **box rule** an export applies (:func:`box_rule`):
-- `rank`: which of the run's ranked boxes to export, one per image (the ranks are the boxes of the three
-  threshold levels of sec. 3.2, so this picks the threshold per finding: a large finding is often boxed best at
-  the lowest level), and `min_score`: the score cut below which those boxes are left out. Both maximize F1 of
+- `rank`: which of the run's ranked boxes to export, one per image (the ranks order the boxes of the three
+  threshold levels of sec. 3.2 by the mean heatmap inside, so rank 1 is nearly always the tightest box, at the
+  highest threshold: this picks the threshold per finding, and a large finding is often boxed best by a looser
+  one), and `min_score`: the score cut below which those boxes are left out. Both maximize F1 of
   box precision (a kept box overlaps a truth box by more than T(IoU)) and Acc (the share of truth boxes hit);
   ties go to the lower rank and the lower cut;
 - `acc, lo, hi`: the Acc at T(IoU) of the boxes the rule keeps, with its 95 % interval: the bootstrap one over
