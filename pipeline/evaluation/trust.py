@@ -33,6 +33,7 @@ from pipeline.config.harvest import TRUST_FLOOR as FLOOR   # a finding needs thi
 from pipeline.evaluation.bootstrap import acc_intervals
 from pipeline.evaluation.iou import number_gt, overlap_pairs
 from pipeline.training.data import validation_rule
+from warehouse import db
 
 T_IOU = 0.3
 MIN_GT = 10      # and the truth boxes it is estimated on
@@ -194,18 +195,13 @@ def trust_run(con, run_id: str, floor: float = FLOOR, t_iou: float = T_IOU) -> p
 
 def store(con, rows: pd.DataFrame) -> None:
     """Replace the trust rows of the runs in `rows` (one transaction)."""
-    con.execute("BEGIN")
-    try:
+    with db.transaction(con):
         for run_id in rows["run_id"].unique():
             con.execute("DELETE FROM trust WHERE run_id = ?", [run_id])
         con.register("new_trust", rows)
         con.execute(f"INSERT INTO trust ({', '.join(COLUMNS)}, created_at) "
                     f"SELECT {', '.join(COLUMNS)}, now() FROM new_trust")
         con.unregister("new_trust")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def read(con, run_id: str) -> pd.DataFrame | None:

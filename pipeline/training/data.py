@@ -36,12 +36,7 @@ def split_ids(home: Home, cfg: TrainConfig, con=None) -> dict[str, list[str]]:
         rows = con.execute("""SELECT DISTINCT i.image_id, i.patient_id, i.split FROM images i
             JOIN cache_entries c ON c.source_sha256 = i.source_sha256 WHERE c.size = ? ORDER BY 1""",
                            [cfg.data.input_size]).fetchall()
-    has_val = any(r[2] == "val" for r in rows)
-
-    def is_val(patient: str, split: str) -> bool:
-        if has_val:
-            return split == "val"
-        return split == "train" and held_out(patient, cfg.seed, cfg.data.val_fraction)
+    is_val = held_out_rule(cfg.seed, cfg.data.val_fraction, any(r[2] == "val" for r in rows))
 
     val = {r[0] for r in rows if is_val(r[1], r[2])}
     out = {"val": sorted(val),
@@ -110,11 +105,19 @@ def validation_rule(model: dict | None, has_val: bool):
     parsed) held out for validation, as `pipeline.training.stages.split_ids` draws them: the warehouse's `val`
     split, else the `train` patients that the config's `seed` and `data.val_fraction` hold out (TrainConfig's
     defaults where the model records none)."""
-    if has_val:
-        return (lambda patient, split: split == "val"), "the warehouse's val split"
     config, default = (model or {}).get("config") or {}, TrainConfig()
     seed = config.get("seed", default.seed)
     fraction = (config.get("data") or {}).get("val_fraction", default.data.val_fraction)
+    if has_val:
+        return held_out_rule(seed, fraction, True), "the warehouse's val split"
     source = f"model {model['model_id']}" if "seed" in config else "TrainConfig defaults (the model records none)"
-    return (lambda patient, split: split == "train" and held_out(patient, seed, fraction)), \
+    return held_out_rule(seed, fraction, False), \
         f"held out of train as training holds it out (seed {seed}, val_fraction {fraction}, {source})"
+
+
+def held_out_rule(seed: int, fraction: float, has_val: bool):
+    """is_val(patient, split): the warehouse's `val` split when it has one, else the `train` patients that
+    `seed` and `fraction` hold out. The one rule of training (`split_ids`), trust and exports."""
+    if has_val:
+        return lambda patient, split: split == "val"
+    return lambda patient, split: split == "train" and held_out(patient, seed, fraction)
