@@ -179,6 +179,7 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
     if sandbox and not read_only:
         raise ValueError("a sandboxed connection must be read-only")
     root = Path(home.root if hasattr(home, "warehouse") else home).absolute()  # a Home, or its root path
+    _trace("ro" if read_only else "rw")
     db = root / "warehouse.duckdb"
     if read_only:
         if not db.exists():
@@ -203,6 +204,22 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def _trace(mode: str) -> None:
+    """With $HARVEST_TRACE_CONNECT set to a file, append one line per open: pid, mode and the openers (the first
+    three frames outside this module, innermost first), so a verb's connections can be counted across its
+    processes (tests/flows/test_connections.py)."""
+    path = os.environ.get("HARVEST_TRACE_CONNECT")
+    if not path:
+        return
+    frame, where = sys._getframe(1), []
+    while frame and len(where) < 3:
+        if frame.f_code.co_filename != __file__:
+            where.append(f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}")
+        frame = frame.f_back
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\t{mode}\t{' < '.join(where)}\n")
 
 
 def shadow_missing_tables(con: duckdb.DuckDBPyConnection) -> None:
