@@ -92,15 +92,10 @@ def require_run(home, run_id: str, verb: str, con=None) -> None:
     """Raise :class:`UnknownRun` unless `run_id` is in `runs` or has mined boxes; fast (no Prefect, no torch), on
     `con` or a read-only connection of its own. A home without a warehouse raises FileNotFoundError."""
     home = Home.resolve(home)
-    own = con is None
-    con = db.connect(home, read_only=True) if own else con
-    try:
+    with db.reading(home, con) as con:
         known = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] or \
             con.execute("SELECT count(*) FROM (SELECT 1 FROM mined_boxes WHERE run_id = ? LIMIT 1)",
                         [run_id]).fetchone()[0]
-    finally:
-        if own:
-            con.close()
     if not known:
         raise UnknownRun(f"no run {run_id!r} in {home.warehouse}; {LIST_RUNS}, and pass a mining run to "
                          f"`harvest {verb} --run`")

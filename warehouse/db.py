@@ -9,6 +9,7 @@ Parquet parts are written atomically (temp file, then rename): a killed writer l
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -206,16 +207,30 @@ def connect(home, read_only: bool = False, sandbox: bool = False,
     return con
 
 
+@contextmanager
+def reading(home, con: duckdb.DuckDBPyConnection | None = None):
+    """`con` when given (a caller reading several things on one connection), else a read-only connection of its
+    own, closed afterwards."""
+    if con is not None:
+        yield con
+        return
+    con = connect(home, read_only=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
 def _trace(mode: str) -> None:
     """With $HARVEST_TRACE_CONNECT set to a file, append one line per open: pid, mode and the openers (the first
-    three frames outside this module, innermost first), so a verb's connections can be counted across its
+    three frames outside this module and contextlib, innermost first), so a verb's connections can be counted across its
     processes (tests/flows/test_connections.py)."""
     path = os.environ.get("HARVEST_TRACE_CONNECT")
     if not path:
         return
     frame, where = sys._getframe(1), []
     while frame and len(where) < 3:
-        if frame.f_code.co_filename != __file__:
+        if frame.f_code.co_filename not in (__file__, contextlib.__file__):
             where.append(f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}")
         frame = frame.f_back
     with open(path, "a") as f:

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS, SPLITS
-from warehouse.db import connect
+from warehouse.db import reading
 
 IMAGE_MODES = ("link", "copy", "none")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")   # Label Studio renames uploaded files `<8 hex>-<name>`
@@ -218,27 +218,17 @@ def _check_frame(im: dict, width: int, height: int, what: str) -> None:
 def _find_members(home: Home, wanted: set[str], roots: list[Path], con=None) -> dict[str, tuple[Path, str, str]]:
     """NIH image id -> (archive, member, sha256) of the images ingested from an archive under a root now."""
     from pipeline.ingest.archives import recorded
-    own = con is None
-    con = connect(home, read_only=True) if own else con
-    try:
+    with reading(home, con) as con:
         return recorded(con, wanted, roots)
-    finally:
-        if own:
-            con.close()
 
 
 def _find_dicoms(home: Home, dicom: list[dict], roots: list[Path], con=None) -> dict[str, Path]:
     """DICOM image id -> file, matched by content: the sha256 of each file under the roots (names may carry PHI)."""
     from pipeline.ingest.dicom import dicom_files
-    own = con is None
-    con = connect(home, read_only=True) if own else con
-    try:
+    with reading(home, con) as con:
         wanted = {im["image_id"] for im in dicom}
         by_sha = {sha: iid for sha, iid in con.execute(
             "SELECT source_sha256, image_id FROM images WHERE source = 'dicom'").fetchall() if iid in wanted}
-    finally:
-        if own:
-            con.close()
     found = {}
     for root in roots:
         for path in dicom_files(root) if root.is_dir() and len(found) < len(by_sha) else []:

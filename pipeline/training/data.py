@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 
 from pipeline.base.home import Home
 from pipeline.base.vocab import held_out
 from pipeline.config.train import RECORD_KEY, TrainConfig, load_config
 from warehouse import db
-
-
-@contextmanager
-def _reading(home, con=None):
-    if con is not None:
-        yield con
-        return
-    con = db.connect(home, read_only=True)
-    try:
-        yield con
-    finally:
-        con.close()
 
 
 def split_ids(home: Home, cfg: TrainConfig, con=None) -> dict[str, list[str]]:
@@ -32,7 +19,7 @@ def split_ids(home: Home, cfg: TrainConfig, con=None) -> dict[str, list[str]]:
     seeded hash of the patient id (NIH lists only train_val and test): deterministic, never splitting a
     patient, and stable when new images arrive. Read on `con`, else on a read-only connection of its own.
     """
-    with _reading(home, con) as con:
+    with db.reading(home, con) as con:
         rows = con.execute("""SELECT DISTINCT i.image_id, i.patient_id, i.split FROM images i
             JOIN cache_entries c ON c.source_sha256 = i.source_sha256 WHERE c.size = ? ORDER BY 1""",
                            [cfg.data.input_size]).fetchall()
@@ -52,7 +39,7 @@ def data_digest(home: Home, ids: dict[str, list[str]], con=None) -> dict[str, di
     """What the stages train and validate on, per image set (`train` with `val`, `am` with `val`): a sha256
     over every image's id, its source file's sha256 and its sorted labels, in `split_ids` order, and the counts.
     """
-    with _reading(home, con) as con:
+    with db.reading(home, con) as con:
         rows = con.execute("""SELECT i.image_id, i.source_sha256,
                                      coalesce(string_agg(l.finding, '|' ORDER BY l.finding), '')
                               FROM images i LEFT JOIN labels l USING (image_id)
@@ -74,7 +61,7 @@ def newest_model_outdated(home, con=None) -> str | None:
     """One line when the newest model's `trained_on` digest differs from the one its config's image sets give on the
     warehouse now (images added, changed or relabelled since), naming the verb that retrains; else None (up to date,
     no model, or a model made before data lineage, which records none)."""
-    with _reading(home, con) as con:
+    with db.reading(home, con) as con:
         row = con.execute("SELECT model_id, config FROM models ORDER BY created_at DESC LIMIT 1").fetchone()
         if row is None:
             return None
