@@ -28,6 +28,7 @@ from flows._verbs import name_flow_run
 from pipeline.base.home import Home
 from pipeline.runs.parts import (SPLITS, finished_parts, list_images, mining_run_id, part_path, plan_shards,
                                  process_model, recorded_parts_run, run_dir, write_part)
+from warehouse import db
 
 DEFAULT_SHARD_SIZE = 2048
 
@@ -48,10 +49,10 @@ def mining_config(config=None):
 
 @task(name="mine-shard", task_run_name="mine-shard-{shard:05d}", retries=2, retry_delay_seconds=1,
       cache_policy=NO_CACHE, persist_result=False)
-def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], model_id: str, sha256: str,
-                    config) -> dict:
+def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], row: dict, index, config) -> dict:
     """Mine one shard into its part. A part already present (written by an attempt on a lost worker, or by
-    the killed run) is final: parts are written whole or not at all."""
+    the killed run) is final: parts are written whole or not at all. The flow read the warehouse for it (`row`:
+    the model's `models` row; `index`: the images' `CacheIndex`), so a worker opens no connection."""
     from pipeline.mining import mine_shard
     from pipeline.training.checkpoint import load_model
 
@@ -62,10 +63,12 @@ def mine_shard_task(home: str, run_id: str, shard: int, image_ids: list[str], mo
         return {**out, "rows": pq.read_metadata(path).num_rows, "seconds": 0.0, "skipped": True}
     t0 = time.perf_counter()
     # keyed by checkpoint sha, so a retrained id never goes stale
-    model, out["loaded_model"] = process_model((str(home.root), model_id, sha256),
-                                               lambda: load_model(home, model_id, device=worker_device())[0])
+    model_id = row["model_id"]
+    model, out["loaded_model"] = process_model(
+        (str(home.root), model_id, row["checkpoint_sha256"]),
+        lambda: load_model(home, model_id, device=worker_device(), row=row)[0])
     out["device"] = str(next(model.parameters()).device)
-    table = mine_shard(home, model_id, image_ids, config, run_id, model=model)
+    table = mine_shard(home, model_id, image_ids, config, run_id, model=model, index=index, row=row)
     write_part(home, run_id, shard, table, image_ids)
     return {**out, "rows": table.num_rows, "seconds": round(time.perf_counter() - t0, 3), "skipped": False}
 
@@ -81,19 +84,23 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
     `dask_address`: an existing scheduler (tcp://host:8786); default a LocalCluster sized to the devices
     (`n_workers` overrides its size). Rerunning with the same model, config and split resumes.
     """
-    from pipeline.training.checkpoint import model_row
+    from pipeline.images.dataset import CacheIndex
+    from pipeline.training.checkpoint import model_row, trained_input_size
 
     t0 = time.perf_counter()
     home = Home.resolve(home)
     cfg = mining_config(config)
-    row = model_row(home, model)
-    model_id, sha256 = row["model_id"], row["checkpoint_sha256"]
-    run_id = run_id or mining_run_id(model_id, cfg.config_hash(), split)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", run_id):   # a folder name and a Prefect artifact key
-        raise ValueError(f"run_id {run_id!r}: use lowercase letters, digits and dashes")
-    image_ids = list_images(home, split)
-    done = finished_parts(run_dir(home, run_id))
-    jobs = plan_shards(image_ids, shard_size, done)
+    with db.reading(home) as con:   # everything the shards need, read once: their workers open no connection
+        row = model_row(home, model, con)
+        model_id = row["model_id"]
+        run_id = run_id or mining_run_id(model_id, cfg.config_hash(), split)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", run_id):   # a folder name and a Prefect artifact key
+            raise ValueError(f"run_id {run_id!r}: use lowercase letters, digits and dashes")
+        image_ids = list_images(home, split, con)
+        done = finished_parts(run_dir(home, run_id))
+        jobs = plan_shards(image_ids, shard_size, done)
+        index = CacheIndex.read(con, cfg.input_size or trained_input_size(home, row),
+                                image_ids=[i for _, ids in jobs for i in ids]) if jobs else None
     params = {"model": model, "split": split, "shard_size": shard_size, "dask_address": dask_address,
               "config": cfg.to_dict(), "config_hash": cfg.config_hash()}
     with recorded_parts_run(home, "mine", params, model_id, run_id):   # a writable connect refreshes the views
@@ -107,8 +114,8 @@ def mine_flow(home: str | None = None, model: str = "latest", split: str = "trai
         if jobs:
             with dask_task_runner(dask_address, n_workers, _api_url()) as runner:
                 futures = [runner.submit(mine_shard_task, dict(
-                    home=str(home.root), run_id=run_id, shard=index, image_ids=ids, model_id=model_id,
-                    sha256=sha256, config=cfg)) for index, ids in jobs]
+                    home=str(home.root), run_id=run_id, shard=shard, image_ids=ids, row=row,
+                    index=index.subset(ids, strict=False), config=cfg)) for shard, ids in jobs]
                 bar = tqdm(as_completed(futures), total=len(futures), unit="shard", desc=f"mine {run_id}")
                 for fut in bar:
                     try:   # one failed shard must not stop the others: their parts make the rerun shorter

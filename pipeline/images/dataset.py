@@ -1,11 +1,13 @@
 """Training and mining read images through the cache, as dict samples (torchxrayvision style).
 
-The index (ids, labels, frames, cache locations, boxes) is read from the warehouse once, in the constructor,
-with a short read-only connection; afterwards the dataset only reads cache shards (`pipeline.images.cache.gather`).
+The index (ids, labels, frames, cache locations, boxes: `CacheIndex`) is read from the warehouse once, in the
+constructor with a short read-only connection, or handed in (a flow reads it once for all its tasks); afterwards
+the dataset only reads cache shards (`pipeline.images.cache.gather`).
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,47 +27,85 @@ def normalize(images: torch.Tensor, device=None, dtype=torch.float32) -> torch.T
     return x.mul_(1.0 / (255.0 * NORM_STD)).sub_(NORM_MEAN / NORM_STD)  # in place: one pass less
 
 
+@dataclass
+class CacheIndex:
+    """What a `CacheDataset` reads from the warehouse, as plain arrays (picklable): its images' ids (sorted),
+    frames, cache shards and rows, recorded crc32s (-1: none), labels and, `with_boxes`, truth boxes (position ->
+    [(finding index, x, y, w, h)]). A flow reads it once (`read`) and hands each task its part (`subset`), so
+    the tasks open no connection."""
+    size: int
+    image_ids: list
+    frames: np.ndarray
+    shards: np.ndarray
+    rows: np.ndarray
+    checksums: np.ndarray
+    labels: np.ndarray
+    with_boxes: bool = False
+    boxes: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, con, size: int, split: str | None = None, image_ids=None, with_boxes: bool = False) -> "CacheIndex":
+        """The images cached at `size` (of `split`; of `image_ids`, leaving out those not cached) on `con`."""
+        where, params = ["c.size = ?"], [int(size)]
+        if split is not None and split != "all":
+            where.append("i.split = ?")
+            params.append(split)
+        if image_ids is not None:
+            where.append("i.image_id IN (SELECT unnest(?))")
+            params.append(sorted(set(image_ids)))
+        rows = con.execute(f"""
+            SELECT i.image_id, i.width, i.height, c.shard, c.row, coalesce(CAST(k.crc32 AS BIGINT), -1)
+            FROM images i JOIN cache_entries c ON c.source_sha256 = i.source_sha256
+            LEFT JOIN cache_checksums k ON k.source_sha256 = c.source_sha256 AND k.size = c.size
+            WHERE {' AND '.join(where)} ORDER BY i.image_id""", params).fetchall()
+        ids = [r[0] for r in rows]
+        pos = {iid: k for k, iid in enumerate(ids)}
+        labels = np.zeros((len(rows), len(FINDINGS)), dtype=np.float32)
+        # only these images: a mining shard's index must not read the whole table
+        for iid, finding in con.execute("SELECT image_id, finding FROM labels WHERE image_id IN "
+                                        "(SELECT unnest(?))", [ids]).fetchall():
+            labels[pos[iid], INDEX[finding]] = 1.0
+        boxes: dict[int, list] = defaultdict(list)
+        if with_boxes:
+            for iid, finding, x, y, w, h in con.execute(
+                    "SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE image_id IN (SELECT unnest(?)) "
+                    "ORDER BY ALL", [ids]).fetchall():
+                boxes[pos[iid]].append((INDEX[finding], x, y, w, h))
+        return cls(int(size), ids, np.array([(r[1], r[2]) for r in rows], dtype=np.float64).reshape(-1, 2),
+                   np.array([r[3] for r in rows], dtype=np.int64), np.array([r[4] for r in rows], dtype=np.int64),
+                   np.array([r[5] for r in rows], dtype=np.int64), labels, with_boxes, dict(boxes))
+
+    def subset(self, image_ids, strict: bool = True) -> "CacheIndex":
+        """The index of `image_ids` (in this index's order); `strict`: a KeyError names those it lacks."""
+        wanted = set(image_ids)
+        keep = [k for k, iid in enumerate(self.image_ids) if iid in wanted]
+        missing = wanted - {self.image_ids[k] for k in keep}
+        if strict and missing:
+            raise KeyError(f"{len(missing)} image(s) not in the {self.size}px cache, e.g. {sorted(missing)[:3]}")
+        new = {old: k for k, old in enumerate(keep)}
+        idx = np.array(keep, dtype=np.int64)
+        return CacheIndex(self.size, [self.image_ids[k] for k in keep], self.frames[idx], self.shards[idx],
+                          self.rows[idx], self.checksums[idx], self.labels[idx], self.with_boxes,
+                          {new[k]: b for k, b in self.boxes.items() if k in new})
+
+
 class CacheDataset(torch.utils.data.Dataset):
-    def __init__(self, home, size: int = 256, split: str | None = None, image_ids=None, with_boxes: bool = False):
+    def __init__(self, home, size: int = 256, split: str | None = None, image_ids=None, with_boxes: bool = False,
+                 index: CacheIndex | None = None, con=None):
+        """The images cached at `size` (of `split`, or `image_ids`: a KeyError names those not cached). Their
+        `index` is read on `con`, else on a short read-only connection of its own, unless given (then `size` and
+        `split` are its own)."""
         self.home = home if isinstance(home, Home) else Home.resolve(home)
-        self.size = int(size)
-        self.with_boxes = with_boxes
-        con = db.connect(self.home, read_only=True)
-        try:
-            where, params = ["c.size = ?"], [self.size]
-            if split is not None and split != "all":
-                where.append("i.split = ?")
-                params.append(split)
-            rows = con.execute(f"""
-                SELECT i.image_id, i.width, i.height, c.shard, c.row, coalesce(CAST(k.crc32 AS BIGINT), -1)
-                FROM images i JOIN cache_entries c ON c.source_sha256 = i.source_sha256
-                LEFT JOIN cache_checksums k ON k.source_sha256 = c.source_sha256 AND k.size = c.size
-                WHERE {' AND '.join(where)} ORDER BY i.image_id""", params).fetchall()
-            if image_ids is not None:
-                wanted = set(image_ids)
-                rows = [r for r in rows if r[0] in wanted]
-                missing = wanted - {r[0] for r in rows}
-                if missing:
-                    raise KeyError(f"{len(missing)} image(s) not in the {self.size}px cache, e.g. {sorted(missing)[:3]}")
-            self.image_ids = [r[0] for r in rows]
-            self.frames = np.array([(r[1], r[2]) for r in rows], dtype=np.float64).reshape(-1, 2)
-            self.shards = np.array([r[3] for r in rows], dtype=np.int64)
-            self.rows = np.array([r[4] for r in rows], dtype=np.int64)
-            self.checksums = np.array([r[5] for r in rows], dtype=np.int64)   # -1: none recorded
-            pos = {iid: k for k, iid in enumerate(self.image_ids)}
-            self.labels = np.zeros((len(rows), len(FINDINGS)), dtype=np.float32)
-            # only this dataset's images: a mining shard must not read the whole table
-            for iid, finding in con.execute("SELECT image_id, finding FROM labels WHERE image_id IN "
-                                            "(SELECT unnest(?))", [self.image_ids]).fetchall():
-                self.labels[pos[iid], INDEX[finding]] = 1.0
-            self.boxes: dict[int, list] = defaultdict(list)
-            if with_boxes:
-                for iid, finding, x, y, w, h in con.execute(
-                        "SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE image_id IN (SELECT unnest(?)) "
-                        "ORDER BY ALL", [self.image_ids]).fetchall():
-                    self.boxes[pos[iid]].append((INDEX[finding], x, y, w, h))
-        finally:
-            con.close()
+        if index is None:
+            with db.reading(self.home, con) as con:
+                index = CacheIndex.read(con, size, split, image_ids, with_boxes)
+        elif with_boxes and not index.with_boxes:
+            raise ValueError("with_boxes needs an index read with_boxes")
+        if image_ids is not None:
+            index = index.subset(image_ids)
+        self.index, self.size, self.with_boxes = index, index.size, index.with_boxes
+        self.image_ids, self.frames, self.labels = index.image_ids, index.frames, index.labels
+        self.shards, self.rows, self.checksums, self.boxes = index.shards, index.rows, index.checksums, index.boxes
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -25,7 +25,7 @@ from pipeline.base.amp import autocast
 from pipeline.base.home import Home
 from pipeline.base.vocab import FINDINGS
 from pipeline.config.mining import MiningConfig
-from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.images.dataset import CacheDataset, CacheIndex, normalize
 from pipeline.mining.boxes import Boxes, boxes_from_heatmaps
 from pipeline.mining.heatmap_fusion import fused_heatmap
 from pipeline.mining.reference import fused_heatmap_reference, boxes_reference
@@ -181,15 +181,13 @@ def mine_batch(model, images_uint8: torch.Tensor, labels, frames, config: Mining
 _INPUT_SIZES: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def _trained_input_size(home: Home, model_id: str, model: torch.nn.Module) -> int:
-    """The input size a registered model was trained at, from its checkpoint's meta (memory-mapped: the
-    weights are not read). Remembered per model object: a flow's worker mines many shards with one model."""
+def _trained_input_size(home: Home, row: dict, model: torch.nn.Module) -> int:
+    """The input size the model of `row` (its `models` row) was trained at. Remembered per model object: a flow's
+    worker mines many shards with one model."""
     if model not in _INPUT_SIZES:
-        from pipeline.training.checkpoint import model_row
+        from pipeline.training.checkpoint import trained_input_size
 
-        path = home.root / model_row(home, model_id)["checkpoint"]
-        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        _INPUT_SIZES[model] = int(meta["input_size"])
+        _INPUT_SIZES[model] = trained_input_size(home, row)
     return _INPUT_SIZES[model]
 
 
@@ -234,29 +232,33 @@ def _take_pinned(shape: tuple) -> list[torch.Tensor]:
 
 
 def mine_shard(home, model_id: str, image_ids, config: MiningConfig | dict | None, run_id: str,
-               model=None, heatmaps_path: str | os.PathLike | None = None) -> pa.Table:
+               model=None, heatmaps_path: str | os.PathLike | None = None, index: CacheIndex | None = None,
+               row: dict | None = None) -> pa.Table:
     """Mine `image_ids` with model `model_id` -> a `mined_boxes` table (`warehouse.db.PARQUET_TABLES`).
 
     Reads the cache in batches of `config.batch_size` (memory stays flat in the shard's size); rows come out
     in the cache's image order, batch by batch, whatever the overlap. `model`: an
     already loaded model (a flow loads it once per worker); else it is loaded on `config.device`. With
     `config.save_heatmaps`, the fused heatmaps go to `heatmaps_path` (default `heatmaps_path_for(...)`).
+    What the warehouse holds may come read once by the caller, so that no connection is opened here: `index`, the
+    images' `CacheIndex` at the size to mine at, and `row`, the model's `models` row.
     """
     home = home if isinstance(home, Home) else Home.resolve(home)
     if not isinstance(config, MiningConfig):
         config = MiningConfig.from_dict(config)
-    if model is None:
-        from pipeline.training.checkpoint import load_model
+    from pipeline.training.checkpoint import load_model, model_row
 
-        model, meta = load_model(home, model_id, device=config.device)
-        size = config.input_size or int(meta["input_size"])
-    else:
-        size = config.input_size or _trained_input_size(home, model_id, model)
+    trained = None
+    if model is None:
+        model, meta = load_model(home, model_id, device=config.device, row=row)
+        trained = int(meta["input_size"])
+    size = index.size if index is not None else (
+        config.input_size or trained or _trained_input_size(home, row or model_row(home, model_id), model))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)   # a layout change only: same weights, same outputs
     features = torch.compile(model.forward_features) if config.compile else None
 
-    dataset = CacheDataset(home, size=size, image_ids=list(image_ids))
+    dataset = CacheDataset(home, size=size, image_ids=list(image_ids), index=index)
     device = next(model.parameters()).device
     starts = range(0, len(dataset), config.batch_size)
     # On a GPU: three page-locked buffers, reused (batch i+1 is read while batch i is copied and batch i-1 still

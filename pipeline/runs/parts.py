@@ -78,15 +78,13 @@ def plan_shards(image_ids: list[str], shard_size: int, done: dict[int, list[str]
     return jobs
 
 
-def list_images(home: Home, split: str) -> list[str]:
+def list_images(home: Home, split: str, con=None) -> list[str]:
+    """The ids of the images of `split` ("all": every image), sorted; read on `con`, else a connection of its own."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    con = db.connect(home, read_only=True)
-    try:
+    with db.reading(home, con) as con:
         sql = "SELECT image_id FROM images" + ("" if split == "all" else " WHERE split = ?")
         return sorted(r[0] for r in con.execute(sql, [] if split == "all" else [split]).fetchall())
-    finally:
-        con.close()
 
 
 def write_part(home: Home, run_id: str, shard: int, table: pa.Table, image_ids: list[str]) -> Path:

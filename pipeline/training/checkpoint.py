@@ -189,27 +189,26 @@ def json_safe(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-def model_row(home, model_id: str = "latest") -> dict:
-    """The `models` row of `model_id` ("latest": the most recently created classifier, not a detector) as a dict."""
-    home = Home.resolve(home) if not isinstance(home, Home) else home
-    con = db.connect(home, read_only=True)
-    try:
+def model_row(home, model_id: str = "latest", con=None) -> dict:
+    """The `models` row of `model_id` ("latest": the most recently created classifier, not a detector) as a dict,
+    read on `con`, else on a read-only connection of its own."""
+    home = Home.resolve(home)
+    with db.reading(home, con) as con:
         query = "SELECT * FROM models " + ("WHERE stage <> 'detector' ORDER BY created_at DESC LIMIT 1"
                                            if model_id == "latest"
                                            else "WHERE model_id = ?")
         cur = con.execute(query, [] if model_id == "latest" else [model_id])
         row, cols = cur.fetchone(), [d[0] for d in cur.description]
-    finally:
-        con.close()
     if row is None:
         raise KeyError(f"no model {model_id!r} in {home.warehouse}; run `harvest train --config ...` first")
     return dict(zip(cols, row))
 
 
-def load_model(home, model_id: str = "latest", device="cpu"):
-    """-> (model in eval mode on `device`, meta). Verifies the checkpoint's sha256 against the warehouse."""
-    home = Home.resolve(home) if not isinstance(home, Home) else home
-    row = model_row(home, model_id)
+def load_model(home, model_id: str = "latest", device="cpu", row: dict | None = None):
+    """-> (model in eval mode on `device`, meta). Verifies the checkpoint's sha256 against the warehouse's, from
+    `row` (its `models` row, read once by the caller) when given, else read now."""
+    home = Home.resolve(home)
+    row = row or model_row(home, model_id)
     path = home.root / row["checkpoint"]
     if sha256_file(path) != row["checkpoint_sha256"]:
         raise ValueError(f"checkpoint {path} does not match the sha256 recorded for model {row['model_id']}; "
@@ -221,10 +220,19 @@ def load_model(home, model_id: str = "latest", device="cpu"):
     return model.to(device).eval(), meta
 
 
-def lineage(home, model_id: str) -> list[dict]:
-    """The `models` rows from the first stage to `model_id`, following parent_id."""
+def trained_input_size(home, row: dict) -> int:
+    """The input size the model of `row` was trained at, from its checkpoint's meta (memory-mapped: the weights
+    are not read)."""
+    path = Home.resolve(home).root / row["checkpoint"]
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]["input_size"])
+
+
+def lineage(home, model_id: str, con=None) -> list[dict]:
+    """The `models` rows from the first stage to `model_id`, following parent_id, read on one connection (`con`,
+    else a read-only one of its own)."""
     rows = []
-    while model_id:
-        rows.append(model_row(home, model_id))
-        model_id = rows[-1]["parent_id"]
+    with db.reading(Home.resolve(home), con) as con:
+        while model_id:
+            rows.append(model_row(home, model_id, con))
+            model_id = rows[-1]["parent_id"]
     return rows[::-1]
