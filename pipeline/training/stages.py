@@ -37,12 +37,13 @@ from pipeline.base.files import sha256_file
 from pipeline.base.home import Home
 from pipeline.config.check import fingerprint
 from pipeline.config.train import RECORD_KEY, StageConfig, TrainConfig, load_config
-from pipeline.images.dataset import CacheDataset
+from pipeline.images.dataset import CacheDataset, CacheIndex
 from pipeline.training.checkpoint import FINAL, Resumable, load_checkpoint, model_meta, save_checkpoint
 from pipeline.training.data import data_digest, split_ids
 from pipeline.training.engine import (AttentionMiningLoss, ClassificationLoss, Dist, epoch_batches, evaluate,
                                       init_distributed, seed_of, train_one_epoch)
 from pipeline.training.weights import load_backbone, load_imagenet, load_init
+from warehouse import db
 
 log = logging.getLogger("pipeline.training")
 
@@ -148,8 +149,9 @@ def _set_train_mode(model: nn.Module, st: StageConfig) -> None:
 
 
 def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist, device: torch.device,
-              resume: bool = True, on_step=None) -> dict:
-    """Train one stage to its `final.pt` (or reuse it); returns the stage's meta."""
+              resume: bool = True, on_step=None, index: CacheIndex | None = None) -> dict:
+    """Train one stage to its `final.pt` (or reuse it); returns the stage's meta. `index`: the cache index of
+    the `ids` (read once for every stage), else each image set's is read here."""
     ckpt = Resumable(home, plan.model_id, plan.fingerprint, resume, d.main)
     meta = ckpt.finished()
     if meta is not None:
@@ -158,7 +160,7 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
         return meta
     st = plan.cfg
     set_name = "am" if plan.t else "train"
-    train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name])
+    train_set = CacheDataset(home, cfg.data.input_size, image_ids=ids[set_name], index=index)
     model = _build(cfg, plan, home, train_set.labels)
     if st.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -168,7 +170,7 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    val_set = CacheDataset(home, cfg.data.input_size, image_ids=ids["val"])
+    val_set = CacheDataset(home, cfg.data.input_size, image_ids=ids["val"], index=index)
     if st.patience and not len(val_set):
         raise ValueError(f"stage {plan.name} stops early on the validation loss but the validation split is "
                          "empty; raise data.val_fraction or set patience: 0")
@@ -283,12 +285,15 @@ def train(home, config, resume: bool = True, on_step=None) -> str:
     cfg = load_config(config)
     d, device = init_distributed(cfg.runtime)
     cfg = resolved_config(cfg, device)
-    ids = split_ids(home, cfg)
+    with db.reading(home) as con:   # the image sets, their digest and their cache index: one read for all stages
+        ids = split_ids(home, cfg, con)
+        plans = plan_stages(cfg, data_digest(home, ids, con))
+        index = CacheIndex.read(con, cfg.data.input_size, image_ids={i for part in ids.values() for i in part})
     log.info("training %s on %s (amp %s): %d train, %d val, %d AM images, world size %d", cfg.name, device, cfg.runtime.amp,
              len(ids["train"]), len(ids["val"]), len(ids["am"]), d.world)
     meta = None
-    for plan in plan_stages(cfg, data_digest(home, ids)):
-        meta = run_stage(home, cfg, plan, ids, d, device, resume=resume, on_step=on_step)
+    for plan in plans:
+        meta = run_stage(home, cfg, plan, ids, d, device, resume=resume, on_step=on_step, index=index)
     return meta["model_id"]
 
 
@@ -308,8 +313,8 @@ def train_distributed(home, config_path, nproc: int, resume: bool = True) -> str
 
 def home_plans(home, cfg: TrainConfig) -> list[StagePlan]:
     """The stages `train` runs for `cfg` (resolved) on the home's images: the ids it gives them."""
-    home = Home.resolve(home) if not isinstance(home, Home) else home
-    return plan_stages(cfg, data_digest(home, split_ids(home, cfg)))
+    with db.reading(Home.resolve(home)) as con:
+        return plan_stages(cfg, data_digest(home, split_ids(home, cfg, con), con))
 
 
 def final_model_id(home, cfg: TrainConfig) -> str:
