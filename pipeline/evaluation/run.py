@@ -13,6 +13,8 @@ evaluation images (phantom only). Without them the summary is labeled oracle (`m
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import cached_property
 
 import pandas as pd
 import torch
@@ -24,7 +26,7 @@ from pipeline.evaluation.protocol import evaluate_warehouse, write_results
 from pipeline.evaluation.report import Case, report_header, report_markdown, select_cases, write_report
 from pipeline.evaluation.summary import acc_summary, harvest_summary
 from pipeline.evaluation.trust import gate
-from pipeline.images.dataset import CacheDataset, normalize
+from pipeline.images.dataset import CacheDataset, CacheIndex, normalize
 from pipeline.runs.record import writer
 from pipeline.phantom.seeds import check_scorable, ingested_phantom_seeds
 
@@ -89,11 +91,12 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
         exports = con.execute("""SELECT params->>'format', arg_max(params->>'out_dir', finished_at) FROM runs
                                  WHERE flow = 'export' AND status = 'completed' AND params->>'run_id' = ?
                                  GROUP BY 1 ORDER BY 1""", [run_id]).fetchall()
+        maps = _Maps.read(con, home, info, gts, device) if heatmaps else None
     finally:
-        con.close()   # the heatmap pass below opens the warehouse read-only (model, cache index)
+        con.close()   # the heatmap pass below holds no connection: another process may write meanwhile
     eval_gt = next(gts[s] for s in GT_SETS if s in gts)   # MaxBoxAccV2's evaluation boxes
     if heatmaps:
-        results.append(_max_box_acc(home, info, run_id, eval_gt, gts.get("truth"), mined, device))
+        results.append(_max_box_acc(maps, run_id, eval_gt, gts.get("truth"), mined))
     table = pd.concat(results, ignore_index=True)
     con = writer(home)
     try:
@@ -107,17 +110,37 @@ def evaluate_run(home, run_id: str, *, report: bool = True, n_cases: int = 1, de
     out = {"run_id": run_id, "model_id": info["model_id"], "results": table, "header": header, "report": None,
            "summary": summary, "harvest": harvest}
     if report:
-        cases = _cases(home, info, boxes, eval_gt, n_cases, device) if heatmaps else []
+        cases = _cases(maps, boxes, eval_gt, n_cases) if heatmaps else []
         out["report"] = write_report(home.reports / run_id, run_id, table, cases, header=header, summary=summary,
                                      harvest=harvest)
     out["markdown"] = report_markdown(header, table, out["report"], summary=summary, harvest=harvest)
     return out
 
 
-def _model(home: Home, model_id: str, device: str):
-    from pipeline.training.checkpoint import load_model
-    model, meta = load_model(home, model_id, device=device)
-    return model.eval(), meta
+@dataclass
+class _Maps:
+    """What the heatmap pass needs, read with the evaluation's other reads: the run's model (its `models` row; the
+    model loads once, for MaxBoxAccV2 and the report's cases), its mining steps and the truth images' cache index."""
+    home: Home
+    row: dict
+    steps: int
+    index: CacheIndex
+    device: str
+
+    @classmethod
+    def read(cls, con, home: Home, info: dict, gts: dict[str, pd.DataFrame], device: str) -> "_Maps":
+        from pipeline.training.checkpoint import model_row, trained_input_size
+        row = model_row(home, info["model_id"], con)
+        ids = set().union(*(set(gt["image_id"]) for gt in gts.values()))
+        return cls(home, row, _steps(info), CacheIndex.read(con, trained_input_size(home, row), image_ids=ids), device)
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        from pipeline.training.checkpoint import load_model
+        return load_model(self.home, self.row["model_id"], device=self.device, row=self.row)[0]
+
+    def dataset(self, image_ids) -> CacheDataset:
+        return CacheDataset(self.home, image_ids=sorted(set(image_ids)), index=self.index)
 
 
 @torch.no_grad()
@@ -142,16 +165,12 @@ def _steps(info: dict) -> int:
     return int(config.get("steps", 3)) if isinstance(config, dict) else 3
 
 
-def _max_box_acc(home, info, run_id, eval_gt, truth, mined, device) -> pd.DataFrame:
-    model, meta = _model(home, info["model_id"], device)
-    size = int(meta.get("input_size", 256))
-    steps = _steps(info)
-
+def _max_box_acc(m: _Maps, run_id, eval_gt, truth, mined) -> pd.DataFrame:
     def maps(gt: pd.DataFrame) -> list[Heatmap]:
         pairs = gt[["image_id", "finding"]].drop_duplicates()
-        ds = CacheDataset(home, size=size, image_ids=sorted(set(pairs["image_id"])))
+        ds = m.dataset(pairs["image_id"])
         pos = {iid: i for i, iid in enumerate(ds.image_ids)}
-        hm = heatmaps(model, ds, [pos[i] for i in pairs["image_id"]], list(pairs["finding"]), steps, device)
+        hm = heatmaps(m.model, ds, [pos[i] for i in pairs["image_id"]], list(pairs["finding"]), m.steps, m.device)
         return [Heatmap(i, f, h[-1], *ds.frames[pos[i]]) for (i, f), h in zip(pairs.itertuples(index=False), hm)]
 
     val_gt = None
@@ -165,15 +184,13 @@ def _max_box_acc(home, info, run_id, eval_gt, truth, mined, device) -> pd.DataFr
     return max_box_acc(maps(eval_gt), eval_gt, run_id)
 
 
-def _cases(home, info, boxes, gt, n, device) -> list[Case]:
+def _cases(m: _Maps, boxes, gt, n) -> list[Case]:
     picks = select_cases(boxes, gt, n=n)
     if picks.empty:
         return []
-    model, meta = _model(home, info["model_id"], device)
-    size = int(meta.get("input_size", 256))
-    ds = CacheDataset(home, size=size, image_ids=sorted(set(picks["image_id"])))
+    ds = m.dataset(picks["image_id"])
     pos = {iid: i for i, iid in enumerate(ds.image_ids)}
-    hms = heatmaps(model, ds, [pos[i] for i in picks["image_id"]], list(picks["finding"]), _steps(info), device)
+    hms = heatmaps(m.model, ds, [pos[i] for i in picks["image_id"]], list(picks["finding"]), m.steps, m.device)
     cases = []
     for p, hm in zip(picks.itertuples(index=False), hms):
         i = pos[p.image_id]
