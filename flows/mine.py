@@ -1,7 +1,8 @@
 """`harvest mine`: mine boxes for a split, one Prefect task per shard on Dask (docs/design.md#flows).
 
 Each shard is a task run on prefect-dask's DaskTaskRunner: a LocalCluster sized to the devices, or the
-scheduler at `--dask-address`. A task loads the model once per worker process, calls
+scheduler at `--dask-address`. The flow reads the warehouse once (the model's row, the images, their cache
+index) and hands each task its part, so workers never open it. A task loads the model once per worker process, calls
 `pipeline.mining.mine_shard` and writes one Parquet part atomically to
 `data/mined_boxes/run_id=<run_id>/part-<shard:05d>.parquet`. The run id is a function of (model, mining
 config, split), so a rerun finds the parts of the killed run and mines only what they do not cover: no
