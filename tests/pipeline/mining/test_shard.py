@@ -81,6 +81,31 @@ def test_prob_is_the_models_sigmoid_probability(mined_home):
     np.testing.assert_allclose(table["prob"], expect, rtol=1e-4)
 
 
+def test_a_shard_handed_its_index_and_model_row_opens_no_connection(mined_home, tmp_path, monkeypatch):
+    """What `flows.mine` hands a Dask task: its part of the CacheIndex (pickled) and the model's `models` row. The
+    rows are those of a shard that reads them itself; a missing image fails the shard with one KeyError."""
+    import pickle
+
+    from pipeline.images.dataset import CacheIndex
+    from pipeline.training.checkpoint import model_row
+    from warehouse import db
+
+    home, ids = mined_home
+    with db.reading(home) as con:
+        index, row = CacheIndex.read(con, SIZE, image_ids=[*ids, "gone.png"]), model_row(home, "tiny", con)
+    assert index.image_ids == ids
+    part = pickle.loads(pickle.dumps(index.subset([ids[3], ids[1], "gone.png"], strict=False)))
+    assert part.image_ids == [ids[1], ids[3]] and (part.labels == index.labels[[1, 3]]).all()
+    trace = tmp_path / "connections.tsv"
+    monkeypatch.setenv("HARVEST_TRACE_CONNECT", str(trace))
+    got = mine_shard(home, "tiny", part.image_ids, MiningConfig(), "run", index=part, row=row)
+    with pytest.raises(KeyError, match="1 image.s. not in the 128px cache"):
+        mine_shard(home, "tiny", [ids[1], "gone.png"], MiningConfig(), "run", index=part, row=row)
+    assert not trace.exists()
+    monkeypatch.delenv("HARVEST_TRACE_CONNECT")
+    assert _sorted(got).equals(_sorted(mine_shard(home, "tiny", part.image_ids, MiningConfig(), "run")))
+
+
 def test_fast_and_reference_paths_give_the_same_rows(mined_home):
     home, ids = mined_home
     fast = _sorted(mine_shard(home, "tiny", ids, MiningConfig(amp="none"), "r")).to_pandas()
