@@ -72,6 +72,8 @@ class RuntimeConfig:
     eval_batch_size: int = 128
     workers: int = 0                # DataLoader workers gathering index batches from the uint8 cache
     threads: int = 0                # torch intra-op threads (0: leave torch's default)
+    compile: bool = False           # torch.compile (inductor) the training step: x1.09 on 2 AVX2 cores after a
+                                    # ~70 s compile per stage, so for stages of more than ~200 steps (benchmarks.md)
     save_every_steps: int = 0       # extra mid-epoch resume checkpoints (0: at epoch ends only)
     log_every: int = 20
     sync_bn: bool = True            # SyncBatchNorm under DDP on GPU (gloo/CPU has none: per-rank BN)

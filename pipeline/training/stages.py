@@ -177,6 +177,8 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
     steps_per_epoch = len(train_set) // cfg.runtime.batch_size
 
     step_module = _loss_module(cfg, plan, model, home, device, train_set.labels)
+    if cfg.runtime.compile:   # the step (forward, loss, backward graphs); the model's weights and state_dict stay its own
+        step_module = torch.compile(step_module)
     if d.world > 1:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda"
                                               else None)

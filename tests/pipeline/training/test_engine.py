@@ -82,6 +82,8 @@ def test_configs_load_and_fingerprints_follow_the_stage_chain():
     other = stages.plan_stages(config.load_config(paper, {"am": {"kp_lambda": 0.25}}))
     same = [a.model_id == b.model_id for a, b in zip(stages.plan_stages(paper), other)]
     assert same == [True, True, True, False, False, False]          # AM changes leave earlier stages reusable
+    compiled = stages.plan_stages(config.load_config(paper, {"runtime": {"compile": True}}))
+    assert [p.model_id for p in compiled] == [p.model_id for p in stages.plan_stages(paper)]   # the same math
 
 
 # ------------------------------------------------------------------ a tiny staged run
