@@ -27,6 +27,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch._dynamo
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -178,7 +179,6 @@ def run_stage(home: Home, cfg: TrainConfig, plan: StagePlan, ids: dict, d: Dist,
 
     step_module = _loss_module(cfg, plan, model, home, device, train_set.labels)
     if cfg.runtime.compile:   # the step (forward, loss, backward graphs); the model's weights and state_dict stay its own
-        import torch._dynamo
         torch._dynamo.config.suppress_errors = True   # no C compiler, an unsupported op: eager, with a warning
         step_module = torch.compile(step_module)
     if d.world > 1:
