@@ -228,6 +228,7 @@ def test_killed_training_resumes_to_the_same_weights(base_home, trained, tmp_pat
     assert (last["epoch"], last["step"]) == (1, 2)
     redone = []
     caplog.set_level(logging.INFO, "pipeline.detector")
+    caplog.clear()   # the killed run's records too are captured where an earlier test left the logger at INFO
     assert train_detector(home, RUN, TINY, on_step=lambda *a: redone.append(a)) == model_id
     assert redone[0] == (model_id, 1, 3)
     steps = [r.getMessage() for r in caplog.records if "/2 step " in r.getMessage()]   # progress, not silence
