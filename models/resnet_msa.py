@@ -23,7 +23,8 @@ NUM_CLASSES = 14
 class ResNetMSA(nn.Module):
     """Classifier whose last feature map X feeds C class-wise branches (sec. 2.1)."""
 
-    def __init__(self, arch: str = "resnet50", neck: str = "bilinear", num_classes: int = NUM_CLASSES):
+    def __init__(self, arch: str = "resnet50", neck: str = "bilinear", num_classes: int = NUM_CLASSES,
+                 pool_top: float = 1.0):
         super().__init__()
         if arch not in BACKBONES:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
@@ -33,7 +34,7 @@ class ResNetMSA(nn.Module):
         self.backbone = BACKBONES[arch]()
         self.neck = NECKS[neck](self.backbone.channels)
         self.num_features, self.feature_stride = self.neck.out_channels, self.neck.stride
-        self.head = ClassWiseHead(self.num_features, num_classes)
+        self.head = ClassWiseHead(self.num_features, num_classes, pool_top)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,1,S,S] (normalized gray) -> X [B,D,h,w]."""
@@ -68,9 +69,11 @@ class ResNetMSA(nn.Module):
         return self.head.cam(X)
 
 
-def create_model(arch: str = "resnet50", neck: str = "bilinear", num_classes: int = NUM_CLASSES) -> ResNetMSA:
-    """Build any registered backbone x neck with random weights (see `pipeline.training.weights.load_imagenet`)."""
-    return ResNetMSA(arch, neck, num_classes)
+def create_model(arch: str = "resnet50", neck: str = "bilinear", num_classes: int = NUM_CLASSES,
+                 pool_top: float = 1.0) -> ResNetMSA:
+    """Build any registered backbone x neck with random weights (see `pipeline.training.weights.load_imagenet`);
+    `pool_top`: the head's pooling (1 = GAP, eq. 2; see `models.head`)."""
+    return ResNetMSA(arch, neck, num_classes, pool_top)
 
 
 def list_models() -> list[tuple[str, str]]:

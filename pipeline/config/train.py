@@ -36,6 +36,11 @@ class ModelConfig:
     # prior from features present in every image, and CAM^c = X·w^c then peaks on anatomy, not on lesions
     # (docs/results.md). See `models.head.prior_bias`.
     head_prior: bool = True
+    # The fraction of each class map's cells the head averages into its logit. 1 is eq. 2's global average
+    # pooling (the paper). Below 1 the logit is the mean of the top `pool_top` share of CAM^c's cells (k-max
+    # pooling, as in WILDCAT, Durand et al. 2017): a nodule of one cell moves its logit as much as an effusion
+    # of a hundred, so the classifier is paid for evidence on the lesion (docs/results.md, tenth session).
+    pool_top: float = 1.0
     # Project-made weights to start from instead of ImageNet (a file written by `python -m pipeline.training.weights
     # export`, e.g. models/weights/; relative paths are taken from the config file's folder). The first stage
     # that runs starts from them: the whole model when its neck matches, else the backbone. Their sha256 enters
@@ -148,6 +153,7 @@ class TrainConfig:
             ("model.arch", m.arch, m.arch in backbone_names(), one_of(backbone_names())),
             ("model.neck", m.neck, m.neck in NECK_NAMES, one_of(NECK_NAMES)),
             ("model.init", m.init, not init_problem, init_problem),
+            ("model.pool_top", m.pool_top, 0 < m.pool_top <= 1, "must be in (0, 1] (1 = global average pooling)"),
             ("data.input_size", d.input_size, size_ok(d.input_size), f"must be {SIZE_RULE}"),
             ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "must be in (0, 1)"),
             ("data.train_splits", list(d.train_splits), bool(d.train_splits) and set(d.train_splits) <= set(SPLITS),

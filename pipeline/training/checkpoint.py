@@ -215,9 +215,14 @@ def load_model(home, model_id: str = "latest", device="cpu", row: dict | None = 
                          "it was modified or truncated: retrain with `harvest train` (finished stages are reused)")
     state = load_checkpoint(path, device="cpu", verify=False)   # checked against `models` above
     meta = state["meta"]
-    model = create_model(meta["arch"], meta["neck"], meta["num_classes"])
+    model = create_model(meta["arch"], meta["neck"], meta["num_classes"], pool_top=pool_top_of(meta))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
+
+
+def pool_top_of(meta: dict) -> float:
+    """The head pooling a checkpoint was trained with (its config's `model.pool_top`; GAP before the option)."""
+    return float(((meta.get("config") or {}).get("model") or {}).get("pool_top", 1.0))
 
 
 def trained_input_size(home, row: dict) -> int:

@@ -74,6 +74,7 @@ def plan_stages(cfg: TrainConfig, data: dict | None = None) -> list[StagePlan]:
     the ids are those of a config alone, as homes made before lineage named its data had them."""
     shared = {"seed": cfg.seed, "arch": cfg.model.arch, "imagenet": cfg.model.imagenet,
               "head_prior": cfg.model.head_prior,
+              **({"pool_top": cfg.model.pool_top} if cfg.model.pool_top < 1 else {}),   # GAP keeps older ids
               "input_size": cfg.data.input_size, "val_fraction": cfg.data.val_fraction,
               "augment": asdict(cfg.data.augment), "batch_size": cfg.runtime.batch_size, "amp": cfg.runtime.amp}
     if cfg.model.init:                  # the weights' content, not where the file lies
@@ -110,7 +111,7 @@ def _build(cfg: TrainConfig, plan: StagePlan, home: Home, labels) -> nn.Module:
     ImageNet. A new head
     starts at the prevalence of the stage's training `labels` (`model.head_prior`)."""
     torch.manual_seed(seed_of(cfg.seed, plan.index))
-    model = create_model(cfg.model.arch, plan.neck)
+    model = create_model(cfg.model.arch, plan.neck, pool_top=cfg.model.pool_top)
     if plan.parent is None:
         if cfg.model.init:
             if load_init(model, cfg.model.init, cfg.model.arch):

@@ -84,3 +84,30 @@ def test_model_forward_head_with_masks_matches_reference():
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m.cam(X * masks[:, 5:6])[:, 5], m.cam(X)[:, 5] * masks[:, 5],
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("top", [0.1, 0.3, 1 / 35])
+def test_top_share_pooling_equals_literal_reference(head_and_X, top):
+    """k-max pooling (`pool_top` < 1): fast == sorted cell scores, with and without erasure, values and grads."""
+    _, X = head_and_X
+    torch.manual_seed(2)
+    head = ClassWiseHead(32, 14, pool_top=top)
+    torch.nn.init.normal_(head.bias)
+    for masks in (torch.ones(3, 14, 7, 5), (torch.rand(3, 14, 7, 5) > 0.5).float()):
+        X1 = X.clone().requires_grad_(True)
+        fast = head(X1, masks)
+        ref = classwise_logits_reference(X, masks, head.weight, head.bias, pool_top=top)
+        torch.testing.assert_close(fast, ref)
+        torch.testing.assert_close(head(X), classwise_logits_reference(X, torch.ones_like(masks), head.weight,
+                                                                       head.bias, pool_top=top))
+    # the top share is never below the mean, and a single hot cell moves it (GAP dilutes it 35-fold)
+    gap = ClassWiseHead(32, 14)
+    gap.load_state_dict(head.state_dict())
+    assert (head(X) >= gap(X) - 1e-6).all()
+    hot = X.clone()
+    hot[:, :, 3, 2] += 10 * head.weight[0] / head.weight[0].norm()
+    assert (head(hot)[:, 0] - head(X)[:, 0]).min() > 3 * (gap(hot)[:, 0] - gap(X)[:, 0]).max()
+    with pytest.raises(ValueError, match="pre_logits"):
+        head(X, pre_logits=True)
+    with pytest.raises(ValueError, match="pool_top"):
+        ClassWiseHead(32, 14, pool_top=0)

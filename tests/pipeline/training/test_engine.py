@@ -84,6 +84,13 @@ def test_configs_load_and_fingerprints_follow_the_stage_chain():
     assert same == [True, True, True, False, False, False]          # AM changes leave earlier stages reusable
     compiled = stages.plan_stages(config.load_config(paper, {"runtime": {"compile": True}}))
     assert [p.model_id for p in compiled] == [p.model_id for p in stages.plan_stages(paper)]   # the same math
+    gap = config.load_config(paper, {"model": {"pool_top": 1.0}})
+    top = config.load_config(paper, {"model": {"pool_top": 0.1}})
+    assert [p.model_id for p in stages.plan_stages(gap)] == [p.model_id for p in stages.plan_stages(paper)]
+    assert not {p.model_id for p in stages.plan_stages(top)} & {p.model_id for p in stages.plan_stages(paper)}
+    assert (checkpoint.pool_top_of({"config": top.to_dict()}), checkpoint.pool_top_of({"config": {}})) == (0.1, 1.0)
+    with pytest.raises(ValueError, match="model.pool_top"):
+        config.load_config({"model": {"pool_top": 0}})
 
 
 # ------------------------------------------------------------------ a tiny staged run
