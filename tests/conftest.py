@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,17 @@ def package_data(package: str) -> Path:
     if spec is None:
         pytest.fail(f"{package} is not installed; run `make test` (it installs the data wheels)")
     return Path(spec.submodule_search_locations[0]) / "data"
+
+
+@contextmanager
+def scratch(tmp_path_factory, name: str):
+    """A folder for a module-scoped fixture, removed when the module is done: trained homes weigh hundreds of MB,
+    and the suite must fit the disk CI gives it (a full suite once filled it)."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def gray_image(seed: int, size: int = 128) -> np.ndarray:

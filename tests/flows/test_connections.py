@@ -52,6 +52,7 @@ def opens(mining_base_home, prefect_api, dask_cluster, tmp_path_factory) -> dict
         run("evaluate", "--run", mining, "--no-report")
         run("export", "--run", mining, "--format", "coco", "--all", "--image-root", str(phantom))
         run("status")
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

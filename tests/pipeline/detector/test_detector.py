@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests.conftest import register_tiny_model
+from tests.conftest import register_tiny_model, scratch
 from warehouse import db
 
 CLASSIFIER, RUN = "tiny-cls", "mine-all-tiny"
@@ -50,7 +50,8 @@ def build_home(base, n: int = 48):
 
 @pytest.fixture(scope="module")
 def base_home(tmp_path_factory):
-    return build_home(tmp_path_factory.mktemp("detector"))
+    with scratch(tmp_path_factory, "detector") as base:
+        yield build_home(base)
 
 
 # ---------------------------------------------------------------- the method column
@@ -185,8 +186,9 @@ class Killed(Exception):
 def trained(base_home, tmp_path_factory):
     from pipeline.detector.train import train_detector
 
-    home = shutil.copytree(base_home, tmp_path_factory.mktemp("clean") / "home")
-    return home, train_detector(home, RUN, TINY)
+    with scratch(tmp_path_factory, "clean") as base:
+        home = shutil.copytree(base_home, base / "home")
+        yield home, train_detector(home, RUN, TINY)
 
 
 def test_training_registers_the_detector_with_its_lineage(trained):

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import blob_home, tiny_config  # noqa: E402
+from tests.conftest import scratch  # noqa: E402
 
 from pipeline.training import checkpoint  # noqa: E402
 from pipeline.training.stages import train  # noqa: E402
@@ -29,10 +30,10 @@ def resume_config() -> dict:
 
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    home = blob_home(tmp, n=44)
-    shutil.copytree(home, tmp / "killed")
-    return home, tmp / "killed"
+    with scratch(tmp_path_factory, "resume") as tmp:
+        home = blob_home(tmp, n=44)
+        shutil.copytree(home, tmp / "killed")
+        yield home, tmp / "killed"
 
 
 def test_killed_run_resumes_to_the_same_weights(homes):

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import BLOB_FINDINGS, blob_home, tiny_config  # noqa: E402
+from tests.conftest import scratch  # noqa: E402
 
 from models import freeze_batchnorm, frozen_copy  # noqa: E402
 from pipeline.base.vocab import INDEX  # noqa: E402
@@ -97,10 +98,11 @@ def test_configs_load_and_fingerprints_follow_the_stage_chain():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    home = blob_home(tmp_path_factory.mktemp("train"), n=160)
-    steps = []
-    model_id = stages.train(home, tiny_config(), on_step=lambda *a: steps.append(a))
-    return home, model_id, steps
+    with scratch(tmp_path_factory, "train") as base:
+        home = blob_home(base, n=160)
+        steps = []
+        model_id = stages.train(home, tiny_config(), on_step=lambda *a: steps.append(a))
+        yield home, model_id, steps
 
 
 def test_staged_am_kp_run_learns_and_registers_every_stage(trained):

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import blob_home, tiny_config  # noqa: E402
+from tests.conftest import scratch  # noqa: E402
 
 from pipeline.config.train import load_config  # noqa: E402
 from pipeline.training import stages  # noqa: E402
@@ -26,9 +27,10 @@ def ids_of(home) -> list[str]:
 
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory):
-    a = blob_home(tmp_path_factory.mktemp("a"), n=48, seed=0)
-    b = blob_home(tmp_path_factory.mktemp("b"), n=48, seed=1)    # other pixels and labels, same image ids
-    return a, b
+    with scratch(tmp_path_factory, "lineage") as base:
+        a = blob_home(base / "a", n=48, seed=0)
+        b = blob_home(base / "b", n=48, seed=1)                   # other pixels and labels, same image ids
+        yield a, b
 
 
 def test_ids_follow_the_data_not_only_the_config(homes, tmp_path):
