@@ -22,6 +22,7 @@ from pipeline.evaluation.protocol import THRESHOLDS
 COLUMNS = ["recipe", "setting", "phantom_seed", "difficulty", "protocol", "finding", "t", "acc", "lo", "hi",
            "n_gt", "hardware"]
 KEY = ["recipe", "setting", "phantom_seed", "difficulty"]
+NUMERIC = ["difficulty", "t", "acc", "lo", "hi"]
 INTERVALS = {"all/iou@truth": "iou", "all/iobb@truth": "iobb"}
 POINTS = {"bounded/iou@truth": "acc", "maxboxacc/val": "maxboxacc"}
 
@@ -86,6 +87,8 @@ def write_rows(path, rows: pd.DataFrame, *, recipe: str, setting: str, phantom_s
                                                    index=KEY)).all(axis=1)
         table = pd.concat([old[~same], new], ignore_index=True)
     table = table.sort_values(KEY + ["protocol", "finding", "t"], kind="stable")
+    # interval-less rows bring NULLs: an object column would escape float_format and rewrite every old row
+    table[NUMERIC] = table[NUMERIC].apply(pd.to_numeric)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     table.to_csv(tmp, index=False, float_format="%.4f")

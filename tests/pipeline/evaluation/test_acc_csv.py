@@ -3,12 +3,13 @@ intervals, and merged so that rewriting a setting replaces its rows and keeps ev
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluation.acc_csv import COLUMNS, phantom_of, run_rows, write_home_rows
+from pipeline.evaluation.acc_csv import COLUMNS, phantom_of, run_rows, write_home_rows, write_rows
 from pipeline.evaluation.protocol import evaluate
 from pipeline.runs.record import ingest_roots
 from tests.pipeline.export.test_export import BOXES, RUN, make_home
@@ -59,7 +60,24 @@ def test_rewriting_a_setting_replaces_its_rows_only(home, tmp_path):
     assert set(first["setting"]) == {"am3-kp", "am1"}
     assert set(first.loc[first["setting"] == "am1", "protocol"]) == {"all/iou@truth"}
     assert {"all/iou@truth", "all/iobb@truth"} <= set(first.loc[first["setting"] == "am3-kp", "protocol"])
+    text = path.read_text()
     write_home_rows(home, path, "r", {"am1": RUN}, n_boot=20)
+    assert path.read_text() == text                      # the same rows again: not one byte moves
     again = pd.read_csv(path)
     assert len(again) == len(first)                      # replaced, not appended
     assert (again["phantom_seed"] == 123).all() and (again["difficulty"] == 0.5).all()
+
+
+def test_point_rows_keep_one_number_format_and_old_rows_keep_their_bytes(tmp_path):
+    """Rows without an interval arrive from DuckDB with NULL `lo`/`hi` (an object column): the numbers must still
+    be written as %.4f, or merging one run rewrites every row of the table."""
+    rows = pd.DataFrame({"protocol": ["all/iou@truth", "bounded/iou@truth"], "finding": ["Mass", "Mass"],
+                         "t": [0.3, 0.3], "acc": [0.25, 0.5], "lo": [0.0, None], "hi": [0.4, None], "n_gt": [4, 4]})
+    rows = rows.astype({"lo": object, "hi": object})
+    path = tmp_path / "acc.csv"
+    write_rows(path, rows, recipe="r", setting="a", phantom_seed=1, difficulty=0.5, hardware_label="cpu")
+    first = path.read_text()
+    write_rows(path, rows, recipe="r", setting="b", phantom_seed=1, difficulty=0.5, hardware_label="cpu")
+    cells = pd.read_csv(path, dtype=str, keep_default_na=False)[["t", "acc", "lo", "hi"]].to_numpy().ravel()
+    assert all(re.fullmatch(r"\d\.\d{4}", c) for c in cells if c)   # one format, whatever the rows brought
+    assert [line for line in path.read_text().splitlines() if ",a," in line] == first.splitlines()[1:]
