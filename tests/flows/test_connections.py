@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from flows.cli import main
+from tests.conftest import scratch
 from tests.flows.test_harvest import TINY
 from warehouse import db
 
@@ -27,13 +28,14 @@ def opens(mining_base_home, prefect_api, dask_cluster, tmp_path_factory) -> dict
     opens 4 times, as before #20 item 2; this home has no tuning set)."""
     from distributed import Client
 
-    tmp = tmp_path_factory.mktemp("connections")
-    home = str(shutil.copytree(mining_base_home, tmp / "home"))
     phantom = mining_base_home.parent / "phantom"
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "am": {"steps": 0}}))
     out = {}
-    with Client(dask_cluster) as client, pytest.MonkeyPatch.context() as mp:
+    with (scratch(tmp_path_factory, "connections") as tmp, Client(dask_cluster) as client,
+          pytest.MonkeyPatch.context() as mp):
+        home = str(shutil.copytree(mining_base_home, tmp / "home"))
+        config = tmp / "tiny.yaml"
+        config.write_text(yaml.safe_dump({**TINY, "am": {"steps": 0}}))
+
         def run(verb: str, *args: str) -> None:
             path = str(tmp / f"{verb}.tsv")
             mp.setenv(TRACE, path)
@@ -52,7 +54,6 @@ def opens(mining_base_home, prefect_api, dask_cluster, tmp_path_factory) -> dict
         run("evaluate", "--run", mining, "--no-report")
         run("export", "--run", mining, "--format", "coco", "--all", "--image-root", str(phantom))
         run("status")
-    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
