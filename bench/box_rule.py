@@ -1,7 +1,8 @@
 """The box rule's candidates of #19 item 2, on the validation split only: mining input size x AM steps T.
 
 For each (input size, T) the model's validation images (held out by training, by patient) go through the model
-once; the best threshold triple for all findings is chosen there (`pipeline.evaluation.tune`), and the
+once; the best threshold triple for all findings is chosen there (`pipeline.evaluation.tune`), beside it the
+per-finding rule of `harvest tune --per-finding` (chosen and scored on the same images: in-sample), and the
 diagnosis of the fused map H_f (pointing, contrast, share >= 0.5; `pipeline.evaluation.diagnose`) is taken on
 the same images. T=1 boxes the plain CAM H_1 (no eq. 8 fusion), T=3 the fused H_f: the spread of eq. 8. No
 evaluation box is looked at. Sizes other than the training size need their cache:
@@ -69,10 +70,12 @@ def main() -> int:
             best, _, _, compare = tune(home, model, candidates, base=base)
             compare = compare[compare["finding"].isin(BOXED_FINDINGS)]
             accs.append(compare.assign(size=size, T=t, thresholds=str(tuple(best)))[
-                ["size", "T", "thresholds", "finding", "n_gt", "one_rule"]].rename(columns={"one_rule": "val_acc"}))
+                ["size", "T", "thresholds", "finding", "n_gt", "one_rule", "per_finding"]].rename(
+                columns={"one_rule": "val_acc", "per_finding": "val_acc_own"}))
             d = diagnose(home, model, steps=t, size=size, last_only=True)
             diags.append(d[(d["map"] == "fused") & d["finding"].isin(BOXED_FINDINGS)].assign(size=size, T=t))
-            print(f"size {size}, T={t}: best {tuple(best)}, val Acc@0.3 mean {accs[-1]['val_acc'].mean():.3f} "
+            print(f"size {size}, T={t}: best {tuple(best)}, val Acc@0.3 mean {accs[-1]['val_acc'].mean():.3f}; "
+                  f"with a rule of its own for each finding {accs[-1]['val_acc_own'].mean():.3f} (in-sample) "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     acc, diag = pd.concat(accs), pd.concat(diags)
     wide = acc.pivot_table(index=["size", "T", "thresholds"], columns="finding", values="val_acc").round(3)
