@@ -23,6 +23,5 @@ model = create_model(cfg.model.arch, cfg.model.neck, pool_top=top)
 load_init(model, weights, cfg.model.arch)
 model = model.to(memory_format=torch.channels_last)
 m = evaluate(model, val, device=torch.device("cpu"), runtime=cfg.runtime)
-au = m["auroc"]
-print(json.dumps({"weights": weights, "size": size, "n_val": len(val), "auroc_boxed_mean": m.get("auroc_boxed_mean"),
-                  "boxed": {f: round(au[f], 3) for f in BOXED_FINDINGS} if isinstance(au, dict) else au}))
+print(json.dumps({"weights": weights, "size": size, "n_val": len(val), "auroc_boxed_mean": m["auroc_boxed_mean"],
+                  "boxed": {f: m["auroc"][f] and round(m["auroc"][f], 3) for f in BOXED_FINDINGS}}))

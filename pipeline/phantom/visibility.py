@@ -38,8 +38,9 @@ def measure(with_lesion: np.ndarray, without: np.ndarray, box, size: int) -> dic
     gc0, gc1 = max(0, int(x - w / 2)), min(size, int(np.ceil(x + 1.5 * w)))
     clutter = float(a0[gr0:gr1, gc0:gc1].std())
     contrast = float(d[core].mean())
-    return {"contrast": contrast, "clutter": clutter, "contrast_clutter": contrast / max(clutter, 1e-6),
-            "d_prime": float(np.sqrt((d ** 2).sum())) / max(clutter, 1e-6), "core_px": float(np.sqrt(core.sum()))}
+    per = 1 / max(clutter, 1e-6)
+    return {"contrast": contrast, "clutter": clutter, "contrast_clutter": contrast * per,
+            "d_prime": float(np.sqrt((d ** 2).sum())) * per, "core_px": float(np.sqrt(core.sum()))}
 
 
 def renders(finding: str, n: int, difficulty: float, seed: int = SEED):

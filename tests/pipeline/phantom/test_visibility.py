@@ -14,11 +14,16 @@ def striped(size=1024, period=32):
     return np.repeat((90 + 20 * rows)[:, None], size, axis=1).astype(np.uint8)
 
 
-def test_a_drawn_square_is_measured_exactly_at_full_size():
+def square():
+    """(with, without, box): a 64 px square 40 grey levels above the striped clutter."""
     bare = striped()
     lesion = bare.copy()
     lesion[400:464, 400:464] += 40
-    m = measure(lesion, bare, (400, 400, 64, 64), 1024)
+    return lesion, bare, (400, 400, 64, 64)
+
+
+def test_a_drawn_square_is_measured_exactly_at_full_size():
+    m = measure(*square(), 1024)
     assert m["contrast"] == pytest.approx(40)
     assert m["clutter"] == pytest.approx(10, rel=0.02)
     assert m["contrast_clutter"] == pytest.approx(4, rel=0.02)
@@ -27,13 +32,11 @@ def test_a_drawn_square_is_measured_exactly_at_full_size():
 
 
 def test_shrinking_keeps_the_contrast_and_shrinks_the_core():
-    bare = striped()
-    lesion = bare.copy()
-    lesion[400:464, 400:464] += 40
-    m = measure(lesion, bare, (400, 400, 64, 64), 256)
+    lesion, bare, box = square()
+    m = measure(lesion, bare, box, 256)
     assert m["core_px"] == pytest.approx(16, abs=1.5)
     assert 35 <= m["contrast"] <= 40
-    assert measure(bare, bare, (400, 400, 64, 64), 256) is None     # no lesion: nothing to measure
+    assert measure(bare, bare, box, 256) is None     # no lesion: nothing to measure
 
 
 def test_difficulty_makes_a_nodule_fainter():
