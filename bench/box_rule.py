@@ -4,11 +4,12 @@ For each (input size, T) the model's validation images (held out by training, by
 once; the best threshold triple for all findings is chosen there (`pipeline.evaluation.tune`), beside it the
 per-finding rule of `harvest tune --per-finding` (chosen and scored on the same images: in-sample), and the
 diagnosis of the fused map H_f (pointing, contrast, share >= 0.5; `pipeline.evaluation.diagnose`) is taken on
-the same images. T=1 boxes the plain CAM H_1 (no eq. 8 fusion), T=3 the fused H_f: the spread of eq. 8. No
+the same images. `--data-home` takes the validation images from another home (a larger phantom of a seed no
+evaluation uses) and the model from `--home`. T=1 boxes the plain CAM H_1 (no eq. 8 fusion), T=3 the fused H_f: the spread of eq. 8. No
 evaluation box is looked at. Sizes other than the training size need their cache:
 `harvest ingest nih --root PHANTOM --sizes 384,512`.
 
-    python bench/box_rule.py --home H [--model latest] [--sizes 256,384,512] [--steps 1,3]
+    python bench/box_rule.py --home H [--model latest] [--sizes 256,384,512] [--steps 1,3] [--data-home D]
     python bench/box_rule.py --quick     # a 40-image phantom at 64/96 px, a tiny model (< 1 min)
 
 Last line: `box rule best/default val acc@0.3 ratio: X` (validation mean Acc@0.3 of the best (size, T) over
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--model", default="latest")
     ap.add_argument("--sizes", default="256,384,512")
     ap.add_argument("--steps", default="1,3")
+    ap.add_argument("--data-home", default=None, help="the validation images' home (default: --home)")
     ap.add_argument("--out", default=None, help="write box_rule.csv (validation Acc) and diagnosis.csv here")
     ap.add_argument("--quick", action="store_true", help="a tiny phantom home in a temporary folder")
     args = ap.parse_args()
@@ -67,16 +69,17 @@ def main() -> int:
         for t in steps:
             t0 = time.perf_counter()
             base = MiningConfig(input_size=size, steps=t)
-            best, _, _, compare = tune(home, model, candidates, base=base)
+            best, _, own, compare = tune(home, model, candidates, base=base, data=args.data_home)
             compare = compare[compare["finding"].isin(BOXED_FINDINGS)]
-            accs.append(compare.assign(size=size, T=t, thresholds=str(tuple(best)))[
-                ["size", "T", "thresholds", "finding", "n_gt", "one_rule", "per_finding"]].rename(
+            accs.append(compare.assign(size=size, T=t, thresholds=str(tuple(best)), own_thresholds=compare[
+                "finding"].map(lambda f: str(tuple(own[f])) if f in own else ""))[
+                ["size", "T", "thresholds", "finding", "n_gt", "one_rule", "own_thresholds", "per_finding"]].rename(
                 columns={"one_rule": "val_acc", "per_finding": "val_acc_own"}))
-            d = diagnose(home, model, steps=t, size=size, last_only=True)
+            d = diagnose(home, model, steps=t, size=size, last_only=True, data=args.data_home)
             diags.append(d[(d["map"] == "fused") & d["finding"].isin(BOXED_FINDINGS)].assign(size=size, T=t))
             print(f"size {size}, T={t}: best {tuple(best)}, val Acc@0.3 mean {accs[-1]['val_acc'].mean():.3f}; "
                   f"with a rule of its own for each finding {accs[-1]['val_acc_own'].mean():.3f} (in-sample) "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"({time.perf_counter() - t0:.0f} s); own rules: {own or 'none'}", flush=True)
     acc, diag = pd.concat(accs), pd.concat(diags)
     wide = acc.pivot_table(index=["size", "T", "thresholds"], columns="finding", values="val_acc").round(3)
     wide["mean"] = wide.mean(axis=1).round(3)

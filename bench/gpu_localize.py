@@ -251,7 +251,8 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="localize-quick-"))
         config = tmp / "quick.yaml"
         base = yaml.safe_load(Path(args.config).read_text())
-        config.write_text(yaml.safe_dump({**QUICK_CONFIG, "mining": {**base.get("mining", {}), "batch_size": 32}}))
+        mining = {k: v for k, v in base.get("mining", {}).items() if k != "input_size"}   # the quick cache's size
+        config.write_text(yaml.safe_dump({**QUICK_CONFIG, "mining": {**mining, "batch_size": 32}}))
         args.home, args.n, args.size, args.n_boot, args.candidates = args.home or tmp / "home", 120, 64, 100, 4
         args.settings, args.out, args.step = "am3-kp,am1", args.out or tmp / "out", "all"
     else:

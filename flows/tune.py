@@ -7,10 +7,10 @@ from pipeline.base.home import Home
 
 
 @flow(name="tune-mining", log_prints=True)
-def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3) -> dict:
+def tune_flow(home: str, model: str = "latest", t_iou: float = 0.3, data: str | None = None) -> dict:
     from pipeline.evaluation.tune import tune
-    with recorded_run(home, "tune-mining", {"model": model, "t_iou": t_iou}):
-        best, table, own, compare = tune(home, model, t_iou=t_iou)
+    with recorded_run(home, "tune-mining", {"model": model, "t_iou": t_iou, "data": data}):
+        best, table, own, compare = tune(home, model, t_iou=t_iou, data=data)
     table["thresholds"] = table["thresholds"].map(list)
     create_table_artifact(key="mining-thresholds", table=table.head(10).to_dict("records"),
                           description=f"box thresholds scored on the validation split, model {model}")
@@ -63,7 +63,8 @@ def _run(args) -> int:
               "from the min score up (`harvest export --all` keeps every finding)")
         return 0
     with flow_api(home):   # no server unless $PREFECT_API_URL is set or the home's own already runs
-        out = tune_flow(str(home.root), args.model, args.t_iou)
+        data = str(Home.resolve(args.data_home).root) if args.data_home else None
+        out = tune_flow(str(home.root), args.model, args.t_iou, data)
     print(out["table"].head(10).to_string(index=False))
     print(f"\nbest on the validation split: thresholds {out['thresholds']}")
     print("\nvalidation Acc per finding, one rule for all vs a rule per finding:")
@@ -89,4 +90,7 @@ def register(sub) -> None:
     p.add_argument("--floor", type=float, default=None, metavar="ACC",
                    help="with --run: the estimated Acc a finding needs to be exported (default: export.trust_floor)")
     p.add_argument("--t-iou", type=float, default=0.3, help="T(IoU) of the objective (default 0.3)")
+    p.add_argument("--data-home", default=None, metavar="HOME",
+                   help="take the validation images from this home (a larger phantom of a seed no evaluation "
+                        "uses, e.g. the pretraining home), the model from --home (default: --home's images)")
     p.set_defaults(func=_run)

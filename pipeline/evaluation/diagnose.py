@@ -83,10 +83,12 @@ def localization_stats(maps: dict[str, list[Heatmap]], gt: pd.DataFrame) -> pd.D
 
 
 def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val", max_pairs: int = 800,
-             steps: int = 3, device: str = "cpu", size: int | None = None, last_only: bool = False) -> pd.DataFrame:
+             steps: int = 3, device: str = "cpu", size: int | None = None, last_only: bool = False,
+             data=None) -> pd.DataFrame:
     """`localization_stats` of every stage of `model_id`'s lineage (base ... am3; `last_only`: the model alone)
     on `image_ids`, else on `split` (`val`: the model's validation split; or a warehouse split), against their
-    `truth` boxes. `size`: the input size (default: the model's training size; its cache must exist)."""
+    `truth` boxes. `size`: the input size (default: the model's training size; its cache must exist). The
+    models are `home`'s, the images `data`'s (default: `home`'s; `pipeline.evaluation.tune`)."""
     from pipeline.base.home import Home
     from pipeline.evaluation.run import heatmaps
     from pipeline.evaluation.tune import validation_ids
@@ -97,12 +99,13 @@ def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val",
     home = Home.resolve(home)
     stages = lineage(home, model_id)[-1:] if last_only else lineage(home, model_id)   # first stage first
     last, meta = load_model(home, stages[-1]["model_id"], device=device)   # loaded once: meta now, maps below
-    con = db.connect(home, read_only=True)
+    src = Home.resolve(data) if data is not None else home
+    con = db.connect(src, read_only=True)
     try:
         if image_ids is not None:
             ids = list(image_ids)
         elif split == "val":
-            ids = validation_ids(home, meta)
+            ids = validation_ids(src, meta)
         else:
             ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE split = ?", [split]).fetchall()]
         gt = con.execute("SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE source = 'truth' "
@@ -113,7 +116,7 @@ def diagnose(home, model_id: str = "latest", image_ids=None, split: str = "val",
         raise ValueError("no `truth` boxes on these images: the diagnosis needs a phantom's exact boxes")
     pairs = gt[["image_id", "finding"]].drop_duplicates().head(max_pairs)
     size = size or int(meta.get("input_size", 256))
-    ds = CacheDataset(home, size=size, image_ids=sorted(set(pairs["image_id"])))
+    ds = CacheDataset(src, size=size, image_ids=sorted(set(pairs["image_id"])))
     pos = {iid: i for i, iid in enumerate(ds.image_ids)}
     tables = []
     for row in stages:

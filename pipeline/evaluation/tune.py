@@ -7,6 +7,10 @@ import-review`). Without either the defaults stay priors. The images go through 
 candidate triple cuts its boxes from them (`boxes_from_heatmaps`), scored with the `all/iou` protocol. The
 objective is the mean Acc at T(IoU) = `t_iou` over the boxed findings present; per finding
 (`tune`), each finding's own Acc there, where it has enough truth instances.
+
+The validation images may come from another home (`data`): a phantom of a seed no evaluation uses, larger than
+the model's own, so that a finding with a few validation boxes in its own home (Cardiomegaly: 7 of 2,000
+images) still gets enough to choose a rule on. Its validation split is the model's config applied to that home.
 """
 from __future__ import annotations
 
@@ -60,11 +64,12 @@ def cut(maps: dict, thresholds) -> pd.DataFrame:
                          "score": boxes.score.numpy()[m, k]})
 
 
-def _scores(home, model_id: str, candidates, t_iou: float, base: MiningConfig | None) -> pd.DataFrame:
-    """Acc and AFP at `t_iou` per (candidate, finding) on the validation truth: long format."""
+def _scores(home, model_id: str, candidates, t_iou: float, base: MiningConfig | None, data=None) -> pd.DataFrame:
+    """Acc and AFP at `t_iou` per (candidate, finding) on the validation truth of `data` (default: the model's
+    home): long format."""
     from pipeline.training.checkpoint import load_model
-    home = Home.resolve(home)
-    model, meta = load_model(home, model_id)
+    model, meta = load_model(Home.resolve(home), model_id)
+    home = Home.resolve(data if data is not None else home)
     ids = validation_ids(home, meta)
     con = db.connect(home, read_only=True)
     try:
@@ -99,18 +104,19 @@ def _at(maps: dict, thresholds, gt: pd.DataFrame, t_iou: float) -> list[tuple]:
 
 
 def tune_thresholds(home, model_id: str = "latest", candidates=CANDIDATES, t_iou: float = 0.3,
-                    base: MiningConfig | None = None) -> tuple[tuple[float, ...], pd.DataFrame]:
+                    base: MiningConfig | None = None, data=None) -> tuple[tuple[float, ...], pd.DataFrame]:
     """(best thresholds, table of candidates and their validation score), best first."""
-    best, table, _, _ = tune(home, model_id, candidates, t_iou, base)
+    best, table, _, _ = tune(home, model_id, candidates, t_iou, base, data=data)
     return best, table
 
 
 def tune(home, model_id: str = "latest", candidates=CANDIDATES, t_iou: float = 0.3,
-         base: MiningConfig | None = None, min_instances: int = MIN_INSTANCES):
+         base: MiningConfig | None = None, min_instances: int = MIN_INSTANCES, data=None):
     """(best thresholds for all findings, their table best first, {finding: thresholds} where a finding with at
     least `min_instances` validation instances scores higher with a rule of its own, and the validation Acc
-    per finding of the two rules: a frame with columns finding, n_gt, one_rule, per_finding)."""
-    scores, score_rule = _scores(home, model_id, candidates, t_iou, base)
+    per finding of the two rules: a frame with columns finding, n_gt, one_rule, per_finding). The model is
+    `home`'s, the validation images `data`'s (default: `home`'s)."""
+    scores, score_rule = _scores(home, model_id, candidates, t_iou, base, data)
     acc, afp = f"val_acc@{t_iou}", f"val_afp@{t_iou}"
     table = scores.groupby("thresholds", sort=False).agg(**{acc: ("acc", "mean"), afp: ("afp", "mean")})
     table = table.reindex([tuple(c) for c in candidates]).reset_index()

@@ -79,3 +79,27 @@ def test_per_finding_rules_only_where_they_score_higher(home):
     assert all(gains.loc[f, "per_finding"] > gains.loc[f, "one_rule"] for f in own)
     _, _, none, _ = tune(home, "tiny", candidates=cands, min_instances=10 ** 6)
     assert none == {}
+
+
+def test_validation_images_from_another_home(home, tmp_path):
+    """`data`: the model is `home`'s, the validation images and their truth boxes the other home's (a phantom of
+    another seed), so every count follows that home; the diagnosis reads the same images."""
+    from pipeline.evaluation.diagnose import diagnose
+    from pipeline.evaluation.tune import tune
+    generate(tmp_path / "phantom", n=60, seed=6, size=128, workers=1, progress=False)
+    other = tmp_path / "other"
+    ingest_nih(other, tmp_path / "phantom", sizes=(64,))
+    _, meta = load_model(home, "tiny")
+    ids = validation_ids(other, meta)
+    con = db.connect(other, read_only=True)
+    n_truth = dict(con.execute("SELECT finding, count(*) FROM gt_boxes WHERE source = 'truth' AND image_id IN "
+                               "(SELECT unnest(?)) GROUP BY 1", [ids]).fetchall())
+    con.close()
+    cands = ((0.6, 0.4, 0.2), (0.9, 0.8, 0.7))
+    _, _, _, compare = tune(home, "tiny", candidates=cands, data=other)
+    _, _, _, own_home = tune(home, "tiny", candidates=cands)
+    counts = dict(zip(compare["finding"], compare["n_gt"]))
+    assert counts and all(n == n_truth[f] for f, n in counts.items())
+    assert dict(zip(own_home["finding"], own_home["n_gt"])) != counts
+    diag = diagnose(home, "tiny", last_only=True, data=other)
+    assert set(diag["finding"]) <= set(n_truth) and (diag["n"] <= diag["finding"].map(n_truth)).all()
