@@ -9,8 +9,10 @@ objective is the mean Acc at T(IoU) = `t_iou` over the boxed findings present; p
 (`tune`), each finding's own Acc there, where it has enough truth instances.
 
 The validation images may come from another home (`data`): a phantom of a seed no evaluation uses, larger than
-the model's own, so that a finding with a few validation boxes in its own home (Cardiomegaly: 7 of 2,000
-images) still gets enough to choose a rule on. Its validation split is the model's config applied to that home.
+the model's own, so that a finding with few validation boxes in its own home (Cardiomegaly: 7 in the 251
+validation images of a 2,000-image phantom) still gets enough to choose a rule on. Its validation split is the
+model's config applied to that home. A pretraining phantom's home is the clean choice: `harvest evaluate`
+refuses it, so none of its images is ever scored.
 """
 from __future__ import annotations
 
