@@ -11,13 +11,11 @@ from pipeline.training.engine import evaluate
 from pipeline.training.stages import resolved_config
 from pipeline.training.weights import load_init
 from pipeline.base.vocab import BOXED_FINDINGS
-from warehouse import db
 
 home_dir, config, weights, size, top = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 home = Home.resolve(home_dir)
 cfg = resolved_config(config)
-with db.reading(home) as con:
-    ids = split_ids(home, cfg, con)
+ids = split_ids(home, cfg)   # one read-only connection of its own
 val = CacheDataset(home, size, image_ids=ids["val"])
 model = create_model(cfg.model.arch, cfg.model.neck, pool_top=top)
 load_init(model, weights, cfg.model.arch)

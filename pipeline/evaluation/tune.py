@@ -71,9 +71,9 @@ def _scores(home, model_id: str, candidates, t_iou: float, base: MiningConfig | 
     home): long format."""
     from pipeline.training.checkpoint import load_model
     model, meta = load_model(Home.resolve(home), model_id)
-    home = Home.resolve(data if data is not None else home)
-    ids = validation_ids(home, meta)
-    con = db.connect(home, read_only=True)
+    src = Home.resolve(data if data is not None else home)   # the validation images' home
+    ids = validation_ids(src, meta)
+    con = db.connect(src, read_only=True)
     try:
         gt = con.execute("SELECT image_id, finding, x, y, w, h FROM gt_boxes WHERE source = 'truth' "
                          "AND image_id IN (SELECT unnest(?))", [ids]).df()
@@ -87,7 +87,7 @@ def _scores(home, model_id: str, candidates, t_iou: float, base: MiningConfig | 
         raise ValueError("no `truth` boxes on the validation images and no reviewed boxes outside the test split: "
                          "thresholds cannot be chosen without looking at evaluation boxes; keep the defaults, or "
                          "review some mined boxes (`harvest export --format labelstudio`, `harvest import-review`)")
-    maps = validation_maps(home, model, meta, ids, base or MiningConfig())
+    maps = validation_maps(src, model, meta, ids, base or MiningConfig())
     rows = []
     for cand in candidates:
         rows += [(tuple(cand), *r) for r in _at(maps, cand, gt, t_iou)]
