@@ -150,6 +150,7 @@ class ImageFiles:
             self.written["extracted"] += 1
             return dest.name
         _check_frame(im, *image_size(src), str(src))
+        _check_content(im, src)
         if self.mode == "link":
             try:
                 os.link(src, dest)
@@ -207,6 +208,16 @@ def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as img:
         return img.size
+
+
+def _check_content(im: dict, src: Path) -> None:
+    """A file from a folder is the version ingested: its sha256 is the `source_sha256` of its `images` row (a file
+    edited in place keeps its frame; its boxes would then be written beside other pixels). Rows from a
+    metadata-only ingest carry no checksum and are not checked."""
+    want = im.get("source_sha256")
+    if want and content_sha256(src) != want:
+        raise ValueError(f"{src} is not the image {im['image_id']} ingested (its sha256 differs): the file changed "
+                         "since ingestion; re-ingest it")
 
 
 def _check_frame(im: dict, width: int, height: int, what: str) -> None:

@@ -11,7 +11,8 @@ export loads as it is. Image paths resolve:
   on another filesystem); `copy` always copies. Sources are found under the roots of the completed ingest
   runs (`runs.params.root`) or `image_roots`. DICOM files are never linked (their headers carry PHI): they
   are decoded again, in their full frame, to `<image_id>.png`. A found file whose frame differs from the
-  warehouse's (`images.width/height`, the frame of the boxes) stops the export.
+  warehouse's (`images.width/height`, the frame of the boxes), or whose sha256 is not its `source_sha256` (a
+  file edited in place), stops the export.
 - `--images none`: no image is written; paths are relative to the recorded image root, named in
   `manifest.json` (`images.root`). Not for YOLO (its readers find labels by editing image paths) nor for
   DICOM sources (file names may carry PHI).
@@ -67,7 +68,7 @@ _IMAGES_SQL = """
 WITH ids AS (SELECT DISTINCT unnest($ids::VARCHAR[]) AS image_id),
      lab AS (SELECT image_id, list(finding ORDER BY finding) AS labels FROM labels GROUP BY image_id)
 SELECT ids.image_id, i.width, i.height, i.split, i.source, i.view, i.spacing_x, i.spacing_y, i.patient_id,
-       coalesce(lab.labels, []::VARCHAR[]) AS labels
+       i.source_sha256, coalesce(lab.labels, []::VARCHAR[]) AS labels
 FROM ids LEFT JOIN images i USING (image_id) LEFT JOIN lab USING (image_id)
 ORDER BY ids.image_id
 """

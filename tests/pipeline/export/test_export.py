@@ -170,6 +170,18 @@ def test_coco_images_are_the_sources_linked_or_copied(home, tmp_path):
     assert dicom.shape == (2500, 2000) and dicom.dtype == np.uint8 and dicom.max() > dicom.min()
 
 
+@pytest.mark.parametrize("mode", ["link", "copy"])
+def test_a_source_edited_in_place_stops_the_export_in_one_line(tmp_path, mode):
+    """Same name, same frame, other pixels: the sha256 of its `images` row tells, and no export is left."""
+    home = make_home(tmp_path / "home")
+    src = tmp_path / "home-src" / "nih" / "images_001" / "images" / "00000002_001.png"
+    Image.fromarray(np.full((1024, 1024), 7, np.uint8)).save(src, compress_level=1)
+    with pytest.raises(ValueError) as err:
+        ex.export(home, RUN, "coco", tmp_path / "out", images=mode)
+    assert "00000002_001.png ingested (its sha256 differs)" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_coco_loads_in_torchvision_with_and_without_v2(home, tmp_path):
     from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
