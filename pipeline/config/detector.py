@@ -27,9 +27,15 @@ class BoxesConfig:
     findings: tuple[str, ...] | None = None   # None: every finding the run mined
     # Where `pipeline.export.review` exists and an image was reviewed, its reviewed boxes replace the mined ones
     reviewed: bool = True
+    # The exports' trust rule (pipeline.evaluation.trust): per finding, the rank its tuning set picked and its score
+    # cut, only for findings whose estimated Acc reaches this floor; `ranks` then applies only to a run without a
+    # tuning set. None: `ranks` and `min_score` alone.
+    trust_floor: float | None = None
 
     def __post_init__(self):
         require(0 <= self.min_score <= 1, "min_score", self.min_score, "must be in [0, 1]")
+        require(self.trust_floor is None or 0 <= self.trust_floor <= 1, "trust_floor", self.trust_floor,
+                "must be in [0, 1] or null")
         require(bool(self.ranks) and all(1 <= r <= MAX_RANKS for r in self.ranks), "ranks", list(self.ranks),
                 f"must be 1 or more ranks in [1, {MAX_RANKS}]")
         bad = [f for f in self.findings or () if f not in FINDINGS]
@@ -141,6 +147,8 @@ class DetectorConfig:
         out = self.to_dict()
         out["runtime"] = {"amp": out["runtime"]["amp"]}
         out.pop("predict")
+        if out["boxes"]["trust_floor"] is None:   # unset: the ids of detectors trained before the key existed
+            out["boxes"].pop("trust_floor")
         return out
 
     @classmethod

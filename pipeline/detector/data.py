@@ -3,7 +3,9 @@
 - Images: the classifier's training set (`pipeline.training.stages.split_ids` with the classifier's own config:
   the warehouse's train split minus the validation patients it carved), cached at the classifier's input size,
   that the run covered (its parts' image lists). An image with no kept box is a negative.
-- Boxes: the run's rows filtered by rank, score and finding (`BoxesConfig`). Where the review module exists
+- Boxes: the run's rows filtered by rank, score and finding (`BoxesConfig`), or with `boxes.trust_floor` by the
+  trust rule an export applies (the rank and cut per finding fitted on the run's tuning set, the validation
+  images, which are never training images here; only the findings trusted at the floor). Where the review module exists
   (`pipeline.export.review.reviewed`, with its `reviews` table) and `boxes.reviewed` is on, a reviewed image takes its
   reviewed boxes instead of the mined ones (none: a reviewed negative).
 """
@@ -40,6 +42,7 @@ class Targets:
     image_ids: list[str]                      # training images, sorted
     boxes: pd.DataFrame                       # BOX_COLUMNS, original frame
     reviewed_images: list[str] = field(default_factory=list)
+    trust: dict | None = None                 # the trust rule applied (an export manifest's `trust` entry)
 
     def digest(self) -> str:
         from pipeline.config.check import fingerprint
@@ -95,18 +98,31 @@ def training_images(home: Home, source: MiningSource) -> list[str]:
 
 def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesConfig) -> Targets:
     home = Home.resolve(home)
-    con = db.connect(home, read_only=True)
+    trusted = cfg.trust_floor is not None
+    con = db.connect(home, read_only=not trusted)   # the trust rows may be measured and stored
     try:
-        where, params = ["run_id = ?", "image_id IN (SELECT unnest(?))", "rank IN (SELECT unnest(?))",
-                         "score >= ?"], [run_id, image_ids, list(cfg.ranks), cfg.min_score]
+        rules = trust = None
+        if trusted:
+            from pipeline.evaluation.trust import gate, manifest_entry
+            rules = gate(con, run_id, cfg.trust_floor)
+            trust = manifest_entry(rules)
+        where, params = ["run_id = ?", "image_id IN (SELECT unnest(?))", "score >= ?"], [run_id, image_ids,
+                                                                                           cfg.min_score]
+        if rules is None:
+            where.append("rank IN (SELECT unnest(?))")
+            params.append(list(cfg.ranks))
         if cfg.findings is not None:
             where.append("finding IN (SELECT unnest(?))")
             params.append(list(cfg.findings))
-        boxes = con.execute(f"SELECT {', '.join(BOX_COLUMNS)} FROM mined_boxes WHERE {' AND '.join(where)} "
-                            "ORDER BY image_id, finding, rank", params).df()
+        boxes = con.execute(f"SELECT {', '.join(BOX_COLUMNS)}, rank, score FROM mined_boxes WHERE "
+                            f"{' AND '.join(where)} ORDER BY image_id, finding, rank", params).df()
         reviewed = reviewed_boxes(con) if cfg.reviewed else None
     finally:
         con.close()
+    if rules is not None:
+        from pipeline.evaluation.trust import keep
+        boxes = pd.DataFrame(keep(boxes.to_dict("records"), rules), columns=boxes.columns)
+    boxes = boxes[BOX_COLUMNS]
     boxes = boxes.astype({c: "float64" for c in "xywh"})
     used: list[str] = []
     if reviewed is not None and set(reviewed[1]) & set(image_ids):
@@ -117,7 +133,7 @@ def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesCo
             rboxes = rboxes[rboxes["finding"].isin(cfg.findings)]
         boxes = pd.concat([boxes[~boxes["image_id"].isin(used)], rboxes.astype({c: "float64" for c in "xywh"})],
                           ignore_index=True).sort_values(["image_id", "finding"], kind="mergesort")
-    return Targets(sorted(image_ids), boxes.reset_index(drop=True), used)
+    return Targets(sorted(image_ids), boxes.reset_index(drop=True), used, trust)
 
 
 def reviewed_boxes(con) -> tuple[pd.DataFrame, set] | None:

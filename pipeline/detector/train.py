@@ -161,7 +161,8 @@ def train_detector(home, run_id: str, config=None, resume: bool = True, on_step=
         train_images=p.targets.image_ids, reviewed_images=p.targets.reviewed_images,
         config={**cfg.to_dict(), "mining_run": run_id, "classifier": p.source.model_id, "input_size": p.size,
                 "anchors": p.anchors, "train_images": len(ds), "positive_images": n_pos,
-                "target_boxes": len(p.targets.boxes), "reviewed_images": len(p.targets.reviewed_images)})
+                "target_boxes": len(p.targets.boxes), "reviewed_images": len(p.targets.reviewed_images),
+                "trust": p.targets.trust})
     epoch, start, history = 0, 0, []
     state = ckpt.restore(model, optimizer, scheduler)
     if state is not None:

@@ -274,6 +274,45 @@ def test_filters_and_reviewed_boxes(base_home, tmp_path):
     assert training_targets(home, RUN, ids, BoxesConfig(reviewed=False)).boxes.equals(first.boxes)
 
 
+def test_trust_floor_trains_on_what_a_trusted_export_keeps(base_home, tmp_path):
+    """`boxes.trust_floor`: per finding the rank and cut of the run's trust rows, only trusted findings. The tiny
+    run has no tuning truth (its few validation images hold no box), so first `ranks` applies, as in an export;
+    then trust rows are stored by hand so that two findings pass, with other ranks and cuts."""
+    from pipeline.config.detector import BoxesConfig, DetectorConfig
+    from pipeline.detector.data import mining_source, training_images, training_targets
+    from pipeline.evaluation import trust
+
+    home = shutil.copytree(base_home, tmp_path / "home")
+    ids = training_images(home, mining_source(home, RUN))
+    untuned = training_targets(home, RUN, ids, BoxesConfig(trust_floor=0.5))
+    assert not untuned.trust["applied"] and untuned.boxes.equals(training_targets(home, RUN, ids, BoxesConfig()).boxes)
+    con = db.connect(home)
+    mined = con.execute("SELECT image_id, finding, rank, score FROM mined_boxes WHERE run_id = ? AND "
+                        "image_id IN (SELECT unnest(?))", [RUN, ids]).df()
+    a = mined[mined["rank"] == 2]["finding"].value_counts().index[0]
+    b = mined[(mined["finding"] != a) & (mined["score"] >= 0.5)]["finding"].value_counts().index[0]
+    findings = sorted(set(mined["finding"]))
+    rows = pd.DataFrame({"run_id": RUN, "finding": findings, "source": "review", "t": 0.3, "n_gt": 20,
+                         "n_images": 20, "rank": 1, "min_score": np.nan, "acc": 0.0, "lo": 0.0, "hi": 0.1,
+                         "precision": 0.0, "floor": 0.5, "kept": False, "basis": trust.basis(con, RUN)})
+    rows.loc[rows["finding"] == a, ["acc", "rank", "min_score"]] = [0.9, 2, np.nan]
+    rows.loc[rows["finding"] == b, ["acc", "rank", "min_score"]] = [0.7, 1, 0.5]
+    trust.store(con, rows[trust.COLUMNS])
+    con.close()
+    got = training_targets(home, RUN, ids, BoxesConfig(trust_floor=0.6, ranks=(3,), reviewed=False))
+    want = mined[((mined["finding"] == a) & (mined["rank"] == 2)) |
+                 ((mined["finding"] == b) & (mined["rank"] == 1) & (mined["score"] >= 0.5))]
+    assert got.trust["applied"] and set(want["finding"]) == {a, b} and \
+        sorted(map(tuple, got.boxes[["image_id", "finding"]].values.tolist())) == \
+        sorted(map(tuple, want[["image_id", "finding"]].values.tolist()))
+    only = training_targets(home, RUN, ids, BoxesConfig(trust_floor=0.8))
+    assert only.boxes["finding"].unique().tolist() == [a], only.trust
+    assert training_targets(home, RUN, ids, BoxesConfig(trust_floor=0.95)).boxes.empty
+    # the floor is part of a detector's identity only when set: ids of detectors trained before it stay
+    assert "trust_floor" not in DetectorConfig().identity()["boxes"]
+    assert DetectorConfig.from_dict({"boxes": {"trust_floor": 0.5}}).identity()["boxes"]["trust_floor"] == 0.5
+
+
 def test_predictions_are_mined_boxes_rows(trained):
     from pipeline.config.detector import PredictSection
     from pipeline.detector.predict import load_detector, predict_table
