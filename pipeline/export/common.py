@@ -118,6 +118,8 @@ class ImageFiles:
             under = {r.resolve() for r in roots for p in sources.values() if p.is_relative_to(r.resolve())}
             root = under.pop() if len(under) == 1 else Path(os.path.commonpath([p.parent for p in sources.values()]))
             sources = {k: Path(os.path.relpath(p, root)) for k, p in sources.items()}
+        else:
+            _check_contents([im for im in images if im["image_id"] in sources and im["source"] != "dicom"], sources)
         return cls(mode, sources, {im["image_id"] for im in dicom}, root, salt, members=members)
 
     def name(self, im: dict) -> str:
@@ -208,6 +210,17 @@ def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as img:
         return img.size
+
+
+def _check_contents(images: list[dict], sources: dict[str, Path]) -> None:
+    """`_check_content` of every image found in a folder, before anything is written; the files are hashed on a
+    thread per core (hashlib and reads release the GIL), and `place` then finds each hash remembered."""
+    from concurrent.futures import ThreadPoolExecutor
+    todo = [im for im in images if im.get("source_sha256")]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(content_sha256, [sources[im["image_id"]] for im in todo]))
+    for im in todo:
+        _check_content(im, sources[im["image_id"]])
 
 
 def _check_content(im: dict, src: Path) -> None:
