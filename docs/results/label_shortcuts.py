@@ -20,6 +20,7 @@ from pipeline.phantom import generate
 from pipeline.phantom.seeds import require_pretrain_seed
 from pipeline.training.engine import batch_loader, prepare
 from pipeline.training.metrics import auroc
+from pipeline.training.weights import load_init
 
 FOCAL = ("Atelectasis", "Nodule", "Pneumothorax", "Mass", "Infiltration")
 
@@ -34,7 +35,6 @@ def main(work: Path, weights: str, seed: int) -> None:
         (work / "home" / "ingested").touch()
     ds = CacheDataset(home, 384)
     model = create_model("resnet18", "bilinear", pool_top=0.1)
-    from pipeline.training.weights import load_init
     load_init(model, weights, "resnet18")
     model = model.to(memory_format=torch.channels_last).eval()
     rt, dev = RuntimeConfig(amp="auto", channels_last=True, eval_batch_size=64, workers=0), torch.device("cpu")

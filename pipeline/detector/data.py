@@ -103,7 +103,7 @@ def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesCo
     try:
         rules = trust = None
         if trusted:
-            from pipeline.evaluation.trust import gate, manifest_entry
+            from pipeline.evaluation.trust import gate, keep, manifest_entry
             rules = gate(con, run_id, cfg.trust_floor)
             trust = manifest_entry(rules)
         where, params = ["run_id = ?", "image_id IN (SELECT unnest(?))", "score >= ?"], [run_id, image_ids,
@@ -120,7 +120,6 @@ def training_targets(home: Home, run_id: str, image_ids: list[str], cfg: BoxesCo
     finally:
         con.close()
     if rules is not None:
-        from pipeline.evaluation.trust import keep
         boxes = pd.DataFrame(keep(boxes.to_dict("records"), rules), columns=boxes.columns)
     boxes = boxes[BOX_COLUMNS]
     boxes = boxes.astype({c: "float64" for c in "xywh"})
